@@ -1,1 +1,54 @@
-//! placeholder
+//! Builds and runs one dvmm VM on KVM, without KVM's in-kernel interrupt controllers.
+//!
+//! Data flows one way: a [`VmConfig`] becomes guest RAM ([`memory`]), vCPUs with their
+//! CPUID ([`cpuid`]), userspace LAPICs/IOAPIC routed by [`interrupts`], timers
+//! ([`timers`]) and devices on port/MMIO buses; then [`vm::Vm::run`] starts one thread
+//! per vCPU ([`vcpu`]) and waits for the [`control::VmOutcome`].
+
+#![deny(missing_docs)]
+
+pub mod control;
+pub mod cpuid;
+pub mod emulation;
+pub mod host;
+pub mod interrupts;
+pub mod kick;
+pub mod memory;
+pub mod stats;
+pub mod timers;
+pub mod vcpu;
+pub mod vm;
+
+pub use control::{VmControl, VmOutcome};
+pub use vm::{ConsoleInput, Vm, VmConfig};
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// /dev/kvm cannot be used.
+    #[error("cannot open /dev/kvm: {source} (is KVM enabled on this host, and may this user open /dev/kvm?)")]
+    KvmUnavailable {
+        /// The underlying error.
+        source: kvm_ioctls::Error,
+    },
+    /// A KVM call failed.
+    #[error("KVM failed while {what}: {source}")]
+    Kvm {
+        /// What was being done.
+        what: &'static str,
+        /// The underlying error.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest RAM could not be set up.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// The guest could not be loaded, or the VM's shape is invalid.
+    #[error(transparent)]
+    Boot(#[from] dvmm_boot::BootError),
+    /// A thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+    /// A bug in dvmm.
+    #[error("internal error: {0}")]
+    Internal(String),
+}

@@ -1,0 +1,88 @@
+//! How a VM ends: the first event that ends it wins and every thread learns of it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+
+use dvmm_devices::{VmEvent, VmEventSink};
+
+/// Why the VM stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset (i8042, reset register) or triple-faulted.
+    Reset(String),
+    /// The guest reported a panic (pvpanic).
+    Panic,
+    /// Stopped from outside (Ctrl-C, SIGTERM).
+    Stopped,
+    /// dvmm could not go on running the guest.
+    Failed(String),
+}
+
+/// Shared end-of-VM state.
+#[derive(Default)]
+pub struct VmControl {
+    outcome: Mutex<Option<VmOutcome>>,
+    cond: Condvar,
+    stopping: AtomicBool,
+}
+
+impl VmControl {
+    /// A running VM.
+    pub fn new() -> VmControl {
+        VmControl::default()
+    }
+
+    /// Records `outcome` unless another came first, and starts the stop.
+    pub fn finish(&self, outcome: VmOutcome) {
+        let mut o = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        if o.is_none() {
+            tracing::debug!(?outcome, "VM ending");
+            *o = Some(outcome);
+        }
+        self.stopping.store(true, Ordering::SeqCst);
+        self.cond.notify_all();
+    }
+
+    /// Whether the VM is stopping.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Blocks until the VM ends and returns why.
+    pub fn wait(&self) -> VmOutcome {
+        let mut o = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(outcome) = o.clone() {
+                return outcome;
+            }
+            o = self.cond.wait(o).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+impl VmEventSink for VmControl {
+    fn vm_event(&self, event: VmEvent) {
+        self.finish(match event {
+            VmEvent::PowerOff => VmOutcome::PowerOff,
+            VmEvent::Reset => VmOutcome::Reset("the guest requested a reset".into()),
+            VmEvent::Panic => VmOutcome::Panic,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_outcome_wins() {
+        let c = VmControl::new();
+        assert!(!c.stopping());
+        c.vm_event(VmEvent::PowerOff);
+        c.finish(VmOutcome::Stopped);
+        assert!(c.stopping());
+        assert_eq!(c.wait(), VmOutcome::PowerOff);
+    }
+}

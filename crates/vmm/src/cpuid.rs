@@ -1,0 +1,165 @@
+//! The CPUID table each vCPU gets.
+//!
+//! Starts from what KVM supports and adjusts it to the machine dvmm really emulates:
+//! a userspace LAPIC with x2APIC and TSC-deadline, per-vCPU APIC ids and topology,
+//! KVM paravirt features that need an in-kernel LAPIC removed, and the timing leaf.
+
+use dvmm_layout::{CPUID_TIMING_LEAF, LAPIC_TIMER_HZ};
+use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
+
+const LEAF1_ECX_X2APIC: u32 = 1 << 21;
+const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+const LEAF1_EDX_APIC: u32 = 1 << 9;
+const LEAF1_EDX_HTT: u32 = 1 << 28;
+const LEAF6_EAX_ARAT: u32 = 1 << 2;
+
+// KVM paravirt features (CPUID 0x40000001 EAX) that are safe without an in-kernel
+// LAPIC: kvmclock (both MSR sets), no I/O delay, the stable bit. PV EOI, PV IPIs,
+// PV unhalt, async page faults and friends all need KVM's LAPIC.
+const KVM_FEATURE_CLOCKSOURCE: u32 = 1 << 0;
+const KVM_FEATURE_NOP_IO_DELAY: u32 = 1 << 1;
+const KVM_FEATURE_CLOCKSOURCE2: u32 = 1 << 3;
+const KVM_FEATURE_CLOCKSOURCE_STABLE_BIT: u32 = 1 << 24;
+const KVM_FEATURES_KEPT: u32 = KVM_FEATURE_CLOCKSOURCE
+    | KVM_FEATURE_NOP_IO_DELAY
+    | KVM_FEATURE_CLOCKSOURCE2
+    | KVM_FEATURE_CLOCKSOURCE_STABLE_BIT;
+
+/// Number of bits needed to hold ids 0..n-1.
+fn id_bits(n: u32) -> u32 {
+    if n <= 1 {
+        0
+    } else {
+        32 - (n - 1).leading_zeros()
+    }
+}
+
+/// The CPUID entries for vCPU `apic_id` of `vcpus`, from KVM's supported `base` table.
+pub fn vcpu_cpuid(
+    base: &[kvm_cpuid_entry2],
+    apic_id: u32,
+    vcpus: u32,
+    tsc_khz: u32,
+) -> Vec<kvm_cpuid_entry2> {
+    let core_bits = id_bits(vcpus);
+    let mut out: Vec<kvm_cpuid_entry2> = Vec::with_capacity(base.len() + 2);
+    for e in base {
+        let mut e = *e;
+        match e.function {
+            1 => {
+                e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | ((vcpus.min(255)) << 16);
+                e.ecx |= LEAF1_ECX_X2APIC | LEAF1_ECX_TSC_DEADLINE | LEAF1_ECX_HYPERVISOR;
+                e.edx |= LEAF1_EDX_APIC | LEAF1_EDX_HTT;
+            }
+            4 => {
+                // Cache topology: every cache is per core; cores per package in 31:26.
+                e.eax = (e.eax & 0x03ff_ffff) | ((vcpus.saturating_sub(1).min(63)) << 26);
+                e.eax &= !(0xfff << 14);
+            }
+            6 => e.eax |= LEAF6_EAX_ARAT,
+            0xb | 0x1f => {
+                // Level 0: SMT (one thread per core); level 1: cores; then invalid.
+                e.edx = apic_id;
+                match e.index {
+                    0 => {
+                        e.eax = 0;
+                        e.ebx = 1;
+                        e.ecx = 1 << 8;
+                    }
+                    1 => {
+                        e.eax = core_bits;
+                        e.ebx = vcpus;
+                        e.ecx = (2 << 8) | 1;
+                    }
+                    i => {
+                        e.eax = 0;
+                        e.ebx = 0;
+                        e.ecx = i & 0xff;
+                    }
+                }
+            }
+            0x4000_0000 => e.eax = e.eax.max(CPUID_TIMING_LEAF),
+            0x4000_0001 => e.eax &= KVM_FEATURES_KEPT,
+            _ => {}
+        }
+        if e.function != CPUID_TIMING_LEAF {
+            out.push(e);
+        }
+    }
+    out.push(kvm_cpuid_entry2 {
+        function: CPUID_TIMING_LEAF,
+        index: 0,
+        flags: 0,
+        eax: tsc_khz,
+        ebx: (LAPIC_TIMER_HZ / 1000) as u32,
+        ..Default::default()
+    });
+    out
+}
+
+/// Packs entries into KVM's CPUID structure.
+pub fn to_kvm(entries: &[kvm_cpuid_entry2]) -> Result<CpuId, vmm_sys_util::fam::Error> {
+    CpuId::from_entries(entries)
+}
+
+/// Whether an entry depends on its subleaf index.
+pub fn is_indexed(e: &kvm_cpuid_entry2) -> bool {
+    e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(function: u32, index: u32) -> kvm_cpuid_entry2 {
+        kvm_cpuid_entry2 {
+            function,
+            index,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn apic_id_and_features_are_set() {
+        let base = [
+            entry(1, 0),
+            entry(0xb, 0),
+            entry(0xb, 1),
+            entry(0x4000_0001, 0),
+        ];
+        let out = vcpu_cpuid(&base, 3, 4, 2_500_000);
+        let l1 = out.iter().find(|e| e.function == 1).unwrap();
+        assert_eq!(l1.ebx >> 24, 3);
+        assert_ne!(l1.ecx & LEAF1_ECX_X2APIC, 0);
+        assert_ne!(l1.ecx & LEAF1_ECX_TSC_DEADLINE, 0);
+        let b1 = out
+            .iter()
+            .find(|e| e.function == 0xb && e.index == 1)
+            .unwrap();
+        assert_eq!((b1.eax, b1.ebx, b1.edx), (2, 4, 3));
+        let t = out
+            .iter()
+            .find(|e| e.function == CPUID_TIMING_LEAF)
+            .unwrap();
+        assert_eq!((t.eax, t.ebx), (2_500_000, 1_000_000));
+    }
+
+    #[test]
+    fn pv_features_needing_kernel_lapic_are_removed() {
+        let mut kvm = entry(0x4000_0001, 0);
+        kvm.eax = 0xffff_ffff;
+        let out = vcpu_cpuid(&[kvm], 0, 1, 1);
+        let f = out.iter().find(|e| e.function == 0x4000_0001).unwrap();
+        assert_eq!(f.eax, KVM_FEATURES_KEPT);
+    }
+
+    #[test]
+    fn id_bits_rounds_up() {
+        assert_eq!(id_bits(1), 0);
+        assert_eq!(id_bits(2), 1);
+        assert_eq!(id_bits(3), 2);
+        assert_eq!(id_bits(4), 2);
+        assert_eq!(id_bits(5), 3);
+    }
+}

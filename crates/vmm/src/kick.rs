@@ -1,0 +1,123 @@
+//! Forcing a vCPU thread out of `KVM_RUN`, without races.
+//!
+//! The kicker first makes its request visible (e.g. sets IRR in the target's LAPIC under
+//! its lock), then sets `kvm_run.immediate_exit` and sends a signal to the vCPU thread.
+//! The vCPU thread clears `immediate_exit` *before* it looks for work and enters
+//! `KVM_RUN` after. So a kick that lands
+//! - while the guest runs: the signal makes `KVM_RUN` return `EINTR`;
+//! - between the check and `KVM_RUN`: `immediate_exit` makes `KVM_RUN` return at once;
+//! - before the check: the check sees the request.
+
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
+use std::sync::Once;
+
+use kvm_bindings::kvm_run;
+
+/// The signal used for kicks.
+fn kick_signal() -> libc::c_int {
+    libc::SIGRTMIN() + 1
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+/// Installs the (empty) kick signal handler once per process. Without `SA_RESTART`, so
+/// the blocking `KVM_RUN` returns `EINTR`.
+pub fn install_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: installs an async-signal-safe handler that does nothing; the sigaction
+        // struct is fully initialised.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_kick as extern "C" fn(libc::c_int) as usize;
+            sa.sa_flags = 0;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+        }
+    });
+}
+
+/// A handle that can kick one vCPU thread.
+pub struct Kicker {
+    run: AtomicPtr<kvm_run>,
+    thread: std::sync::Mutex<Option<libc::pthread_t>>,
+    armed: AtomicBool,
+}
+
+impl Default for Kicker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Kicker {
+    /// A kicker not yet bound to a thread (kicks before binding are remembered by the
+    /// caller's own state, which the thread checks first thing).
+    pub fn new() -> Kicker {
+        Kicker {
+            run: AtomicPtr::new(std::ptr::null_mut()),
+            thread: std::sync::Mutex::new(None),
+            armed: AtomicBool::new(false),
+        }
+    }
+
+    /// Binds the kicker to the calling thread and its vCPU's `kvm_run` page.
+    ///
+    /// # Safety
+    /// `run` must point to the vCPU's mapped `kvm_run` structure and stay valid until
+    /// [`Kicker::unbind`] is called.
+    pub unsafe fn bind(&self, run: *mut kvm_run) {
+        self.run.store(run, Ordering::SeqCst);
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        if let Ok(mut t) = self.thread.lock() {
+            *t = Some(me);
+        }
+        self.armed.store(true, Ordering::SeqCst);
+    }
+
+    /// Detaches the thread (before its `kvm_run` mapping goes away).
+    pub fn unbind(&self) {
+        self.armed.store(false, Ordering::SeqCst);
+        if let Ok(mut t) = self.thread.lock() {
+            *t = None;
+        }
+        self.run.store(std::ptr::null_mut(), Ordering::SeqCst);
+    }
+
+    fn immediate_exit(&self) -> Option<&AtomicU8> {
+        let run = self.run.load(Ordering::SeqCst);
+        if run.is_null() {
+            return None;
+        }
+        // SAFETY: `bind`'s contract keeps `run` valid while it is stored; immediate_exit is
+        // a u8 the kernel reads on entry, so accessing it atomically is sound.
+        Some(unsafe { AtomicU8::from_ptr(std::ptr::addr_of_mut!((*run).immediate_exit)) })
+    }
+
+    /// Called by the vCPU thread before it checks for pending work.
+    pub fn clear(&self) {
+        if let Some(ie) = self.immediate_exit() {
+            ie.store(0, Ordering::SeqCst);
+        }
+    }
+
+    /// Forces the vCPU out of (or keeps it from entering) `KVM_RUN`.
+    pub fn kick(&self) {
+        if !self.armed.load(Ordering::SeqCst) {
+            return;
+        }
+        if let Some(ie) = self.immediate_exit() {
+            ie.store(1, Ordering::SeqCst);
+        }
+        if let Ok(t) = self.thread.lock() {
+            if let Some(thread) = *t {
+                // SAFETY: the thread id is live while bound (the lock keeps unbind out);
+                // the signal has a no-op handler.
+                unsafe {
+                    libc::pthread_kill(thread, kick_signal());
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! The timer thread: fires LAPIC timers and the PIT when their deadlines pass.
+//!
+//! One thread per VM sleeps until the earliest deadline of any LAPIC timer or of PIT
+//! channel 0, or until a register write changes a deadline ([`TimerService::poke`]).
+//! When a LAPIC timer fires it sets IRR and wakes (kicks) that vCPU; a PIT edge pulses
+//! IOAPIC pin [`dvmm_layout::PIT_GSI`].
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use dvmm_irq::clock::Clock;
+use dvmm_irq::pit::Pit;
+use dvmm_layout::PIT_GSI;
+
+use crate::interrupts::InterruptHub;
+
+#[derive(Default)]
+struct State {
+    poked: bool,
+    stop: bool,
+}
+
+/// Wakes the timer thread when deadlines change.
+#[derive(Default)]
+pub struct TimerService {
+    state: Mutex<State>,
+    cond: Condvar,
+}
+
+impl TimerService {
+    /// A service whose thread is not yet running.
+    pub fn new() -> TimerService {
+        TimerService::default()
+    }
+
+    /// A deadline may have moved: recompute.
+    pub fn poke(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.poked = true;
+        self.cond.notify_one();
+    }
+
+    /// Ends the timer thread.
+    pub fn stop(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.stop = true;
+        self.cond.notify_one();
+    }
+
+    /// The timer thread's body. Returns when [`TimerService::stop`] is called.
+    pub fn run(&self, hub: &InterruptHub, pit: &Mutex<Pit>, clock: &dyn Clock) {
+        loop {
+            let now = clock.now_ns();
+            let mut next: Option<u64> = None;
+            for v in hub.vcpus() {
+                let mut lapic = v.lock();
+                if lapic.timer_deadline().is_some_and(|d| d <= now) && lapic.timer_tick(now) {
+                    drop(lapic);
+                    v.notify();
+                    lapic = v.lock();
+                }
+                next = min_opt(next, lapic.timer_deadline());
+            }
+            let edge = {
+                let mut p = pit.lock().unwrap_or_else(|e| e.into_inner());
+                let edge = p.poll_irq0(now);
+                next = min_opt(next, p.irq0_deadline());
+                edge
+            };
+            if edge {
+                hub.set_gsi(PIT_GSI as usize, true);
+                hub.set_gsi(PIT_GSI as usize, false);
+            }
+
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if s.stop {
+                return;
+            }
+            if !s.poked {
+                let wait = match next {
+                    Some(d) => Duration::from_nanos(d.saturating_sub(clock.now_ns())),
+                    None => Duration::from_secs(3600),
+                };
+                if !wait.is_zero() {
+                    s = self
+                        .cond
+                        .wait_timeout(s, wait)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                }
+            }
+            s.poked = false;
+            if s.stop {
+                return;
+            }
+        }
+    }
+}
+
+fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+/// The PIT on the port bus (ports 0x40..=0x43 and 0x61 go to one `Pit`).
+pub struct PitPorts {
+    pit: Arc<Mutex<Pit>>,
+    base: u16,
+    clock: Arc<dyn Clock>,
+    timers: Arc<TimerService>,
+}
+
+impl PitPorts {
+    /// The PIT's ports starting at `base` (0x40 or 0x61).
+    pub fn new(
+        pit: Arc<Mutex<Pit>>,
+        base: u16,
+        clock: Arc<dyn Clock>,
+        timers: Arc<TimerService>,
+    ) -> PitPorts {
+        PitPorts {
+            pit,
+            base,
+            clock,
+            timers,
+        }
+    }
+}
+
+impl dvmm_devices::bus::BusDevice for PitPorts {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let now = self.clock.now_ns();
+        let mut p = self.pit.lock().unwrap_or_else(|e| e.into_inner());
+        let v = p.read(self.base + offset as u16, now);
+        data.fill(0);
+        if let Some(b) = data.first_mut() {
+            *b = v;
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let now = self.clock.now_ns();
+        if let Some(&b) = data.first() {
+            self.pit.lock().unwrap_or_else(|e| e.into_inner()).write(
+                self.base + offset as u16,
+                b,
+                now,
+            );
+            self.timers.poke();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::min_opt;
+
+    #[test]
+    fn min_of_options() {
+        assert_eq!(min_opt(None, None), None);
+        assert_eq!(min_opt(Some(3), None), Some(3));
+        assert_eq!(min_opt(None, Some(4)), Some(4));
+        assert_eq!(min_opt(Some(5), Some(4)), Some(4));
+    }
+}

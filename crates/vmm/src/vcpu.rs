@@ -1,0 +1,447 @@
+//! A vCPU thread: run loop, interrupt injection and exit dispatch.
+//!
+//! Each exit goes to the owner of the address: the vCPU's own LAPIC (xAPIC page,
+//! x2APIC and TSC-deadline MSRs), the port or MMIO bus (devices, IOAPIC), the
+//! emulation-gap handler, or the VM's end (shutdown, fatal errors).
+
+use std::sync::Arc;
+
+use dvmm_boot::cpu::{CpuBootState, Segment};
+use dvmm_devices::bus::Bus;
+use dvmm_irq::clock::Clock;
+use dvmm_irq::lapic::LapicEvent;
+use dvmm_layout::{APIC_MMIO_SIZE, LAPIC_ADDR};
+use kvm_bindings::{kvm_fpu, kvm_interrupt, kvm_regs, kvm_run, kvm_segment, kvm_sregs};
+use kvm_ioctls::VcpuFd;
+use vmm_sys_util::ioctl::ioctl_with_ref;
+
+use crate::control::{VmControl, VmOutcome};
+use crate::emulation::{self, InternalError};
+use crate::interrupts::{InterruptHub, VcpuHandle};
+use crate::memory::GuestRam;
+use crate::stats::{ExitKind, ExitStats};
+
+/// `KVM_INTERRUPT`, which kvm-ioctls does not wrap (it assumes an in-kernel irqchip).
+mod ioctls {
+    #![allow(missing_docs)]
+    use kvm_bindings::kvm_interrupt;
+    use vmm_sys_util::ioctl_iow_nr;
+    const KVMIO: u32 = 0xAE;
+    ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
+}
+use ioctls::KVM_INTERRUPT;
+
+const KVM_EXIT_IO: u32 = 2;
+const KVM_EXIT_HLT: u32 = 5;
+const KVM_EXIT_MMIO: u32 = 6;
+const KVM_EXIT_IRQ_WINDOW_OPEN: u32 = 7;
+const KVM_EXIT_SHUTDOWN: u32 = 8;
+const KVM_EXIT_FAIL_ENTRY: u32 = 9;
+const KVM_EXIT_INTR: u32 = 10;
+const KVM_EXIT_INTERNAL_ERROR: u32 = 17;
+const KVM_EXIT_X86_RDMSR: u32 = 29;
+const KVM_EXIT_X86_WRMSR: u32 = 30;
+
+const MSR_APIC_BASE: u32 = 0x1b;
+const MSR_TSC_DEADLINE: u32 = 0x6e0;
+
+/// Is `msr` one our userspace LAPIC owns?
+pub fn is_lapic_msr(msr: u32) -> bool {
+    msr == MSR_APIC_BASE || msr == MSR_TSC_DEADLINE || (0x800..=0x8ff).contains(&msr)
+}
+
+/// Everything a vCPU thread shares with the rest of the VM.
+pub struct VcpuEnv {
+    /// Interrupt routing and all LAPICs.
+    pub hub: Arc<InterruptHub>,
+    /// Port I/O devices.
+    pub pio: Bus,
+    /// MMIO devices (the IOAPIC).
+    pub mmio: Bus,
+    /// Guest RAM (the VMM's view).
+    pub ram: Arc<GuestRam>,
+    /// Host time.
+    pub clock: Arc<dyn Clock>,
+    /// End-of-VM state.
+    pub control: Arc<VmControl>,
+}
+
+/// Where the vCPU is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// Executing guest code.
+    Running,
+    /// After INIT (or at power-on for APs): waiting in userspace for a SIPI.
+    WaitForSipi,
+}
+
+fn segment(s: &Segment) -> kvm_segment {
+    kvm_segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: u8::from(s.present),
+        dpl: s.dpl,
+        db: u8::from(s.db),
+        s: u8::from(s.s),
+        l: u8::from(s.l),
+        g: u8::from(s.g),
+        avl: u8::from(s.avl),
+        unusable: u8::from(!s.present),
+        padding: 0,
+    }
+}
+
+/// Loads a full architectural start state into the vCPU.
+pub fn load_state(vcpu: &VcpuFd, st: &CpuBootState) -> Result<(), kvm_ioctls::Error> {
+    let mut sregs: kvm_sregs = vcpu.get_sregs()?;
+    sregs.cs = segment(&st.cs);
+    let data = segment(&st.data);
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment(&st.tr);
+    sregs.ldt = segment(&st.ldt);
+    sregs.gdt.base = st.gdt.base;
+    sregs.gdt.limit = st.gdt.limit;
+    sregs.idt.base = st.idt.base;
+    sregs.idt.limit = st.idt.limit;
+    sregs.cr0 = st.cr0;
+    sregs.cr3 = st.cr3;
+    sregs.cr4 = st.cr4;
+    sregs.efer = st.efer;
+    sregs.cr2 = 0;
+    sregs.cr8 = 0;
+    sregs.interrupt_bitmap = [0; 4];
+    vcpu.set_sregs(&sregs)?;
+    let regs = kvm_regs {
+        rip: st.rip,
+        rsp: st.rsp,
+        rsi: st.rsi,
+        rbx: st.rbx,
+        rflags: st.rflags | 2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs)?;
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu)?;
+    Ok(())
+}
+
+/// Runs one vCPU until the VM stops. `boot` is the BSP's start state; APs start
+/// waiting for INIT/SIPI.
+pub fn run(
+    mut vcpu: VcpuFd,
+    handle: Arc<VcpuHandle>,
+    env: Arc<VcpuEnv>,
+    boot: Option<CpuBootState>,
+) {
+    let index = handle.index;
+    let mut stats = ExitStats::default();
+    let result = run_loop(&mut vcpu, &handle, &env, boot, &mut stats);
+    handle.kicker.unbind();
+    stats.report(index);
+    if let Err(reason) = result {
+        env.control
+            .finish(VmOutcome::Failed(format!("vCPU {index}: {reason}")));
+    }
+}
+
+fn run_loop(
+    vcpu: &mut VcpuFd,
+    handle: &VcpuHandle,
+    env: &VcpuEnv,
+    boot: Option<CpuBootState>,
+    stats: &mut ExitStats,
+) -> Result<(), String> {
+    let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
+    // SAFETY: the kvm_run mapping belongs to `vcpu`, which outlives this loop; `run`
+    // unbinds the kicker before `vcpu` is dropped.
+    unsafe { handle.kicker.bind(run_ptr) };
+
+    let mut mode = match boot {
+        Some(st) => {
+            load_state(vcpu, &st).map_err(|e| format!("cannot load the boot CPU state: {e}"))?;
+            Mode::Running
+        }
+        None => Mode::WaitForSipi,
+    };
+
+    let mut nmi = false;
+    loop {
+        handle.kicker.clear();
+        if env.control.stopping() {
+            return Ok(());
+        }
+        if mode == Mode::WaitForSipi {
+            match wait_for_sipi(handle, env) {
+                Some(vector) => {
+                    let st = dvmm_boot::loader::ap_sipi_state(vector);
+                    load_state(vcpu, &st)
+                        .map_err(|e| format!("cannot start at SIPI vector {vector:#x}: {e}"))?;
+                    tracing::debug!(vcpu = handle.index, vector, "SIPI");
+                    mode = Mode::Running;
+                }
+                None => return Ok(()),
+            }
+            continue;
+        }
+
+        // Deliver what is pending before entering the guest.
+        {
+            // SAFETY: `run_ptr` is this vCPU's kvm_run; the kernel only writes it during
+            // KVM_RUN, which this thread alone issues.
+            let run = unsafe { &mut *run_ptr };
+            let mut lapic = handle.lock();
+            if lapic.take_init() {
+                drop(lapic);
+                mode = Mode::WaitForSipi;
+                continue;
+            }
+            nmi = nmi || lapic.take_nmi();
+            if run.ready_for_interrupt_injection != 0 && run.if_flag != 0 {
+                if let Some(vector) = lapic.acknowledge() {
+                    drop(lapic);
+                    inject(vcpu, vector)?;
+                    lapic = handle.lock();
+                }
+            }
+            run.request_interrupt_window = u8::from(lapic.pending_vector().is_some());
+        }
+        if std::mem::take(&mut nmi) {
+            vcpu.nmi().map_err(|e| format!("KVM_NMI failed: {e}"))?;
+        }
+
+        match vcpu.run() {
+            Ok(_) => {}
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                stats.count(ExitKind::Kick);
+                continue;
+            }
+            Err(e) => return Err(format!("KVM_RUN failed: {e}")),
+        }
+        // SAFETY: as above; KVM_RUN has returned, so the kernel is done writing.
+        let run = unsafe { &mut *run_ptr };
+        match run.exit_reason {
+            KVM_EXIT_IO => {
+                stats.count(ExitKind::Pio);
+                handle_io(run, env);
+            }
+            KVM_EXIT_MMIO => {
+                stats.count(ExitKind::Mmio);
+                handle_mmio(run, handle, env);
+            }
+            KVM_EXIT_X86_RDMSR | KVM_EXIT_X86_WRMSR => {
+                stats.count(ExitKind::Msr);
+                handle_msr(run, handle, env);
+            }
+            KVM_EXIT_HLT => {
+                stats.count(ExitKind::Hlt);
+                match halt(handle, env, run.if_flag != 0) {
+                    Wake::Resume => {}
+                    Wake::Nmi => nmi = true,
+                    Wake::Init => mode = Mode::WaitForSipi,
+                }
+            }
+            KVM_EXIT_IRQ_WINDOW_OPEN => stats.count(ExitKind::IrqWindow),
+            KVM_EXIT_INTR => stats.count(ExitKind::Kick),
+            KVM_EXIT_INTERNAL_ERROR => {
+                stats.count(ExitKind::Emulation);
+                // SAFETY: exit_reason says the `internal` member of the union is valid.
+                let internal = unsafe { run.__bindgen_anon_1.internal };
+                let n = (internal.ndata as usize).min(internal.data.len());
+                let err = InternalError {
+                    suberror: internal.suberror,
+                    data: internal.data[..n].to_vec(),
+                };
+                match emulation::recover(vcpu, env.ram.memory(), &err) {
+                    Ok(what) => tracing::debug!(vcpu = handle.index, what, "emulation gap"),
+                    Err(f) => return Err(f.to_string()),
+                }
+            }
+            KVM_EXIT_SHUTDOWN => {
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                env.control.finish(VmOutcome::Reset(format!(
+                    "vCPU {} triple-faulted (KVM_EXIT_SHUTDOWN) at RIP {rip:#x}",
+                    handle.index
+                )));
+                return Ok(());
+            }
+            KVM_EXIT_FAIL_ENTRY => {
+                // SAFETY: exit_reason says `fail_entry` is valid.
+                let reason = unsafe {
+                    run.__bindgen_anon_1
+                        .fail_entry
+                        .hardware_entry_failure_reason
+                };
+                return Err(format!(
+                    "KVM could not enter the guest (hardware reason {reason:#x})"
+                ));
+            }
+            other => {
+                return Err(format!("unexpected KVM exit reason {other}"));
+            }
+        }
+    }
+}
+
+fn inject(vcpu: &VcpuFd, vector: u8) -> Result<(), String> {
+    let irq = kvm_interrupt {
+        irq: u32::from(vector),
+    };
+    // SAFETY: KVM_INTERRUPT reads a kvm_interrupt from the pointer we pass, which lives
+    // on our stack for the duration of the call.
+    let ret = unsafe { ioctl_with_ref(vcpu, KVM_INTERRUPT(), &irq) };
+    if ret < 0 {
+        return Err(format!(
+            "KVM_INTERRUPT of vector {vector:#x} failed: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// Waits for a SIPI after INIT. None when the VM stops.
+fn wait_for_sipi(handle: &VcpuHandle, env: &VcpuEnv) -> Option<u8> {
+    let mut lapic = handle.lock();
+    loop {
+        if env.control.stopping() {
+            return None;
+        }
+        lapic.take_init();
+        lapic.take_nmi();
+        if let Some(v) = lapic.take_sipi() {
+            return Some(v);
+        }
+        lapic = handle.wake.wait(lapic).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// What ended a HLT.
+enum Wake {
+    /// A maskable interrupt (with IF set), or the VM is stopping.
+    Resume,
+    /// An NMI to inject.
+    Nmi,
+    /// INIT: wait for SIPI.
+    Init,
+}
+
+/// HLT: sleeps until an interrupt the vCPU would take, an NMI or INIT.
+fn halt(handle: &VcpuHandle, env: &VcpuEnv, if_flag: bool) -> Wake {
+    let mut lapic = handle.lock();
+    loop {
+        if env.control.stopping() {
+            return Wake::Resume;
+        }
+        if lapic.take_init() {
+            return Wake::Init;
+        }
+        if lapic.take_nmi() {
+            return Wake::Nmi;
+        }
+        if if_flag && lapic.pending_vector().is_some() {
+            return Wake::Resume;
+        }
+        lapic = handle.wake.wait(lapic).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+fn handle_io(run: &mut kvm_run, env: &VcpuEnv) {
+    // SAFETY: exit_reason is KVM_EXIT_IO, so `io` is the valid union member.
+    let io = unsafe { run.__bindgen_anon_1.io };
+    let size = usize::from(io.size);
+    let count = io.count as usize;
+    let base = (run as *mut kvm_run).cast::<u8>();
+    // SAFETY: the kernel places count * size bytes of data at data_offset inside the
+    // kvm_run mapping, which is larger than one page.
+    let data =
+        unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), size * count) };
+    let port = u64::from(io.port);
+    for chunk in data.chunks_mut(size.max(1)) {
+        if io.direction == 0 {
+            if !env.pio.read(port, chunk) {
+                chunk.fill(0xff);
+            }
+        } else {
+            env.pio.write(port, chunk);
+        }
+    }
+}
+
+fn handle_mmio(run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) {
+    // SAFETY: exit_reason is KVM_EXIT_MMIO, so `mmio` is the valid union member.
+    let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
+    let len = (mmio.len as usize).min(8);
+    let addr = mmio.phys_addr;
+    let data = &mut mmio.data[..len];
+    if (LAPIC_ADDR..LAPIC_ADDR + APIC_MMIO_SIZE).contains(&addr) {
+        let offset = addr - LAPIC_ADDR;
+        let now = env.clock.now_ns();
+        if mmio.is_write != 0 {
+            let mut v = [0u8; 4];
+            for (i, b) in data.iter().take(4).enumerate() {
+                v[i] = *b;
+            }
+            let ev = handle.lock().mmio_write(offset, u32::from_le_bytes(v), now);
+            lapic_event(ev, handle, env);
+        } else {
+            let v = handle.lock().mmio_read(offset & !3, now).to_le_bytes();
+            for (i, b) in data.iter_mut().enumerate() {
+                *b = v.get(i).copied().unwrap_or(0);
+            }
+        }
+        return;
+    }
+    if mmio.is_write != 0 {
+        env.mmio.write(addr, data);
+    } else if !env.mmio.read(addr, data) {
+        data.fill(0xff);
+    }
+}
+
+fn handle_msr(run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) {
+    // SAFETY: exit_reason is an MSR exit, so `msr` is the valid union member.
+    let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+    let now = env.clock.now_ns();
+    let write = run.exit_reason == KVM_EXIT_X86_WRMSR;
+    if !is_lapic_msr(msr.index) {
+        // An MSR KVM does not know: what real hardware does for an unknown MSR.
+        tracing::debug!(
+            vcpu = handle.index,
+            msr = format_args!("{:#x}", msr.index),
+            write,
+            "unknown MSR: #GP"
+        );
+        msr.error = 1;
+        return;
+    }
+    if write {
+        let r = handle.lock().msr_write(msr.index, msr.data, now);
+        match r {
+            Ok(ev) => lapic_event(ev, handle, env),
+            Err(_) => msr.error = 1,
+        }
+    } else {
+        match handle.lock().msr_read(msr.index, now) {
+            Ok(v) => msr.data = v,
+            Err(_) => msr.error = 1,
+        }
+    }
+}
+
+fn lapic_event(ev: Option<LapicEvent>, handle: &VcpuHandle, env: &VcpuEnv) {
+    match ev {
+        None => {}
+        Some(LapicEvent::Ipi(msg)) => env.hub.deliver(&msg, Some(handle.index)),
+        Some(LapicEvent::LevelEoi { vector }) => env.hub.level_eoi(vector),
+        Some(LapicEvent::TimerChanged) => env.hub.timers().poke(),
+    }
+}

@@ -1,0 +1,420 @@
+//! Builds a VM from a [`VmConfig`] and runs it to its end.
+//!
+//! Threads: one per vCPU (runs the guest, handles its exits), one timer thread (LAPIC
+//! timers and the PIT), and the caller's thread, which waits for the outcome and then
+//! stops the others. Console input is fed by the caller through [`ConsoleInput`].
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use dvmm_boot::loader::{BootSpec, EntryKind};
+use dvmm_boot::topology::Topology;
+use dvmm_devices::acpi_pm::{AcpiPm, ResetPort};
+use dvmm_devices::bus::{Bus, BusDevice};
+use dvmm_devices::i8042::I8042;
+use dvmm_devices::pic::Pic;
+use dvmm_devices::pvpanic::PvPanic;
+use dvmm_devices::rtc::Rtc;
+use dvmm_devices::serial::Serial;
+use dvmm_devices::sink::Sink;
+use dvmm_devices::VmEventSink;
+use dvmm_irq::clock::{Clock, MonotonicClock, TscMap};
+use dvmm_irq::ioapic::IoApic;
+use dvmm_irq::lapic::Lapic;
+use dvmm_irq::pit::Pit;
+use dvmm_layout as layout;
+use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd};
+
+use crate::control::{VmControl, VmOutcome};
+use crate::cpuid;
+use crate::host::HostKvm;
+use crate::interrupts::{InterruptHub, IoApicMmio, IoApicPin, VcpuHandle};
+use crate::memory::GuestRam;
+use crate::timers::{PitPorts, TimerService};
+use crate::vcpu::{self, VcpuEnv};
+use crate::VmmError;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Kernel image (bzImage or PVH ELF).
+    pub kernel: PathBuf,
+    /// Optional initramfs.
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+}
+
+/// Feeds console input to the guest's serial port.
+#[derive(Clone)]
+pub struct ConsoleInput {
+    serial: Arc<Mutex<Serial>>,
+    control: Arc<VmControl>,
+}
+
+impl ConsoleInput {
+    /// Queues all of `bytes`, waiting for FIFO room as the guest drains it. Returns
+    /// false if the VM stopped first.
+    pub fn feed(&self, mut bytes: &[u8]) -> bool {
+        while !bytes.is_empty() {
+            if self.control.stopping() {
+                return false;
+            }
+            let n = self
+                .serial
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .enqueue_input(bytes);
+            bytes = &bytes[n..];
+            if n == 0 {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        true
+    }
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    // `vcpus` and `vm` before `ram`: KVM's memory slots point into it.
+    vcpus: Vec<VcpuFd>,
+    _vm: VmFd,
+    handles: Vec<Arc<VcpuHandle>>,
+    env: Arc<VcpuEnv>,
+    pit: Arc<Mutex<Pit>>,
+    boot: dvmm_boot::cpu::CpuBootState,
+    console: ConsoleInput,
+}
+
+fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { what, source }
+}
+
+const MSR_IA32_TSC: u32 = 0x10;
+
+fn guest_tsc(vcpu: &VcpuFd) -> Option<u64> {
+    let mut msrs = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        ..Default::default()
+    }])
+    .ok()?;
+    match vcpu.get_msrs(&mut msrs) {
+        Ok(1) => Some(msrs.as_slice()[0].data),
+        _ => None,
+    }
+}
+
+/// Makes KVM hand the LAPIC's MSRs (and MSRs it does not know) to us.
+fn route_msrs_to_userspace(vm: &VmFd) -> Result<(), VmmError> {
+    let cap = kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+        args: [
+            u64::from(
+                kvm_bindings::KVM_MSR_EXIT_REASON_FILTER
+                    | kvm_bindings::KVM_MSR_EXIT_REASON_UNKNOWN,
+            ),
+            0,
+            0,
+            0,
+        ],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap).map_err(kvm_err(
+        "enabling userspace MSR exits (KVM_CAP_X86_USER_SPACE_MSR)",
+    ))?;
+    let deny_one = [0u8; 1];
+    let deny_x2apic = [0u8; 32];
+    let rw = MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE;
+    let ranges = [
+        MsrFilterRange {
+            flags: rw,
+            base: 0x1b,
+            msr_count: 1,
+            bitmap: &deny_one,
+        },
+        MsrFilterRange {
+            flags: rw,
+            base: 0x6e0,
+            msr_count: 1,
+            bitmap: &deny_one,
+        },
+        MsrFilterRange {
+            flags: rw,
+            base: 0x800,
+            msr_count: 256,
+            bitmap: &deny_x2apic,
+        },
+    ];
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
+        .map_err(kvm_err(
+            "installing the LAPIC MSR filter (KVM_X86_SET_MSR_FILTER)",
+        ))
+}
+
+fn add(bus: &mut Bus, dev: impl BusDevice + 'static, base: u64, len: u64) -> Result<(), VmmError> {
+    bus.insert(Arc::new(Mutex::new(dev)), base, len)
+        .map_err(|e| VmmError::Internal(format!("device map: {e}")))
+}
+
+/// Presents a device's register at `shift` as if it were at offset 0 of its own range.
+struct Shifted<D> {
+    inner: Arc<Mutex<D>>,
+    shift: u64,
+}
+
+impl<D: BusDevice> BusDevice for Shifted<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .read(offset + self.shift, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(offset + self.shift, data);
+    }
+}
+
+impl Vm {
+    /// Creates the VM: memory, vCPUs, devices, and the loaded guest.
+    pub fn build(cfg: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Vm, VmmError> {
+        let topology = Topology::uniform(cfg.vcpus, cfg.memory, 1)?;
+        let host = HostKvm::detect();
+        if host.emulates_guest_kernel() {
+            tracing::info!(
+                "this host's KVM has no VT-x/AMD-V (software PVM): guest kernel code is emulated and slow"
+            );
+        }
+        let kvm = Kvm::new().map_err(|source| VmmError::KvmUnavailable { source })?;
+        let ram = Arc::new(GuestRam::new(cfg.memory)?);
+        let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
+        // Intel VT-x needs three pages for the real-mode TSS; put them in the MMIO hole.
+        let _ = vm.set_tss_address(0xfffb_d000);
+        for (slot, (range, host_addr)) in ram.kvm_slots().into_iter().enumerate() {
+            let region = kvm_userspace_memory_region {
+                slot: slot as u32,
+                guest_phys_addr: range.start,
+                memory_size: range.len,
+                userspace_addr: host_addr,
+                flags: 0,
+            };
+            // SAFETY: the region lies in view A of `ram`, which outlives the VM (see the
+            // field order of `Vm`; `ram` is also held by the vCPU environment).
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(kvm_err("registering guest RAM"))?;
+        }
+        route_msrs_to_userspace(&vm)?;
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("reading supported CPUID"))?;
+        let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
+        for i in 0..cfg.vcpus {
+            vcpus.push(
+                vm.create_vcpu(u64::from(i))
+                    .map_err(kvm_err("creating a vCPU"))?,
+            );
+        }
+        let tsc_khz = vcpus[0]
+            .get_tsc_khz()
+            .map_err(kvm_err("reading the TSC frequency"))?;
+        for (i, v) in vcpus.iter().enumerate() {
+            let entries = cpuid::vcpu_cpuid(supported.as_slice(), i as u32, cfg.vcpus, tsc_khz);
+            let table = cpuid::to_kvm(&entries)
+                .map_err(|e| VmmError::Internal(format!("CPUID table: {e:?}")))?;
+            v.set_cpuid2(&table).map_err(kvm_err("setting CPUID"))?;
+        }
+
+        let clock: Arc<dyn Clock> = Arc::new(MonotonicClock);
+        let now = clock.now_ns();
+        let tsc_now = guest_tsc(&vcpus[0]).unwrap_or(0);
+        let tsc = TscMap {
+            tsc_khz: u64::from(tsc_khz),
+            base_ns: now
+                .saturating_sub(tsc_now.saturating_mul(1_000_000) / u64::from(tsc_khz.max(1))),
+        };
+
+        let spec = BootSpec {
+            kernel: &cfg.kernel,
+            initramfs: cfg.initramfs.as_deref(),
+            cmdline: &cfg.cmdline,
+            topology: &topology,
+        };
+        let loaded = dvmm_boot::loader::load(ram.memory(), &spec)?;
+        tracing::info!(
+            entry = match loaded.entry {
+                EntryKind::LinuxBzImage64 => "Linux 64-bit boot protocol",
+                EntryKind::Pvh => "PVH",
+            },
+            rip = format_args!("{:#x}", loaded.cpu.rip),
+            "kernel loaded"
+        );
+
+        let handles: Vec<Arc<VcpuHandle>> = (0..cfg.vcpus)
+            .map(|i| Arc::new(VcpuHandle::new(i, Lapic::new(i, i == 0, tsc))))
+            .collect();
+        let timers = Arc::new(TimerService::new());
+        let hub = Arc::new(InterruptHub::new(
+            handles.clone(),
+            IoApic::new(layout::IOAPIC_ID),
+            timers.clone(),
+        ));
+        let control = Arc::new(VmControl::new());
+        let events: Arc<dyn VmEventSink> = control.clone();
+        let pit = Arc::new(Mutex::new(Pit::new(now)));
+
+        let mut pio = Bus::new();
+        let serial = Arc::new(Mutex::new(Serial::new(
+            Arc::new(IoApicPin::new(hub.clone(), layout::COM1_IRQ as usize)),
+            console_out,
+        )));
+        pio.insert(serial.clone(), u64::from(layout::COM1_PORT), 8)
+            .map_err(|e| VmmError::Internal(format!("device map: {e}")))?;
+        add(
+            &mut pio,
+            PitPorts::new(pit.clone(), layout::PIT_PORT, clock.clone(), timers.clone()),
+            u64::from(layout::PIT_PORT),
+            4,
+        )?;
+        add(
+            &mut pio,
+            PitPorts::new(pit.clone(), layout::PORT_61, clock.clone(), timers.clone()),
+            u64::from(layout::PORT_61),
+            1,
+        )?;
+        add(&mut pio, Rtc::new(), u64::from(layout::RTC_PORT), 2)?;
+        // One i8042 answers at 0x60 and 0x64, around port 0x61 (which is the PIT's).
+        let i8042 = Arc::new(Mutex::new(I8042::new(events.clone())));
+        let i8042_cmd = u64::from(layout::I8042_CMD_PORT - layout::I8042_DATA_PORT);
+        pio.insert(i8042.clone(), u64::from(layout::I8042_DATA_PORT), 1)
+            .map_err(|e| VmmError::Internal(format!("device map: {e}")))?;
+        add(
+            &mut pio,
+            Shifted {
+                inner: i8042,
+                shift: i8042_cmd,
+            },
+            u64::from(layout::I8042_CMD_PORT),
+            1,
+        )?;
+        add(
+            &mut pio,
+            AcpiPm::new(events.clone()),
+            u64::from(layout::PM1A_EVT_PORT),
+            12,
+        )?;
+        add(
+            &mut pio,
+            ResetPort::new(events.clone()),
+            u64::from(layout::RESET_PORT),
+            1,
+        )?;
+        add(
+            &mut pio,
+            PvPanic::new(events.clone()),
+            u64::from(layout::PVPANIC_PORT),
+            1,
+        )?;
+        add(&mut pio, Pic::new(), u64::from(layout::PIC_MASTER_PORT), 2)?;
+        add(&mut pio, Pic::new(), u64::from(layout::PIC_SLAVE_PORT), 2)?;
+        add(&mut pio, Sink, u64::from(layout::POST_PORT), 1)?;
+
+        let mut mmio = Bus::new();
+        add(
+            &mut mmio,
+            IoApicMmio::new(hub.clone()),
+            layout::IOAPIC_ADDR,
+            layout::APIC_MMIO_SIZE,
+        )?;
+
+        let env = Arc::new(VcpuEnv {
+            hub,
+            pio,
+            mmio,
+            ram,
+            clock,
+            control: control.clone(),
+        });
+        Ok(Vm {
+            vcpus,
+            _vm: vm,
+            handles,
+            env,
+            pit,
+            boot: loaded.cpu,
+            console: ConsoleInput { serial, control },
+        })
+    }
+
+    /// The VM's end-state, e.g. to stop it from a signal handler thread.
+    pub fn control(&self) -> Arc<VmControl> {
+        self.env.control.clone()
+    }
+
+    /// A handle to type into the guest's console.
+    pub fn console_input(&self) -> ConsoleInput {
+        self.console.clone()
+    }
+
+    /// Runs the guest until it powers off, resets, panics, fails or is stopped.
+    pub fn run(mut self) -> Result<VmOutcome, VmmError> {
+        crate::kick::install_handler();
+        let timers = self.env.hub.timers().clone();
+        let timer_thread = {
+            let hub = self.env.hub.clone();
+            let pit = self.pit.clone();
+            let clock = self.env.clock.clone();
+            let timers = timers.clone();
+            std::thread::Builder::new()
+                .name("timers".into())
+                .spawn(move || timers.run(&hub, &pit, clock.as_ref()))
+                .map_err(VmmError::Thread)?
+        };
+        let mut threads: Vec<JoinHandle<()>> = Vec::new();
+        let mut spawn_error = None;
+        for (i, fd) in self.vcpus.drain(..).enumerate() {
+            let handle = self.handles[i].clone();
+            let env = self.env.clone();
+            let boot = (i == 0).then_some(self.boot);
+            match std::thread::Builder::new()
+                .name(format!("vcpu{i}"))
+                .spawn(move || vcpu::run(fd, handle, env, boot))
+            {
+                Ok(t) => threads.push(t),
+                Err(e) => {
+                    self.env.control.finish(VmOutcome::Failed(format!(
+                        "cannot start vCPU thread {i}: {e}"
+                    )));
+                    spawn_error = Some(e);
+                    break;
+                }
+            }
+        }
+        let outcome = self.env.control.wait();
+        for h in &self.handles {
+            // Taking the LAPIC lock orders this wake-up after any check the vCPU made.
+            drop(h.lock());
+            h.notify();
+        }
+        for t in threads {
+            let _ = t.join();
+        }
+        timers.stop();
+        let _ = timer_thread.join();
+        if let Some(e) = spawn_error {
+            return Err(VmmError::Thread(e));
+        }
+        Ok(outcome)
+    }
+}
