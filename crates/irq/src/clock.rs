@@ -66,40 +66,69 @@ impl Clock for FakeClock {
     }
 }
 
-/// Mapping between host time and the guest's TSC:
-/// `guest_tsc(t) = (t - base_ns) * tsc_khz / 1_000_000` (signed arithmetic in i128;
-/// `t` may precede `base_ns`, in which case the TSC reads 0).
+/// Mapping between host time and the guest's TSC, anchored at a recent reading:
+/// the guest TSC read `ref_tsc` at host time `base_ns`, and counts at `tsc_khz`:
+/// `guest_tsc(t) = ref_tsc + (t - base_ns) * tsc_khz / 1_000_000` (signed arithmetic in
+/// i128; results are clamped to `0..=u64::MAX`).
+///
+/// Anchoring near the present matters: KVM's reported TSC frequency is only accurate to
+/// a few parts in 10^5, so extrapolating from TSC 0 (often hours ago) would put a
+/// TSC-deadline timer tens of milliseconds off.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TscMap {
     /// Guest TSC frequency in kHz.
     pub tsc_khz: u64,
-    /// Host time (ns) at which the guest TSC read 0.
+    /// Host time (ns) of the anchor reading.
     pub base_ns: u64,
+    /// Guest TSC value at `base_ns`.
+    pub ref_tsc: u64,
 }
 
 impl TscMap {
     /// Guest TSC value at host time `now_ns` (clamped to `0..=u64::MAX`).
     pub fn tsc_at(&self, now_ns: u64) -> u64 {
         let dt = now_ns as i128 - self.base_ns as i128;
-        let tsc = dt * self.tsc_khz as i128 / 1_000_000;
+        let tsc = self.ref_tsc as i128 + dt * self.tsc_khz as i128 / 1_000_000;
         tsc.clamp(0, u64::MAX as i128) as u64
     }
 
     /// Earliest host time at which the guest TSC reaches `tsc` (so that
-    /// `tsc_at(ns_at_tsc(x)) >= x`). Saturates at `u64::MAX` (also when `tsc_khz` is 0).
+    /// `tsc_at(ns_at_tsc(x)) >= x`). Clamped to `0..=u64::MAX` (`u64::MAX` also when
+    /// `tsc_khz` is 0).
     pub fn ns_at_tsc(&self, tsc: u64) -> u64 {
         if self.tsc_khz == 0 {
             return u64::MAX;
         }
-        let khz = self.tsc_khz as u128;
-        let dt = (tsc as u128 * 1_000_000).div_ceil(khz);
-        (self.base_ns as u128 + dt).min(u64::MAX as u128) as u64
+        let khz = self.tsc_khz as i128;
+        let dtsc = tsc as i128 - self.ref_tsc as i128;
+        // Ceiling division that also rounds negative values up.
+        let dt = (dtsc * 1_000_000).div_euclid(khz)
+            + i128::from((dtsc * 1_000_000).rem_euclid(khz) != 0);
+        (self.base_ns as i128 + dt).clamp(0, u64::MAX as i128) as u64
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn anchored_map_converts_near_the_anchor() {
+        // A huge TSC value at the anchor: only the distance from it matters.
+        let m = TscMap {
+            tsc_khz: 2_000_000,
+            base_ns: 5_000_000_000,
+            ref_tsc: 3_000_000_000_000,
+        };
+        assert_eq!(m.tsc_at(5_000_000_000), 3_000_000_000_000);
+        assert_eq!(m.tsc_at(5_000_001_000), 3_000_000_002_000);
+        assert_eq!(m.ns_at_tsc(3_000_000_002_000), 5_000_001_000);
+        assert_eq!(m.ns_at_tsc(3_000_000_000_001), 5_000_000_001);
+        // Before the anchor: earlier host times, clamped at 0.
+        assert_eq!(m.ns_at_tsc(2_999_999_998_000), 4_999_999_000);
+        assert_eq!(m.ns_at_tsc(0), 0);
+        assert_eq!(m.tsc_at(0), 2_990_000_000_000);
+    }
 
     #[test]
     fn fake_clock_set_and_advance() {
@@ -127,6 +156,7 @@ mod tests {
         let m = TscMap {
             tsc_khz: 2_500_000, // 2.5 GHz
             base_ns: 1_000,
+            ref_tsc: 0,
         };
         assert_eq!(m.tsc_at(1_000), 0);
         assert_eq!(m.tsc_at(2_000), 2_500);
@@ -146,12 +176,14 @@ mod tests {
         let m = TscMap {
             tsc_khz: 3,
             base_ns: 0,
+            ref_tsc: 0,
         };
         assert_eq!(m.ns_at_tsc(1), 333_334);
         assert_eq!(m.tsc_at(333_334), 1);
         let z = TscMap {
             tsc_khz: 0,
             base_ns: 0,
+            ref_tsc: 0,
         };
         assert_eq!(z.ns_at_tsc(5), u64::MAX);
         assert_eq!(z.tsc_at(1 << 50), 0);

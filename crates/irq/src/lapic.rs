@@ -564,6 +564,17 @@ impl Lapic {
         }
     }
 
+    /// Replaces the guest-TSC mapping (the VMM re-anchors it at a fresh TSC reading
+    /// before handing over a TSC-deadline write, so that frequency error cannot build up).
+    pub fn set_tsc_map(&mut self, tsc: TscMap) {
+        self.tsc = tsc;
+    }
+
+    /// The current guest-TSC mapping.
+    pub fn tsc_map(&self) -> TscMap {
+        self.tsc
+    }
+
     /// Fire the timer if `now_ns >= deadline`: set the LVT timer vector in IRR (unless
     /// masked), reload periodic (skipping missed periods without bursting), stop one-shot /
     /// TSC-deadline. Returns true if a vector became pending.

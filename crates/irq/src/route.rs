@@ -53,6 +53,7 @@ mod tests {
     const TSC: TscMap = TscMap {
         tsc_khz: 1_000_000,
         base_ns: 0,
+        ref_tsc: 0,
     };
 
     fn view(id: u32) -> ApicView {

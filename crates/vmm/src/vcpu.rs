@@ -11,7 +11,7 @@ use dvmm_devices::bus::Bus;
 use dvmm_irq::clock::Clock;
 use dvmm_irq::lapic::LapicEvent;
 use dvmm_layout::{APIC_MMIO_SIZE, LAPIC_ADDR};
-use kvm_bindings::{kvm_fpu, kvm_interrupt, kvm_regs, kvm_run, kvm_segment, kvm_sregs};
+use kvm_bindings::{kvm_fpu, kvm_interrupt, kvm_regs, kvm_run, kvm_segment, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
@@ -42,8 +42,22 @@ const KVM_EXIT_INTERNAL_ERROR: u32 = 17;
 const KVM_EXIT_X86_RDMSR: u32 = 29;
 const KVM_EXIT_X86_WRMSR: u32 = 30;
 
+const MSR_IA32_TSC: u32 = 0x10;
 const MSR_APIC_BASE: u32 = 0x1b;
 const MSR_TSC_DEADLINE: u32 = 0x6e0;
+
+/// The guest's TSC right now, as KVM sees it.
+pub fn guest_tsc(vcpu: &VcpuFd) -> Option<u64> {
+    let mut msrs = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        ..Default::default()
+    }])
+    .ok()?;
+    match vcpu.get_msrs(&mut msrs) {
+        Ok(1) => Some(msrs.as_slice()[0].data),
+        _ => None,
+    }
+}
 
 /// Is `msr` one our userspace LAPIC owns?
 pub fn is_lapic_msr(msr: u32) -> bool {
@@ -240,7 +254,7 @@ fn run_loop(
             }
             KVM_EXIT_X86_RDMSR | KVM_EXIT_X86_WRMSR => {
                 stats.count(ExitKind::Msr);
-                handle_msr(run, handle, env);
+                handle_msr(vcpu, run, handle, env);
             }
             KVM_EXIT_HLT => {
                 stats.count(ExitKind::Hlt);
@@ -407,7 +421,7 @@ fn handle_mmio(run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) {
     }
 }
 
-fn handle_msr(run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) {
+fn handle_msr(vcpu: &VcpuFd, run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) {
     // SAFETY: exit_reason is an MSR exit, so `msr` is the valid union member.
     let msr = unsafe { &mut run.__bindgen_anon_1.msr };
     let now = env.clock.now_ns();
@@ -423,17 +437,32 @@ fn handle_msr(run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) {
         msr.error = 1;
         return;
     }
-    if write {
-        let r = handle.lock().msr_write(msr.index, msr.data, now);
-        match r {
-            Ok(ev) => lapic_event(ev, handle, env),
-            Err(_) => msr.error = 1,
+    let result = if write {
+        let mut lapic = handle.lock();
+        if msr.index == MSR_TSC_DEADLINE {
+            if let Some(tsc) = guest_tsc(vcpu) {
+                let mut map = lapic.tsc_map();
+                map.base_ns = now;
+                map.ref_tsc = tsc;
+                lapic.set_tsc_map(map);
+            }
         }
+        let r = lapic.msr_write(msr.index, msr.data, now);
+        drop(lapic);
+        r.map(|ev| lapic_event(ev, handle, env))
     } else {
-        match handle.lock().msr_read(msr.index, now) {
-            Ok(v) => msr.data = v,
-            Err(_) => msr.error = 1,
-        }
+        handle.lock().msr_read(msr.index, now).map(|v| msr.data = v)
+    };
+    tracing::trace!(
+        vcpu = handle.index,
+        msr = format_args!("{:#x}", msr.index),
+        write,
+        data = format_args!("{:#x}", msr.data),
+        ok = result.is_ok(),
+        "LAPIC MSR"
+    );
+    if result.is_err() {
+        msr.error = 1;
     }
 }
 

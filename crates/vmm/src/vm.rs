@@ -26,7 +26,7 @@ use dvmm_irq::ioapic::IoApic;
 use dvmm_irq::lapic::Lapic;
 use dvmm_irq::pit::Pit;
 use dvmm_layout as layout;
-use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
+use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd};
 
 use crate::control::{VmControl, VmOutcome};
@@ -98,28 +98,18 @@ fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
 }
 
-const MSR_IA32_TSC: u32 = 0x10;
-
-fn guest_tsc(vcpu: &VcpuFd) -> Option<u64> {
-    let mut msrs = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-        index: MSR_IA32_TSC,
-        ..Default::default()
-    }])
-    .ok()?;
-    match vcpu.get_msrs(&mut msrs) {
-        Ok(1) => Some(msrs.as_slice()[0].data),
-        _ => None,
-    }
-}
-
 /// Makes KVM hand the LAPIC's MSRs (and MSRs it does not know) to us.
+///
+/// KVM never filters the x2APIC range 0x800-0x8ff; without an in-kernel LAPIC it
+/// treats those accesses as invalid, so the INVAL reason is what routes them to us.
 fn route_msrs_to_userspace(vm: &VmFd) -> Result<(), VmmError> {
     let cap = kvm_enable_cap {
         cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
         args: [
             u64::from(
                 kvm_bindings::KVM_MSR_EXIT_REASON_FILTER
-                    | kvm_bindings::KVM_MSR_EXIT_REASON_UNKNOWN,
+                    | kvm_bindings::KVM_MSR_EXIT_REASON_UNKNOWN
+                    | kvm_bindings::KVM_MSR_EXIT_REASON_INVAL,
             ),
             0,
             0,
@@ -238,11 +228,10 @@ impl Vm {
 
         let clock: Arc<dyn Clock> = Arc::new(MonotonicClock);
         let now = clock.now_ns();
-        let tsc_now = guest_tsc(&vcpus[0]).unwrap_or(0);
         let tsc = TscMap {
             tsc_khz: u64::from(tsc_khz),
-            base_ns: now
-                .saturating_sub(tsc_now.saturating_mul(1_000_000) / u64::from(tsc_khz.max(1))),
+            base_ns: now,
+            ref_tsc: vcpu::guest_tsc(&vcpus[0]).unwrap_or(0),
         };
 
         let spec = BootSpec {

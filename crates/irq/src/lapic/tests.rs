@@ -4,6 +4,7 @@ use proptest::prelude::*;
 const TSC: TscMap = TscMap {
     tsc_khz: 2_000_000,
     base_ns: 0,
+    ref_tsc: 0,
 };
 const T0: u64 = 1_000_000;
 const X2APIC_ON: u64 = 0xFEE0_0000 | APIC_BASE_EN | APIC_BASE_EXTD;
