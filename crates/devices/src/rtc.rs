@@ -21,7 +21,7 @@ const REG_B: u8 = 0x0B;
 const REG_C: u8 = 0x0C;
 const REG_D: u8 = 0x0D;
 /// Century register, as the FADT's CENTURY field must say.
-pub const REG_CENTURY: u8 = 0x32;
+pub const REG_CENTURY: u8 = dvmm_layout::RTC_CENTURY_INDEX;
 
 const REG_A_DEFAULT: u8 = 0x26;
 const REG_A_UIP: u8 = 0x80;

@@ -75,6 +75,8 @@ pub const I8042_DATA_PORT: u16 = 0x60;
 pub const I8042_CMD_PORT: u16 = 0x64;
 /// CMOS RTC index / data ports (0x70, 0x71).
 pub const RTC_PORT: u16 = 0x70;
+/// CMOS index of the RTC's century byte (the FADT's CENTURY field points here).
+pub const RTC_CENTURY_INDEX: u8 = 0x32;
 /// RTC interrupt line.
 pub const RTC_IRQ: u32 = 8;
 /// POST code port: writes are ignored (Linux uses it for I/O delays).

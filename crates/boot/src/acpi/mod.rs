@@ -6,7 +6,7 @@ pub mod aml;
 use dvmm_layout::{
     ACPI_TABLES_ADDR, ACPI_TABLES_END, COM1_IRQ, COM1_PORT, IOAPIC_ADDR, IOAPIC_ID, LAPIC_ADDR,
     MAX_VCPUS, PIT_GSI, PIT_IRQ, PM1A_CNT_PORT, PM1A_EVT_PORT, PM_TMR_PORT, PVPANIC_PORT,
-    RESET_PORT, RESET_VALUE, RTC_IRQ, RTC_PORT, S5_SLP_TYP, SCI_IRQ,
+    RESET_PORT, RESET_VALUE, RTC_CENTURY_INDEX, RTC_IRQ, RTC_PORT, S5_SLP_TYP, SCI_IRQ,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -169,7 +169,7 @@ fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
         .u8(0) // 105 DUTY_WIDTH
         .u8(0) // 106 DAY_ALRM
         .u8(0) // 107 MON_ALRM
-        .u8(0) // 108 CENTURY: not provided
+        .u8(RTC_CENTURY_INDEX) // 108 CENTURY: CMOS index of the century byte
         .u16(BOOT_ARCH_LEGACY_DEVICES | BOOT_ARCH_8042) // 109 IAPC_BOOT_ARCH
         .u8(0) // 111 reserved
         .u32(
