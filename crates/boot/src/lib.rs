@@ -17,6 +17,7 @@ pub mod cpu;
 pub mod e820;
 mod error;
 pub mod loader;
+pub mod payload;
 pub mod topology;
 
 pub use cpu::{CpuBootState, Segment, Table};

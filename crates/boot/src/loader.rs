@@ -3,7 +3,7 @@
 //! tables, and the boot vCPU's initial state.
 
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use dvmm_layout::{
@@ -17,14 +17,16 @@ use linux_loader::loader::elf::start_info::{
 };
 use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{BzImage, KernelLoader};
-use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{
+    ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, ReadVolatile,
+};
 
 use crate::cpu::{
     gdt_entry, segment_from_gdt_entry, CpuBootState, Segment, Table, CR0_CD, CR0_ET, CR0_MP,
     CR0_NE, CR0_NW, CR0_PE, CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_RESERVED,
 };
 use crate::e820::E820Entry;
-use crate::{acpi, e820, BootError, Topology};
+use crate::{acpi, e820, payload, BootError, Topology};
 
 /// `__BOOT_CS`: the code segment selector at entry.
 pub const BOOT_CS: u16 = 0x10;
@@ -84,6 +86,11 @@ pub struct BootSpec<'a> {
     pub cmdline: &'a str,
     /// The VM's shape (RAM size, vCPUs, NUMA nodes).
     pub topology: &'a Topology,
+    /// For a bzImage: unpack its compressed vmlinux here and enter that through its PVH
+    /// note, instead of running the kernel's own decompressor. For hosts that emulate
+    /// guest kernel code, where that decompressor takes tens of minutes. Falls back to
+    /// the normal 64-bit entry when the payload cannot be unpacked or has no PVH note.
+    pub extract_payload: bool,
 }
 
 /// Which entry protocol was used (for logging).
@@ -311,6 +318,27 @@ fn load_initramfs(
     Ok(RamRange { start, len: size })
 }
 
+/// Reads and unpacks the bzImage payload at `offset` (`len` bytes) of `file`.
+fn extracted_vmlinux(
+    file: &mut File,
+    offset: u64,
+    len: u64,
+    spec: &BootSpec,
+) -> Result<Vec<u8>, String> {
+    if len == 0 {
+        return Err("the setup header gives no payload (boot protocol < 2.08?)".into());
+    }
+    let mut packed = vec![0u8; len as usize];
+    file.seek(SeekFrom::Start(offset))
+        .and_then(|_| file.read_exact(&mut packed))
+        .map_err(|e| format!("cannot read the compressed kernel: {e}"))?;
+    let vmlinux = payload::decompress(&packed, low_ram_end(spec.topology))?;
+    if !vmlinux.starts_with(b"\x7FELF") {
+        return Err("the unpacked payload is not an ELF image".into());
+    }
+    Ok(vmlinux)
+}
+
 fn load_bzimage(
     mem: &GuestMemoryMmap,
     spec: &BootSpec,
@@ -366,6 +394,31 @@ fn load_bzimage(
         ));
     }
     let pm_size = file_len - setup_size;
+    if spec.extract_payload {
+        let (offset, len) = (hdr.payload_offset, hdr.payload_length);
+        match extracted_vmlinux(file, setup_size + u64::from(offset), u64::from(len), spec) {
+            Ok(vmlinux) => {
+                let vmlinux_len = vmlinux.len() as u64;
+                let head = vmlinux[..vmlinux.len().min(1024)].to_vec();
+                // linux-loader reads ELF segments from a file; hand it an unnamed one.
+                let mut unpacked = tempfile::tempfile()
+                    .and_then(|mut f| f.write_all(&vmlinux).map(|_| f))
+                    .map_err(|e| {
+                        BootError::GuestMemory(format!("cannot stage the unpacked kernel: {e}"))
+                    })?;
+                drop(vmlinux);
+                match load_pvh(mem, spec, &mut unpacked, vmlinux_len, &head) {
+                    Err(BootError::ElfWithoutPvh { .. }) => {
+                        tracing::info!(
+                            "the unpacked kernel has no PVH entry; using its decompressor"
+                        )
+                    }
+                    other => return other,
+                }
+            }
+            Err(why) => tracing::info!("not unpacking the kernel in dvmm: {why}"),
+        }
+    }
     let need = pm_size.max(u64::from(hdr.init_size));
     let low_end = low_ram_end(spec.topology);
     let available = low_end - KERNEL_LOAD_ADDR;
@@ -496,9 +549,9 @@ fn le_u64(b: &[u8], o: usize) -> u64 {
 
 /// Reads and checks the ELF header and PT_LOAD segments before anything is written, so
 /// that a bad image cannot overwrite boot data or run past RAM.
-fn check_elf(
+fn check_elf<R: Read + Seek>(
     path: &Path,
-    file: &mut File,
+    file: &mut R,
     file_len: u64,
     head: &[u8],
     low_end: u64,
@@ -565,7 +618,7 @@ fn check_elf(
 }
 
 /// Zeroes the BSS part of each PT_LOAD segment (linux-loader copies only file bytes).
-fn zero_bss(mem: &GuestMemoryMmap, file: &mut File) -> Result<(), BootError> {
+fn zero_bss<R: Read + Seek>(mem: &GuestMemoryMmap, file: &mut R) -> Result<(), BootError> {
     let mut ehdr = [0u8; ELF64_EHDR_LEN];
     let io = |e: std::io::Error| BootError::GuestMemory(format!("cannot zero kernel BSS: {e}"));
     file.seek(SeekFrom::Start(0)).map_err(io)?;
@@ -591,10 +644,10 @@ fn zero_bss(mem: &GuestMemoryMmap, file: &mut File) -> Result<(), BootError> {
     Ok(())
 }
 
-fn load_pvh(
+fn load_pvh<R: Read + Seek + ReadVolatile>(
     mem: &GuestMemoryMmap,
     spec: &BootSpec,
-    file: &mut File,
+    file: &mut R,
     file_len: u64,
     head: &[u8],
 ) -> Result<Loaded, BootError> {
@@ -764,6 +817,7 @@ mod tests {
         load(
             mem,
             &BootSpec {
+                extract_payload: false,
                 kernel,
                 initramfs,
                 cmdline,

@@ -104,6 +104,7 @@ fn boot(kernel: &Path) -> (GuestMemoryMmap, dvmm_boot::Loaded) {
     let l = load(
         &mem,
         &BootSpec {
+            extract_payload: false,
             kernel,
             initramfs: None,
             cmdline: "console=ttyS0",

@@ -192,6 +192,14 @@ fn run_loop(
     loop {
         handle.kicker.clear();
         if env.control.stopping() {
+            if let Ok(r) = vcpu.get_regs() {
+                tracing::debug!(
+                    vcpu = handle.index,
+                    rip = format_args!("{:#x}", r.rip),
+                    ?mode,
+                    "vCPU stopped"
+                );
+            }
             return Ok(());
         }
         if mode == Mode::WaitForSipi {

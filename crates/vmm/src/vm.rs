@@ -239,6 +239,8 @@ impl Vm {
             initramfs: cfg.initramfs.as_deref(),
             cmdline: &cfg.cmdline,
             topology: &topology,
+            // The kernel's own decompressor would run emulated here: unpack it natively.
+            extract_payload: host.emulates_guest_kernel(),
         };
         let loaded = dvmm_boot::loader::load(ram.memory(), &spec)?;
         tracing::info!(

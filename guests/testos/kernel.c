@@ -1,0 +1,1347 @@
+/*
+ * testos: a small SMP bare-metal guest that checks what a VMM with a userspace
+ * LAPIC/IOAPIC must get right. See README.md for what it checks and its output.
+ *
+ * All of this runs at CPL0, which our hosts execute in KVM's instruction emulator
+ * (~600 ns per instruction, every port/MMIO access a VM exit): keep it short, use
+ * only plain integer instructions, bound every wait, and pause in spin loops.
+ */
+#include "testos.h"
+#include <stdarg.h>
+
+/* The guest machine map; mirrors crates/layout/src/lib.rs (dvmm-layout). */
+#define LAPIC_ADDR 0xFEE00000UL
+#define COM1_PORT 0x3F8
+#define COM1_IRQ 4
+#define PVPANIC_PORT 0x505
+#define I8042_CMD_PORT 0x64
+#define PIC_MASTER_DATA 0x21
+#define PIC_SLAVE_DATA 0xA1
+#define CPUID_TIMING_LEAF 0x40000010u
+#define PM_TIMER_HZ 3579545ULL
+#define KERNEL_LOAD_ADDR 0x100000UL
+
+/* Our memory map (see README.md). */
+#define USER_IMAGE_ADDR 0x200000UL
+#define DYN_START 0x400000UL
+#define LARGE_PAGE 0x200000UL
+#define KSTACK_SIZE 16384UL
+#define IST_SIZE 4096UL
+#define KBLOCK_SIZE (KSTACK_SIZE + 2 * IST_SIZE)
+#define USTACK_SIZE 16384UL
+#define UBITMAP_SIZE (128UL * 1024)
+#define UBLOCK_SIZE (USTACK_SIZE + UBITMAP_SIZE)
+
+/* Vectors we use. */
+#define VEC_NMI 2
+#define VEC_FIXED 0x40
+#define VEC_BCAST 0x41
+#define VEC_SELF 0x42
+#define VEC_TIMER 0x50
+#define VEC_UART 0x60
+#define VEC_SPURIOUS 0xFF
+#define VEC_UD 6
+
+/* LAPIC registers (xAPIC MMIO offsets; x2APIC MSR = 0x800 + offset / 16). */
+#define APIC_ID 0x20
+#define APIC_TPR 0x80
+#define APIC_EOI 0xB0
+#define APIC_SVR 0xF0
+#define APIC_ICR_LO 0x300
+#define APIC_ICR_HI 0x310
+#define APIC_LVT_TIMER 0x320
+#define APIC_LVT_LINT0 0x350
+#define APIC_LVT_LINT1 0x360
+#define APIC_LVT_ERROR 0x370
+#define APIC_TIMER_ICR 0x380
+#define APIC_TIMER_CCR 0x390
+#define APIC_TIMER_DCR 0x3E0
+#define LVT_MASKED 0x10000u
+#define LVT_PERIODIC (1u << 17)
+#define LVT_TSC_DEADLINE (2u << 17)
+#define ICR_FIXED 0x000u
+#define ICR_NMI 0x400u
+#define ICR_INIT 0x500u
+#define ICR_STARTUP 0x600u
+#define ICR_BUSY 0x1000u
+#define ICR_ASSERT 0x4000u
+#define ICR_SELF 0x40000u
+#define ICR_ALL_BUT_SELF 0xC0000u
+
+#define MSR_APIC_BASE 0x1B
+#define MSR_TSC_DEADLINE 0x6E0
+#define MSR_EFER 0xC0000080
+#define MSR_STAR 0xC0000081
+#define MSR_LSTAR 0xC0000082
+#define MSR_FMASK 0xC0000084
+#define MSR_GS_BASE 0xC0000101
+
+#define WATCHDOG_MS 120000ULL
+#define BARRIER_TIMEOUT_MS 30000ULL
+#define IRQ_TIMEOUT_MS 2000ULL
+#define AP_TIMEOUT_MS 5000ULL
+
+#define SIEVE_LIMIT 2000000ULL
+#define SIEVE_PRIMES 148933ULL
+#define USER_MIN_MS 50ULL
+
+struct tss {
+    uint32_t reserved0;
+    uint64_t rsp0, rsp1, rsp2;
+    uint64_t reserved1;
+    uint64_t ist[7];
+    uint64_t reserved2;
+    uint16_t reserved3;
+    uint16_t iomap_base;
+} __attribute__((packed));
+
+struct percpu {
+    struct percpu *self; /* PERCPU_SELF: gs:0 */
+    uint64_t ksp;        /* PERCPU_KSP: kernel rsp saved by enter_user */
+    struct tss *tss;     /* PERCPU_TSS */
+    uint32_t index;
+    uint32_t apic_id;
+    uint64_t kblock;
+    uint64_t ublock;
+    volatile uint32_t fixed_cnt, bcast_cnt, self_cnt, nmi_cnt, uart_cnt, spurious_cnt;
+    volatile uint32_t timer_cnt, timer_user_cnt, uart_iir;
+    volatile uint64_t timer_first_tsc;
+};
+
+_Static_assert(__builtin_offsetof(struct percpu, ksp) == PERCPU_KSP, "PERCPU_KSP");
+_Static_assert(__builtin_offsetof(struct percpu, tss) == PERCPU_TSS, "PERCPU_TSS");
+_Static_assert(sizeof(struct tss) == 104, "tss size");
+
+struct frame {
+    uint64_t r15, r14, r13, r12, r11, r10, r9, r8, rdi, rsi, rbp, rbx, rdx, rcx, rax;
+    uint64_t vec, err, rip, cs, rflags, rsp, ss;
+};
+
+struct idt_entry {
+    uint16_t off_lo, sel;
+    uint8_t ist, type;
+    uint16_t off_mid;
+    uint32_t off_hi, zero;
+} __attribute__((packed));
+
+struct hvm_start_info {
+    uint32_t magic, version, flags, nr_modules;
+    uint64_t modlist_paddr, cmdline_paddr, rsdp_paddr, memmap_paddr;
+    uint32_t memmap_entries, reserved;
+};
+
+struct hvm_memmap_entry {
+    uint64_t addr, size;
+    uint32_t type, reserved;
+};
+
+/* From boot.S and the linker script. */
+extern char __bss_start[], __bss_end[], _kernel_end[], _user_start[], _user_end[];
+extern char trampoline_start[], trampoline_end[], isr_stubs[];
+extern uint64_t pvh_start_info, ap_stack_top, ap_cpu_index;
+extern uint64_t pd_tables[], pml4[], gdt[];
+uint64_t enter_user(uint64_t rip, uint64_t rsp, uint64_t arg);
+void syscall_entry(void);
+void kmain(void);
+void ap_main(uint32_t index);
+void isr_dispatch(struct frame *f);
+
+static struct percpu cpus[MAX_CPUS];
+static struct tss tss[MAX_CPUS];
+static struct idt_entry idt[256];
+static uint32_t ncpus, bsp_index;
+static int use_x2apic, have_x2apic, have_tsc_deadline, fail_requested, use_ud2;
+static uint64_t tsc_khz, lapic_khz, watchdog_tsc;
+static const char *timing_source = "none";
+static uint16_t pm1a_cnt_port, pm_tmr_port;
+static uint32_t pm_tmr_mask = 0xFFFFFF;
+static int s5_slp_typ = -1;
+static uint64_t ioapic_base;
+static uint32_t ioapic_pins, uart_gsi = COM1_IRQ, uart_redir_flags;
+static char cmdline[256];
+static volatile uint32_t ap_arrived, failed, con_lock, bar_count, bar_gen, uart_total;
+static volatile uint32_t uart_last_cpu;
+
+/* ------------------------------------------------------------------------- */
+/* CPU primitives                                                             */
+
+static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
+static inline void outw(uint16_t port, uint16_t v) { __asm__ volatile("outw %0, %1" ::"a"(v), "Nd"(port)); }
+static inline uint8_t inb(uint16_t port)
+{
+    uint8_t v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+static inline uint32_t inl(uint16_t port)
+{
+    uint32_t v;
+    __asm__ volatile("inl %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+static inline uint64_t rdmsr(uint32_t msr)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+    return ((uint64_t)hi << 32) | lo;
+}
+static inline void wrmsr(uint32_t msr, uint64_t v)
+{
+    __asm__ volatile("wrmsr" ::"c"(msr), "a"((uint32_t)v), "d"((uint32_t)(v >> 32)) : "memory");
+}
+static inline uint64_t rdtsc(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+static inline void cpuid(uint32_t leaf, uint32_t *a, uint32_t *b, uint32_t *c, uint32_t *d)
+{
+    __asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(0));
+}
+static inline void pause(void) { __asm__ volatile("pause" ::: "memory"); }
+static inline void cli(void) { __asm__ volatile("cli" ::: "memory"); }
+static inline void sti(void) { __asm__ volatile("sti" ::: "memory"); }
+static inline uint64_t save_cli(void)
+{
+    uint64_t fl;
+    __asm__ volatile("pushfq; popq %0; cli" : "=r"(fl)::"memory");
+    return fl;
+}
+static inline void restore_if(uint64_t fl)
+{
+    if (fl & 0x200)
+        sti();
+}
+static inline struct percpu *this_cpu(void)
+{
+    struct percpu *c;
+    __asm__ volatile("movq %%gs:0, %0" : "=r"(c));
+    return c;
+}
+static __attribute__((noreturn)) void halt_forever(void)
+{
+    for (;;)
+        __asm__ volatile("cli; hlt" ::: "memory");
+}
+static inline uint32_t rd32(const uint8_t *p)
+{
+    uint32_t v;
+    __builtin_memcpy(&v, p, 4);
+    return v;
+}
+static inline uint64_t rd64(const uint8_t *p)
+{
+    uint64_t v;
+    __builtin_memcpy(&v, p, 8);
+    return v;
+}
+
+/* GCC may emit calls to these even in freestanding code. */
+void *memset(void *d, int c, size_t n)
+{
+    unsigned char *p = d;
+    while (n--) {
+        __asm__ volatile("" ::: "memory");
+        *p++ = (unsigned char)c;
+    }
+    return d;
+}
+void *memcpy(void *d, const void *s, size_t n)
+{
+    unsigned char *p = d;
+    const unsigned char *q = s;
+    while (n--) {
+        __asm__ volatile("" ::: "memory");
+        *p++ = *q++;
+    }
+    return d;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Formatting and console                                                     */
+
+struct buf {
+    char *p;
+    size_t cap, len;
+};
+
+static void bputc(struct buf *b, char ch)
+{
+    if (b->len + 1 < b->cap)
+        b->p[b->len++] = ch;
+}
+static void bputs(struct buf *b, const char *s)
+{
+    while (*s)
+        bputc(b, *s++);
+}
+static void bnum(struct buf *b, uint64_t v, unsigned base, int width, char pad, int neg)
+{
+    char tmp[24];
+    int n = 0;
+    do {
+        tmp[n++] = "0123456789abcdef"[v % base];
+        v /= base;
+    } while (v);
+    if (neg)
+        tmp[n++] = '-';
+    while (width-- > n)
+        bputc(b, pad);
+    while (n)
+        bputc(b, tmp[--n]);
+}
+
+/* printf subset: %s %c %d %u %x with optional 0, width and l/ll. */
+static void vfmt(struct buf *b, const char *fmt, va_list ap)
+{
+    for (; *fmt; fmt++) {
+        if (*fmt != '%') {
+            bputc(b, *fmt);
+            continue;
+        }
+        fmt++;
+        char pad = ' ';
+        int width = 0, lng = 0;
+        if (*fmt == '0') {
+            pad = '0';
+            fmt++;
+        }
+        while (*fmt >= '0' && *fmt <= '9')
+            width = width * 10 + (*fmt++ - '0');
+        while (*fmt == 'l') {
+            lng++;
+            fmt++;
+        }
+        if (*fmt == 'd') {
+            int64_t v = lng ? va_arg(ap, int64_t) : va_arg(ap, int);
+            bnum(b, v < 0 ? -(uint64_t)v : (uint64_t)v, 10, width, pad, v < 0);
+        } else if (*fmt == 'u' || *fmt == 'x') {
+            uint64_t v = lng ? va_arg(ap, uint64_t) : va_arg(ap, unsigned);
+            bnum(b, v, *fmt == 'u' ? 10 : 16, width, pad, 0);
+        } else if (*fmt == 's') {
+            const char *s = va_arg(ap, const char *);
+            bputs(b, s ? s : "(null)");
+        } else if (*fmt == 'c') {
+            bputc(b, (char)va_arg(ap, int));
+        } else if (*fmt == 0) {
+            break;
+        } else {
+            bputc(b, *fmt);
+        }
+    }
+    b->p[b->len] = 0;
+}
+
+static void serial_putc(char ch)
+{
+    /* Bounded wait for THR empty (LSR bit 5); write anyway after that. */
+    for (int i = 0; i < 100000 && !(inb(COM1_PORT + 5) & 0x20); i++)
+        pause();
+    outb(COM1_PORT, (uint8_t)ch);
+}
+
+static void serial_write(const char *s, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        serial_putc(s[i]);
+}
+
+static __attribute__((noreturn)) void vfail(const char *fmt, va_list ap);
+static __attribute__((noreturn)) void fail(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vfail(fmt, ap);
+}
+
+/* Halts quietly when another CPU has failed; fails on the global watchdog. */
+static void check_failed(void)
+{
+    if (failed)
+        halt_forever();
+    if (tsc_khz && rdtsc() > watchdog_tsc)
+        fail("watchdog: the run did not finish within %u s", (unsigned)(WATCHDOG_MS / 1000));
+}
+
+static void con_acquire(void)
+{
+    while (__atomic_exchange_n(&con_lock, 1, __ATOMIC_ACQUIRE)) {
+        if (failed)
+            halt_forever();
+        pause();
+    }
+}
+static void con_release(void) { __atomic_store_n(&con_lock, 0, __ATOMIC_RELEASE); }
+
+#define LINE_MAX 1200
+
+/* Prints "testos: <formatted>\n" as one line that never interleaves with others. */
+static void say(const char *fmt, ...)
+{
+    char line[LINE_MAX];
+    struct buf b = {line, sizeof line, 0};
+    va_list ap;
+    bputs(&b, "testos: ");
+    va_start(ap, fmt);
+    vfmt(&b, fmt, ap);
+    va_end(ap);
+    bputc(&b, '\n');
+    uint64_t fl = save_cli();
+    con_acquire();
+    serial_write(line, b.len);
+    con_release();
+    restore_if(fl);
+}
+
+static void vfail(const char *fmt, va_list ap)
+{
+    cli();
+    if (__atomic_exchange_n(&failed, 1, __ATOMIC_SEQ_CST))
+        halt_forever();
+    char line[LINE_MAX];
+    struct buf b = {line, sizeof line, 0};
+    struct percpu *c = this_cpu();
+    bputs(&b, "testos: FAIL cpu ");
+    bnum(&b, c ? c->index : 0, 10, 0, ' ', 0);
+    bputs(&b, ": ");
+    vfmt(&b, fmt, ap);
+    bputc(&b, '\n');
+    /* The console lock holder may be the one that died: wait a bounded time. */
+    for (int i = 0; i < 2000000 && __atomic_exchange_n(&con_lock, 1, __ATOMIC_ACQUIRE); i++)
+        pause();
+    serial_write(line, b.len);
+    outb(PVPANIC_PORT, 1);
+    outb(I8042_CMD_PORT, 0xFE);
+    halt_forever();
+}
+
+/* ------------------------------------------------------------------------- */
+/* Time                                                                       */
+
+static uint64_t ms_to_tsc(uint64_t ms) { return ms * tsc_khz; }
+static uint64_t tsc_to_us(uint64_t t) { return tsc_khz ? t * 1000 / tsc_khz : 0; }
+
+static void delay_us(uint64_t us)
+{
+    uint64_t end = rdtsc() + us * tsc_khz / 1000;
+    while (rdtsc() < end) {
+        check_failed();
+        pause();
+    }
+}
+
+/* Spins (with pause) until cond holds or ms milliseconds pass; yields cond. */
+#define WAIT_UNTIL(cond, ms)                                                                       \
+    ({                                                                                             \
+        uint64_t end_ = rdtsc() + ms_to_tsc(ms);                                                   \
+        int ok_;                                                                                   \
+        for (;;) {                                                                                 \
+            if (cond) {                                                                            \
+                ok_ = 1;                                                                           \
+                break;                                                                             \
+            }                                                                                      \
+            if (rdtsc() > end_) {                                                                  \
+                ok_ = 0;                                                                           \
+                break;                                                                             \
+            }                                                                                      \
+            check_failed();                                                                        \
+            pause();                                                                               \
+        }                                                                                          \
+        ok_;                                                                                       \
+    })
+
+/* All CPUs meet here; fails if some CPU does not arrive in time. */
+static void barrier(const char *name)
+{
+    uint32_t gen = __atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&bar_count, 1, __ATOMIC_ACQ_REL) == ncpus) {
+        __atomic_store_n(&bar_count, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&bar_gen, gen + 1, __ATOMIC_RELEASE);
+        return;
+    }
+    if (!WAIT_UNTIL(__atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE) != gen, BARRIER_TIMEOUT_MS))
+        fail("barrier '%s': only %u of %u cpus arrived within %u s", name, bar_count, ncpus,
+             (unsigned)(BARRIER_TIMEOUT_MS / 1000));
+}
+
+/* ------------------------------------------------------------------------- */
+/* Local APIC and IOAPIC                                                      */
+
+static uint32_t apic_read(uint32_t reg)
+{
+    if (use_x2apic)
+        return (uint32_t)rdmsr(0x800 + (reg >> 4));
+    return *(volatile uint32_t *)(LAPIC_ADDR + reg);
+}
+static void apic_write(uint32_t reg, uint32_t v)
+{
+    if (use_x2apic)
+        wrmsr(0x800 + (reg >> 4), v);
+    else
+        *(volatile uint32_t *)(LAPIC_ADDR + reg) = v;
+}
+static uint32_t apic_id(void)
+{
+    uint32_t v = apic_read(APIC_ID);
+    return use_x2apic ? v : v >> 24;
+}
+static void apic_eoi(void) { apic_write(APIC_EOI, 0); }
+
+/* Sends an IPI; icr is the low ICR word (vector, delivery mode, shorthand). */
+static void apic_send(uint32_t dest, uint32_t icr)
+{
+    uint64_t fl = save_cli();
+    if (use_x2apic) {
+        wrmsr(0x830, ((uint64_t)dest << 32) | icr);
+    } else {
+        for (int i = 0; i < 100000 && (apic_read(APIC_ICR_LO) & ICR_BUSY); i++)
+            pause();
+        apic_write(APIC_ICR_HI, dest << 24);
+        apic_write(APIC_ICR_LO, icr);
+        for (int i = 0; i < 100000 && (apic_read(APIC_ICR_LO) & ICR_BUSY); i++)
+            pause();
+    }
+    restore_if(fl);
+}
+
+static void lapic_init(void)
+{
+    uint64_t base = rdmsr(MSR_APIC_BASE);
+    const uint64_t en = 1 << 11, extd = 1 << 10;
+    if (use_x2apic) {
+        if (!(base & extd)) {
+            if (!(base & en))
+                wrmsr(MSR_APIC_BASE, base | en);
+            wrmsr(MSR_APIC_BASE, base | en | extd);
+        }
+    } else {
+        if (base & extd) {
+            base &= ~(en | extd);
+            wrmsr(MSR_APIC_BASE, base); /* x2APIC -> xAPIC must pass through disabled */
+        }
+        if (!(base & en))
+            wrmsr(MSR_APIC_BASE, base | en);
+        if ((base & ~0xFFFULL & 0xFFFFFFFFFFULL) != LAPIC_ADDR)
+            fail("IA32_APIC_BASE is 0x%lx, expected the LAPIC at 0x%lx", base, LAPIC_ADDR);
+    }
+    apic_write(APIC_SVR, 0x100 | VEC_SPURIOUS);
+    apic_write(APIC_TPR, 0);
+    apic_write(APIC_LVT_LINT0, LVT_MASKED);
+    apic_write(APIC_LVT_LINT1, LVT_MASKED);
+    apic_write(APIC_LVT_ERROR, LVT_MASKED);
+    apic_write(APIC_LVT_TIMER, LVT_MASKED | VEC_TIMER);
+    apic_write(APIC_TIMER_ICR, 0);
+}
+
+static uint32_t ioapic_read(uint32_t reg)
+{
+    *(volatile uint32_t *)ioapic_base = reg;
+    return *(volatile uint32_t *)(ioapic_base + 0x10);
+}
+static void ioapic_write(uint32_t reg, uint32_t v)
+{
+    *(volatile uint32_t *)ioapic_base = reg;
+    *(volatile uint32_t *)(ioapic_base + 0x10) = v;
+}
+static void ioapic_route(uint32_t pin, uint32_t low, uint32_t dest)
+{
+    ioapic_write(0x10 + 2 * pin, LVT_MASKED); /* mask while changing the entry */
+    ioapic_write(0x11 + 2 * pin, dest << 24);
+    ioapic_write(0x10 + 2 * pin, low);
+}
+
+static void ioapic_init(void)
+{
+    if (!ioapic_base)
+        fail("acpi: the MADT lists no IOAPIC");
+    ioapic_pins = ((ioapic_read(1) >> 16) & 0xFF) + 1;
+    if (uart_gsi >= ioapic_pins)
+        fail("ioapic: COM1 is on GSI %u but the IOAPIC has only %u pins", uart_gsi, ioapic_pins);
+    for (uint32_t pin = 0; pin < ioapic_pins; pin++)
+        ioapic_write(0x10 + 2 * pin, LVT_MASKED);
+}
+
+/* ------------------------------------------------------------------------- */
+/* Boot information: PVH start_info, command line, ACPI                       */
+
+static int cmdline_has(const char *word)
+{
+    for (const char *p = cmdline; *p;) {
+        while (*p == ' ')
+            p++;
+        const char *w = word;
+        const char *q = p;
+        while (*w && *q == *w)
+            q++, w++;
+        if (!*w && (*q == ' ' || *q == 0))
+            return 1;
+        while (*p && *p != ' ')
+            p++;
+    }
+    return 0;
+}
+
+static int checksum_ok(const uint8_t *p, uint32_t len)
+{
+    uint8_t sum = 0;
+    for (uint32_t i = 0; i < len; i++)
+        sum += p[i];
+    return sum == 0;
+}
+
+static int sig_is(const uint8_t *p, const char *sig, int n)
+{
+    for (int i = 0; i < n; i++)
+        if (p[i] != (uint8_t)sig[i])
+            return 0;
+    return 1;
+}
+
+static const uint8_t *scan_rsdp(uint64_t start, uint64_t len)
+{
+    for (uint64_t a = start; a + 20 <= start + len; a += 16) {
+        const uint8_t *p = (const uint8_t *)a;
+        if (sig_is(p, "RSD PTR ", 8) && checksum_ok(p, 20))
+            return p;
+    }
+    return 0;
+}
+
+/* Validates an ACPI table header at phys; fails with a clear message if broken. */
+static const uint8_t *acpi_table(uint64_t phys, const char *what)
+{
+    if (!phys || phys >= 0x100000000ULL)
+        fail("acpi: %s at 0x%lx is outside the identity-mapped 4 GiB", what, phys);
+    const uint8_t *t = (const uint8_t *)phys;
+    uint32_t len = rd32(t + 4);
+    if (len < 36 || len > 0x100000)
+        fail("acpi: %s at 0x%lx has a bad length %u", what, phys, len);
+    if (!checksum_ok(t, len))
+        fail("acpi: %s at 0x%lx has a bad checksum", what, phys);
+    return t;
+}
+
+static void parse_madt(const uint8_t *t)
+{
+    uint32_t len = rd32(t + 4);
+    for (uint32_t off = 44; off + 2 <= len;) {
+        const uint8_t *e = t + off;
+        uint8_t type = e[0], elen = e[1];
+        if (elen < 2 || off + elen > len)
+            fail("acpi: MADT entry at offset %u has a bad length %u", off, elen);
+        uint32_t id = 0, flags = 0;
+        int cpu = 0;
+        if (type == 0 && elen >= 8) {
+            id = e[3];
+            flags = rd32(e + 4);
+            cpu = 1;
+        } else if (type == 9 && elen >= 16) {
+            id = rd32(e + 4);
+            flags = rd32(e + 8);
+            cpu = 1;
+        } else if (type == 1 && elen >= 12 && !ioapic_base) {
+            ioapic_base = rd32(e + 4);
+        } else if (type == 2 && elen >= 10 && e[3] == COM1_IRQ) {
+            uint16_t f = (uint16_t)(e[8] | (e[9] << 8));
+            uart_gsi = rd32(e + 4);
+            uart_redir_flags = 0;
+            if ((f & 3) == 3)
+                uart_redir_flags |= 1u << 13; /* active low */
+            if (((f >> 2) & 3) == 3)
+                uart_redir_flags |= 1u << 15; /* level */
+        }
+        if (cpu && (flags & 1)) {
+            if (ncpus >= MAX_CPUS)
+                fail("acpi: the MADT lists more than %u enabled cpus", MAX_CPUS);
+            cpus[ncpus].apic_id = id;
+            cpus[ncpus].index = ncpus;
+            ncpus++;
+        }
+        off += elen;
+    }
+    if (!ncpus)
+        fail("acpi: the MADT lists no enabled cpu");
+}
+
+/* Finds Name(_S5_, Package(){a, ...}) in the DSDT and decodes a (SLP_TYPa). */
+static void parse_s5(const uint8_t *t)
+{
+    uint32_t len = rd32(t + 4);
+    for (uint32_t i = 36; i + 8 < len; i++) {
+        if (!sig_is(t + i, "_S5_", 4))
+            continue;
+        const uint8_t *p = t + i + 4;
+        if (p[0] != 0x12) /* PackageOp */
+            continue;
+        uint32_t pkglen_bytes = (p[1] >> 6) + 1;
+        if (i + 4 + 1 + pkglen_bytes + 3 > len)
+            break;
+        const uint8_t *el = p + 1 + pkglen_bytes + 1; /* skip NumElements */
+        if (el[0] == 0x0A || el[0] == 0x0B) /* BytePrefix, WordPrefix */
+            s5_slp_typ = el[1] & 7;
+        else if (el[0] == 0x00 || el[0] == 0x01) /* ZeroOp, OneOp */
+            s5_slp_typ = el[0];
+        else
+            fail("acpi: cannot decode the _S5_ package in the DSDT (element byte 0x%x)", el[0]);
+        return;
+    }
+    fail("acpi: the DSDT has no _S5_ object; cannot power off");
+}
+
+static void parse_fadt(const uint8_t *t)
+{
+    uint32_t len = rd32(t + 4);
+    uint64_t dsdt = rd32(t + 40);
+    if (len >= 148 && rd64(t + 140))
+        dsdt = rd64(t + 140);
+    pm1a_cnt_port = (uint16_t)rd32(t + 64);
+    if (!pm1a_cnt_port && len >= 184 && t[172] == 1)
+        pm1a_cnt_port = (uint16_t)rd64(t + 176);
+    pm_tmr_port = (uint16_t)rd32(t + 76);
+    if (!pm_tmr_port && len >= 220 && t[208] == 1)
+        pm_tmr_port = (uint16_t)rd64(t + 212);
+    if (len >= 116 && (rd32(t + 112) & (1u << 8)))
+        pm_tmr_mask = 0xFFFFFFFF;
+    if (!pm1a_cnt_port)
+        fail("acpi: the FADT has no PM1a_CNT_BLK; cannot power off");
+    parse_s5(acpi_table(dsdt, "DSDT"));
+}
+
+static void parse_acpi(const struct hvm_start_info *si)
+{
+    const uint8_t *rsdp = 0;
+    if (si->rsdp_paddr && si->rsdp_paddr < 0x100000000ULL)
+        rsdp = (const uint8_t *)si->rsdp_paddr;
+    if (!rsdp) {
+        const volatile uint16_t *bda_ebda;
+        __asm__("" : "=r"(bda_ebda) : "0"(0x40EUL)); /* a plain address, not an object */
+        uint64_t ebda = (uint64_t)*bda_ebda << 4;
+        if (ebda >= 0x80000 && ebda < 0xA0000)
+            rsdp = scan_rsdp(ebda, 1024);
+    }
+    if (!rsdp)
+        rsdp = scan_rsdp(0xE0000, 0x20000);
+    if (!rsdp)
+        fail("acpi: no RSDP (start_info.rsdp_paddr is 0 and none in 0xE0000-0xFFFFF)");
+    if (!sig_is(rsdp, "RSD PTR ", 8) || !checksum_ok(rsdp, 20))
+        fail("acpi: the RSDP at 0x%lx is invalid", (uint64_t)rsdp);
+    uint64_t root;
+    int wide = rsdp[15] >= 2 && rd64(rsdp + 24);
+    if (wide) {
+        if (!checksum_ok(rsdp, rd32(rsdp + 20)))
+            fail("acpi: the RSDP extended checksum is bad");
+        root = rd64(rsdp + 24);
+    } else {
+        root = rd32(rsdp + 16);
+    }
+    const uint8_t *r = acpi_table(root, wide ? "XSDT" : "RSDT");
+    if (!sig_is(r, wide ? "XSDT" : "RSDT", 4))
+        fail("acpi: the root table at 0x%lx has a bad signature", root);
+    uint32_t step = wide ? 8 : 4, n = (rd32(r + 4) - 36) / step;
+    const uint8_t *madt = 0, *fadt = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t a = wide ? rd64(r + 36 + 8 * i) : rd32(r + 36 + 4 * i);
+        const uint8_t *t = acpi_table(a, "a table listed in the root table");
+        if (sig_is(t, "APIC", 4))
+            madt = t;
+        else if (sig_is(t, "FACP", 4))
+            fadt = t;
+    }
+    if (!madt)
+        fail("acpi: no MADT (APIC) table");
+    if (!fadt)
+        fail("acpi: no FADT (FACP) table");
+    parse_madt(madt);
+    parse_fadt(fadt);
+}
+
+/* Checks that [start, end) is usable RAM in the PVH memory map. */
+static int ram_ok(const struct hvm_start_info *si, uint64_t start, uint64_t end)
+{
+    if (si->version < 1 || !si->memmap_paddr || !si->memmap_entries)
+        return end <= (16ULL << 20); /* no map: trust the minimum RAM size only */
+    const struct hvm_memmap_entry *m = (const struct hvm_memmap_entry *)si->memmap_paddr;
+    for (uint32_t i = 0; i < si->memmap_entries; i++)
+        if (m[i].type == 1 && m[i].addr <= start && m[i].addr + m[i].size >= end)
+            return 1;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------- */
+/* Per-CPU setup                                                              */
+
+static void setup_idt(void)
+{
+    for (int v = 0; v < 256; v++) {
+        uint64_t h = (uint64_t)isr_stubs + 16 * (uint64_t)v;
+        idt[v].off_lo = (uint16_t)h;
+        idt[v].sel = SEL_KCODE64;
+        idt[v].ist = v == VEC_NMI ? 1 : v == 8 ? 2 : 0;
+        idt[v].type = 0x8E;
+        idt[v].off_mid = (uint16_t)(h >> 16);
+        idt[v].off_hi = (uint32_t)(h >> 32);
+        idt[v].zero = 0;
+    }
+}
+
+static void load_idt(void)
+{
+    struct {
+        uint16_t limit;
+        uint64_t base;
+    } __attribute__((packed)) p = {sizeof idt - 1, (uint64_t)idt};
+    __asm__ volatile("lidt %0" ::"m"(p));
+}
+
+static void set_gs(struct percpu *c)
+{
+    c->self = c;
+    wrmsr(MSR_GS_BASE, (uint64_t)c);
+}
+
+static void cpu_init(uint32_t idx)
+{
+    struct percpu *c = &cpus[idx];
+    struct tss *t = &tss[idx];
+    c->index = idx;
+    c->tss = t;
+    set_gs(c);
+    load_idt();
+    t->rsp0 = c->kblock + KSTACK_SIZE;
+    t->ist[0] = c->kblock + KSTACK_SIZE + IST_SIZE;     /* NMI */
+    t->ist[1] = c->kblock + KSTACK_SIZE + 2 * IST_SIZE; /* #DF */
+    t->iomap_base = sizeof(struct tss);
+    uint64_t base = (uint64_t)t, limit = sizeof(struct tss) - 1;
+    uint64_t *d = &gdt[SEL_TSS0 / 8 + 2 * idx];
+    d[0] = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (0x89ULL << 40) |
+           (((limit >> 16) & 0xF) << 48) | (((base >> 24) & 0xFF) << 56);
+    d[1] = base >> 32;
+    __asm__ volatile("ltr %0" ::"r"((uint16_t)(SEL_TSS0 + 16 * idx)));
+    wrmsr(MSR_EFER, rdmsr(MSR_EFER) | 1); /* SCE */
+    wrmsr(MSR_STAR, (0x18ULL << 48) | ((uint64_t)SEL_KCODE64 << 32));
+    wrmsr(MSR_LSTAR, (uint64_t)syscall_entry);
+    wrmsr(MSR_FMASK, 0x47700); /* TF DF IF IOPL NT AC */
+    lapic_init();
+}
+
+/* ------------------------------------------------------------------------- */
+/* Interrupts                                                                 */
+
+static const char *const exc_names[32] = {
+    "#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM", "#DF", "#MF(9)", "#TS",
+    "#NP", "#SS", "#GP", "#PF", "(15)", "#MF", "#AC", "#MC", "#XM", "#VE", "#CP",
+};
+
+void isr_dispatch(struct frame *f)
+{
+    struct percpu *c = this_cpu();
+    uint64_t v = f->vec;
+    if (v == VEC_NMI) {
+        c->nmi_cnt++;
+        return;
+    }
+    if (v < 32) {
+        uint64_t cr2;
+        __asm__ volatile("movq %%cr2, %0" : "=r"(cr2));
+        if (v == VEC_UD && use_ud2 && (f->cs & 3) && f->rip == (uint64_t)user_exit_ud2) {
+            /* testos.ud2: the user's way back; drop this frame, return from enter_user. */
+            __asm__ volatile("movq %0, %%rdi; jmp syscall_entry" ::"r"(f->rdi) : "rdi");
+            __builtin_unreachable();
+        }
+        if (f->rip == (uint64_t)syscall_entry && (f->cs & 3))
+            fail("user: syscall did not enter cpl0: exception %u at LSTAR with cs=0x%lx (the "
+                 "host's SYSCALL handling is broken; boot with testos.ud2 to return from "
+                 "cpl3 through a #UD instead)",
+                 (unsigned)v, f->cs);
+        fail("exception %u %s error=0x%lx rip=0x%lx cs=0x%lx rsp=0x%lx cr2=0x%lx", (unsigned)v,
+             exc_names[v] ? exc_names[v] : "", f->err, f->rip, f->cs, f->rsp, cr2);
+    }
+    switch (v) {
+    case VEC_FIXED:
+        c->fixed_cnt++;
+        break;
+    case VEC_BCAST:
+        c->bcast_cnt++;
+        break;
+    case VEC_SELF:
+        c->self_cnt++;
+        break;
+    case VEC_TIMER:
+        if (!c->timer_cnt)
+            c->timer_first_tsc = rdtsc();
+        c->timer_cnt++;
+        if (f->cs & 3)
+            c->timer_user_cnt++;
+        break;
+    case VEC_UART:
+        c->uart_iir = inb(COM1_PORT + 2);
+        outb(COM1_PORT + 1, 0); /* IER: no more THR-empty interrupts */
+        c->uart_cnt++;
+        uart_last_cpu = c->index;
+        __atomic_fetch_add(&uart_total, 1, __ATOMIC_SEQ_CST);
+        break;
+    case VEC_SPURIOUS:
+        c->spurious_cnt++;
+        return; /* spurious interrupts take no EOI */
+    default:
+        fail("unexpected interrupt vector 0x%x (rip=0x%lx)", (unsigned)v, f->rip);
+    }
+    apic_eoi();
+}
+
+/* ------------------------------------------------------------------------- */
+/* Checks                                                                     */
+
+static void ok(const char *check, const char *fmt, ...)
+{
+    char detail[256];
+    struct buf b = {detail, sizeof detail, 0};
+    va_list ap;
+    va_start(ap, fmt);
+    vfmt(&b, fmt, ap);
+    va_end(ap);
+    say("cpu %u: %s ok (%s)", this_cpu()->index, check, detail);
+}
+
+static void check_ipi_fixed(struct percpu *c)
+{
+    uint32_t next = (c->index + 1) % ncpus, prev = (c->index + ncpus - 1) % ncpus;
+    barrier("ipi-fixed start");
+    apic_send(cpus[next].apic_id, ICR_FIXED | ICR_ASSERT | VEC_FIXED);
+    if (!WAIT_UNTIL(c->fixed_cnt >= 1, IRQ_TIMEOUT_MS))
+        fail("ipi-fixed: no interrupt from cpu %u within %u ms", prev, (unsigned)IRQ_TIMEOUT_MS);
+    barrier("ipi-fixed sent");
+    uint32_t expect = fail_requested && c->index == ncpus - 1 ? 2 : 1;
+    if (c->fixed_cnt != expect)
+        fail("ipi-fixed: received %u interrupts, expected %u%s", c->fixed_cnt, expect,
+             expect == 2 ? " (deliberate failure: testos.fail)" : "");
+    ok("ipi-fixed", "1 interrupt from cpu %u", prev);
+    barrier("ipi-fixed done");
+}
+
+static void check_ipi_broadcast(struct percpu *c)
+{
+    int bsp = c->index == bsp_index;
+    barrier("ipi-broadcast start");
+    if (bsp)
+        apic_send(0, ICR_FIXED | ICR_ASSERT | ICR_ALL_BUT_SELF | VEC_BCAST);
+    else if (!WAIT_UNTIL(c->bcast_cnt >= 1, IRQ_TIMEOUT_MS))
+        fail("ipi-broadcast: no interrupt from the bsp within %u ms", (unsigned)IRQ_TIMEOUT_MS);
+    barrier("ipi-broadcast sent");
+    if (c->bcast_cnt != (bsp ? 0u : 1u))
+        fail("ipi-broadcast: received %u interrupts, expected %u", c->bcast_cnt, bsp ? 0 : 1);
+    if (bsp)
+        ok("ipi-broadcast", "sent all-but-self, received 0");
+    else
+        ok("ipi-broadcast", "1 interrupt from the bsp");
+
+    apic_send(0, ICR_FIXED | ICR_ASSERT | ICR_SELF | VEC_SELF);
+    if (!WAIT_UNTIL(c->self_cnt >= 1, IRQ_TIMEOUT_MS))
+        fail("ipi-self: no self interrupt within %u ms", (unsigned)IRQ_TIMEOUT_MS);
+    barrier("ipi-self sent");
+    if (c->self_cnt != 1)
+        fail("ipi-self: received %u interrupts, expected 1", c->self_cnt);
+    ok("ipi-self", "1 interrupt");
+    barrier("ipi-self done");
+}
+
+static void check_nmi(struct percpu *c)
+{
+    int bsp = c->index == bsp_index;
+    uint32_t sender = ncpus > 1 ? (bsp_index + 1) % ncpus : bsp_index;
+    barrier("nmi start");
+    if (bsp) {
+        for (uint32_t i = 0; i < ncpus; i++)
+            if (i != bsp_index)
+                apic_send(cpus[i].apic_id, ICR_NMI | ICR_ASSERT);
+    } else if (!WAIT_UNTIL(c->nmi_cnt >= 1, IRQ_TIMEOUT_MS)) {
+        fail("nmi: no NMI from the bsp within %u ms", (unsigned)IRQ_TIMEOUT_MS);
+    }
+    barrier("nmi to aps");
+    if (c->index == sender)
+        apic_send(cpus[bsp_index].apic_id, ICR_NMI | ICR_ASSERT);
+    if (bsp && !WAIT_UNTIL(c->nmi_cnt >= 1, IRQ_TIMEOUT_MS))
+        fail("nmi: no NMI from cpu %u within %u ms", sender, (unsigned)IRQ_TIMEOUT_MS);
+    barrier("nmi to bsp");
+    if (c->nmi_cnt != 1)
+        fail("nmi: received %u NMIs, expected 1", c->nmi_cnt);
+    if (bsp)
+        ok("nmi", "1 NMI from cpu %u", sender);
+    else
+        ok("nmi", "1 NMI from the bsp");
+    barrier("nmi done");
+}
+
+static void timer_reset(struct percpu *c)
+{
+    c->timer_cnt = 0;
+    c->timer_user_cnt = 0;
+    c->timer_first_tsc = 0;
+}
+
+static void timer_stop(void)
+{
+    apic_write(APIC_LVT_TIMER, LVT_MASKED | VEC_TIMER);
+    apic_write(APIC_TIMER_ICR, 0);
+}
+
+/* Starts the LAPIC timer in periodic mode at 100 Hz with divide-by-16. */
+static uint32_t timer_start_100hz(void)
+{
+    uint64_t count = lapic_khz * 1000 / 16 / 100;
+    if (count == 0 || count > 0xFFFFFFFFULL)
+        fail("timer: LAPIC timer frequency %lu kHz is out of range", lapic_khz);
+    apic_write(APIC_TIMER_DCR, 0x3); /* divide by 16 */
+    apic_write(APIC_LVT_TIMER, LVT_PERIODIC | VEC_TIMER);
+    apic_write(APIC_TIMER_ICR, (uint32_t)count);
+    return (uint32_t)count;
+}
+
+static void check_timer_periodic(struct percpu *c)
+{
+    timer_reset(c);
+    uint64_t t0 = rdtsc();
+    uint32_t count = timer_start_100hz();
+    /* Spin for the first tick so a dead timer cannot hang us in hlt. */
+    if (!WAIT_UNTIL(c->timer_cnt >= 1, 1000)) {
+        uint32_t ccr = apic_read(APIC_TIMER_CCR);
+        timer_stop();
+        fail("timer-periodic: no tick within 1 s (current count %u of %u)", ccr, count);
+    }
+    uint64_t end = t0 + ms_to_tsc(300);
+    for (;;) {
+        cli();
+        if (rdtsc() >= end)
+            break;
+        __asm__ volatile("sti; hlt" ::: "memory");
+        check_failed();
+    }
+    uint64_t t1 = rdtsc();
+    uint32_t ticks = c->timer_cnt;
+    timer_stop();
+    sti();
+    uint64_t us = tsc_to_us(t1 - t0);
+    uint64_t hz10 = us ? (uint64_t)ticks * 10000000ULL / us : 0;
+    if (hz10 < 750 || hz10 > 1250)
+        fail("timer-periodic: %u ticks in %lu us = %lu.%lu Hz, expected 100 Hz +-25%%", ticks, us,
+             hz10 / 10, hz10 % 10);
+    ok("timer-periodic", "%lu.%lu Hz, %u ticks in %lu ms, divide 16, initial count %u", hz10 / 10,
+       hz10 % 10, ticks, us / 1000, count);
+}
+
+static void check_timer_oneshot(struct percpu *c)
+{
+    uint64_t count = lapic_khz * 10; /* 10 ms at divide-by-1 */
+    if (count == 0 || count > 0xFFFFFFFFULL)
+        fail("timer-oneshot: LAPIC timer frequency %lu kHz is out of range", lapic_khz);
+    timer_reset(c);
+    apic_write(APIC_TIMER_DCR, 0xB); /* divide by 1 */
+    apic_write(APIC_LVT_TIMER, VEC_TIMER);
+    uint64_t t0 = rdtsc();
+    apic_write(APIC_TIMER_ICR, (uint32_t)count);
+    if (!WAIT_UNTIL(c->timer_cnt >= 1, 1000)) {
+        uint32_t ccr = apic_read(APIC_TIMER_CCR);
+        timer_stop();
+        fail("timer-oneshot: did not fire within 1 s (current count %u of %lu)", ccr, count);
+    }
+    uint64_t fired = c->timer_first_tsc;
+    delay_us(30000); /* a one-shot timer must not fire again */
+    uint32_t n = c->timer_cnt;
+    timer_stop();
+    uint64_t us = tsc_to_us(fired - t0);
+    if (n != 1)
+        fail("timer-oneshot: fired %u times, expected once", n);
+    if (us < 7500)
+        fail("timer-oneshot: fired after %lu us, before its 10 ms", us);
+    ok("timer-oneshot", "fired once after %lu.%03lu ms, armed for 10 ms", us / 1000, us % 1000);
+}
+
+static void check_timer_tsc_deadline(struct percpu *c)
+{
+    if (!have_tsc_deadline) {
+        say("cpu %u: timer-tsc-deadline skipped (CPUID.1:ECX[24] is clear)", c->index);
+        return;
+    }
+    timer_reset(c);
+    apic_write(APIC_LVT_TIMER, LVT_TSC_DEADLINE | VEC_TIMER);
+    uint64_t deadline = rdtsc() + ms_to_tsc(10);
+    wrmsr(MSR_TSC_DEADLINE, deadline);
+    if (!WAIT_UNTIL(c->timer_cnt >= 1, 1000)) {
+        timer_stop();
+        wrmsr(MSR_TSC_DEADLINE, 0);
+        fail("timer-tsc-deadline: did not fire within 1 s of a 10 ms deadline");
+    }
+    uint64_t fired = c->timer_first_tsc;
+    delay_us(30000);
+    uint32_t n = c->timer_cnt;
+    wrmsr(MSR_TSC_DEADLINE, 0);
+    timer_stop();
+    if (n != 1)
+        fail("timer-tsc-deadline: fired %u times, expected once", n);
+    if (fired < deadline)
+        fail("timer-tsc-deadline: fired %lu us before its deadline", tsc_to_us(deadline - fired));
+    ok("timer-tsc-deadline", "fired once, %lu us after its deadline", tsc_to_us(fired - deadline));
+}
+
+static void check_ioapic_uart(struct percpu *c)
+{
+    for (uint32_t turn = 0; turn < ncpus; turn++) {
+        barrier("ioapic-uart turn");
+        if (turn != c->index)
+            continue;
+        uint32_t before = uart_total;
+        c->uart_cnt = 0;
+        /* Hold the console so no other output touches the UART meanwhile. */
+        uint64_t fl = save_cli();
+        con_acquire();
+        restore_if(fl);
+        ioapic_route(uart_gsi, uart_redir_flags | VEC_UART, c->apic_id);
+        outb(COM1_PORT + 1, 0x02); /* IER: THR empty */
+        int arrived = WAIT_UNTIL(uart_total != before, IRQ_TIMEOUT_MS);
+        ioapic_write(0x10 + 2 * uart_gsi, LVT_MASKED | uart_redir_flags | VEC_UART);
+        outb(COM1_PORT + 1, 0);
+        con_release();
+        if (!arrived)
+            fail("ioapic-uart: no interrupt on IOAPIC pin %u (vector 0x%x, dest apic id %u) "
+                 "within %u ms",
+                 uart_gsi, VEC_UART, c->apic_id, (unsigned)IRQ_TIMEOUT_MS);
+        if (uart_last_cpu != c->index)
+            fail("ioapic-uart: the interrupt arrived on cpu %u, not here", uart_last_cpu);
+        delay_us(1000);
+        if (c->uart_cnt != 1 || uart_total != before + 1)
+            fail("ioapic-uart: received %u interrupts, expected 1", uart_total - before);
+        if ((c->uart_iir & 0xF) != 0x2)
+            fail("ioapic-uart: IIR was 0x%x, expected a THR-empty interrupt (0x2)", c->uart_iir);
+        ok("ioapic-uart", "pin %u -> vector 0x%x, IIR 0x%x", uart_gsi, VEC_UART, c->uart_iir);
+    }
+    barrier("ioapic-uart done");
+}
+
+static void check_user(struct percpu *c)
+{
+    struct user_args *a = (struct user_args *)c->ublock;
+    a->bitmap = c->ublock + USTACK_SIZE;
+    a->limit = SIEVE_LIMIT;
+    a->min_tsc = ms_to_tsc(USER_MIN_MS);
+    a->max_rounds = 1000;
+    a->rounds = 0;
+    a->use_ud2 = (uint64_t)use_ud2;
+    timer_reset(c);
+    timer_start_100hz();
+    uint64_t t0 = rdtsc();
+    uint64_t result = enter_user((uint64_t)user_main, c->ublock + USTACK_SIZE - 8, (uint64_t)a);
+    uint64_t t1 = rdtsc();
+    timer_stop();
+    sti();
+    uint32_t user_ticks = c->timer_user_cnt;
+    if (result != SIEVE_PRIMES)
+        fail("user: the cpl3 sieve returned %lu primes below %lu, expected %lu", result,
+             SIEVE_LIMIT, SIEVE_PRIMES);
+    if (a->rounds < 1)
+        fail("user: the cpl3 workload reported %lu rounds", a->rounds);
+    if (user_ticks < 1)
+        fail("user: no timer interrupt was taken from cpl3 in %lu ms", tsc_to_us(t1 - t0) / 1000);
+    ok("user", "cpl3 sieve: %lu primes below %lu, %lu rounds in %lu ms, %u timer interrupts "
+               "from cpl3, back by %s",
+       result, SIEVE_LIMIT, a->rounds, tsc_to_us(t1 - t0) / 1000, user_ticks,
+       use_ud2 ? "ud2" : "syscall");
+}
+
+static void run_checks(struct percpu *c)
+{
+    sti();
+    barrier("checks start");
+    check_ipi_fixed(c);
+    check_ipi_broadcast(c);
+    check_nmi(c);
+    barrier("timer-periodic start");
+    check_timer_periodic(c);
+    barrier("timer-oneshot start");
+    check_timer_oneshot(c);
+    barrier("timer-tsc-deadline start");
+    check_timer_tsc_deadline(c);
+    check_ioapic_uart(c);
+    check_user(c);
+    barrier("checks done");
+    if (c->spurious_cnt)
+        say("cpu %u: note: %u spurious interrupts", c->index, c->spurious_cnt);
+    barrier("end");
+}
+
+/* ------------------------------------------------------------------------- */
+/* Boot                                                                       */
+
+static void setup_timing(void)
+{
+    uint32_t a, b, cx, d;
+    cpuid(1, &a, &b, &cx, &d);
+    if (cx & (1u << 31)) {
+        cpuid(0x40000000, &a, &b, &cx, &d);
+        if (a >= CPUID_TIMING_LEAF && a < 0x40010000) {
+            cpuid(CPUID_TIMING_LEAF, &a, &b, &cx, &d);
+            if (a && b) {
+                tsc_khz = a;
+                lapic_khz = b;
+                timing_source = "cpuid 0x40000010";
+                return;
+            }
+        }
+    }
+    if (!pm_tmr_port)
+        fail("timing: no CPUID leaf 0x40000010 and no ACPI PM timer to calibrate against");
+    /* Calibrate the TSC and the LAPIC timer against 50 ms of the PM timer. */
+    const uint64_t target = PM_TIMER_HZ / 20;
+    apic_write(APIC_TIMER_DCR, 0xB);
+    apic_write(APIC_LVT_TIMER, LVT_MASKED | VEC_TIMER);
+    uint32_t prev = inl(pm_tmr_port) & pm_tmr_mask;
+    uint64_t t0 = rdtsc();
+    apic_write(APIC_TIMER_ICR, 0xFFFFFFFF);
+    uint64_t elapsed = 0;
+    for (uint32_t i = 0; elapsed < target && i < 10000000; i++) {
+        uint32_t p = inl(pm_tmr_port) & pm_tmr_mask;
+        elapsed += (p - prev) & pm_tmr_mask;
+        prev = p;
+    }
+    uint32_t ccr = apic_read(APIC_TIMER_CCR);
+    uint64_t t1 = rdtsc();
+    apic_write(APIC_TIMER_ICR, 0);
+    if (elapsed < target)
+        fail("timing: the ACPI PM timer at port 0x%x does not advance", pm_tmr_port);
+    tsc_khz = (t1 - t0) * PM_TIMER_HZ / (elapsed * 1000);
+    lapic_khz = (uint64_t)(0xFFFFFFFFu - ccr) * PM_TIMER_HZ / (elapsed * 1000);
+    timing_source = "pm-timer calibration";
+    if (!tsc_khz || !lapic_khz)
+        fail("timing: calibration gave tsc %lu kHz, lapic timer %lu kHz", tsc_khz, lapic_khz);
+}
+
+static void setup_memory(const struct hvm_start_info *si)
+{
+    if ((uint64_t)_kernel_end > USER_IMAGE_ADDR || (uint64_t)_user_end > DYN_START)
+        fail("memory: the image does not fit its layout");
+    uint64_t kend = DYN_START + ncpus * KBLOCK_SIZE;
+    uint64_t ustart = (kend + LARGE_PAGE - 1) & ~(LARGE_PAGE - 1);
+    uint64_t uend = (ustart + ncpus * UBLOCK_SIZE + LARGE_PAGE - 1) & ~(LARGE_PAGE - 1);
+    if (!ram_ok(si, KERNEL_LOAD_ADDR, uend))
+        fail("memory: testos needs RAM at 0x%lx-0x%lx for %u cpus", KERNEL_LOAD_ADDR, uend, ncpus);
+    for (uint32_t i = 0; i < ncpus; i++) {
+        cpus[i].kblock = DYN_START + i * KBLOCK_SIZE;
+        cpus[i].ublock = ustart + i * UBLOCK_SIZE;
+    }
+    /* User access for the user image page and the user blocks. */
+    pd_tables[USER_IMAGE_ADDR >> 21] |= 4;
+    for (uint64_t a = ustart; a < uend; a += LARGE_PAGE)
+        pd_tables[a >> 21] |= 4;
+    __asm__ volatile("movq %%cr3, %%rax; movq %%rax, %%cr3" ::: "rax", "memory");
+}
+
+static void start_aps(void)
+{
+    uint64_t len = (uint64_t)(trampoline_end - trampoline_start);
+    memcpy((void *)TRAMPOLINE_ADDR, trampoline_start, len);
+    for (uint32_t i = 0; i < ncpus; i++) {
+        if (i == bsp_index)
+            continue;
+        uint32_t id = cpus[i].apic_id, before = ap_arrived;
+        ap_cpu_index = i;
+        ap_stack_top = cpus[i].kblock + KSTACK_SIZE;
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        apic_send(id, ICR_INIT | ICR_ASSERT);
+        delay_us(10000);
+        apic_send(id, ICR_STARTUP | (TRAMPOLINE_ADDR >> 12));
+        delay_us(200);
+        apic_send(id, ICR_STARTUP | (TRAMPOLINE_ADDR >> 12));
+        if (!WAIT_UNTIL(ap_arrived != before, AP_TIMEOUT_MS))
+            fail("cpu %u (apic id %u) did not come online within %u s of INIT-SIPI-SIPI", i, id,
+                 (unsigned)(AP_TIMEOUT_MS / 1000));
+    }
+}
+
+void ap_main(uint32_t index)
+{
+    struct percpu *c = &cpus[index];
+    cpu_init(index);
+    uint32_t id = apic_id();
+    if (id != c->apic_id)
+        fail("started as cpu %u but my apic id is %u, the MADT says %u", index, id, c->apic_id);
+    say("cpu %u: online (apic id %u)", index, id);
+    __atomic_fetch_add(&ap_arrived, 1, __ATOMIC_SEQ_CST);
+    run_checks(c);
+    halt_forever();
+}
+
+void kmain(void)
+{
+    /* Provisional per-CPU pointer so that early failures can print. */
+    set_gs(&cpus[0]);
+    setup_idt();
+    load_idt();
+    outb(PIC_MASTER_DATA, 0xFF);
+    outb(PIC_SLAVE_DATA, 0xFF);
+    outb(COM1_PORT + 1, 0x00); /* IER: polled */
+    outb(COM1_PORT + 3, 0x03); /* 8N1 */
+    outb(COM1_PORT + 4, 0x0B); /* DTR RTS OUT2 */
+
+    const struct hvm_start_info *si = (const struct hvm_start_info *)pvh_start_info;
+    if (!si || si->magic != 0x336ec578)
+        fail("boot: not started through PVH (start_info at 0x%lx has no 0x336ec578 magic)",
+             pvh_start_info);
+    if (si->cmdline_paddr && si->cmdline_paddr < 0x100000000ULL) {
+        const char *s = (const char *)si->cmdline_paddr;
+        for (size_t i = 0; i + 1 < sizeof cmdline && s[i]; i++)
+            cmdline[i] = s[i];
+    }
+    say("start (cmdline \"%s\")", cmdline);
+    fail_requested = cmdline_has("testos.fail");
+    use_ud2 = cmdline_has("testos.ud2");
+
+    parse_acpi(si);
+
+    uint32_t a, b, cx, d;
+    cpuid(1, &a, &b, &cx, &d);
+    have_x2apic = (cx >> 21) & 1;
+    have_tsc_deadline = (cx >> 24) & 1;
+    use_x2apic = have_x2apic && !cmdline_has("xapic");
+    lapic_init();
+    uint32_t id = apic_id();
+    bsp_index = ncpus;
+    for (uint32_t i = 0; i < ncpus; i++)
+        if (cpus[i].apic_id == id)
+            bsp_index = i;
+    if (bsp_index == ncpus)
+        fail("the bsp's apic id %u is not in the MADT", id);
+    setup_memory(si);
+    cpu_init(bsp_index);
+    setup_timing();
+    watchdog_tsc = rdtsc() + ms_to_tsc(WATCHDOG_MS);
+    ioapic_init();
+
+    say("cpus=%u apic=%s tsc_khz=%lu", ncpus, use_x2apic ? "x2apic" : "xapic", tsc_khz);
+    {
+        char ids[LINE_MAX];
+        struct buf bb = {ids, sizeof ids, 0};
+        for (uint32_t i = 0; i < ncpus; i++) {
+            if (i)
+                bputc(&bb, ' ');
+            bnum(&bb, cpus[i].apic_id, 10, 0, ' ', 0);
+        }
+        ids[bb.len] = 0;
+        say("apic ids: %s", ids);
+    }
+    say("lapic_timer_khz=%lu timing=%s tsc_deadline=%s ioapic=0x%lx pins=%u com1_gsi=%u "
+        "s5_slp_typ=%u",
+        lapic_khz, timing_source, have_tsc_deadline ? "yes" : "no", ioapic_base, ioapic_pins,
+        uart_gsi, (unsigned)s5_slp_typ);
+    say("cpu %u: online (apic id %u, bsp)", bsp_index, id);
+
+    start_aps();
+    say("all %u cpus online", ncpus);
+    run_checks(&cpus[bsp_index]);
+
+    say("PASS");
+    outw(pm1a_cnt_port, (uint16_t)((s5_slp_typ << 10) | (1 << 13)));
+    delay_us(1000000);
+    say("poweroff through ACPI S5 (port 0x%x) did not stop the machine; resetting", pm1a_cnt_port);
+    outb(I8042_CMD_PORT, 0xFE);
+    halt_forever();
+}
