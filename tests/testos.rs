@@ -11,9 +11,20 @@ use common::dvmm;
 
 const LIMIT: Duration = Duration::from_secs(240);
 
+/// On hosts whose KVM is the software PVM, a `syscall` from guest user mode never
+/// reaches guest kernel mode (a host limitation, see guests/testos/README.md), so
+/// testos returns from CPL3 through a #UD there instead.
+fn host_cmdline() -> &'static str {
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        dvmm_testos::CMDLINE_UD2
+    } else {
+        ""
+    }
+}
+
 fn boot_testos(cpus: u32, extra_cmdline: &str) {
     let cpus_s = cpus.to_string();
-    let cmdline = format!("testos {extra_cmdline}");
+    let cmdline = format!("testos {extra_cmdline} {}", host_cmdline());
     let run = dvmm(
         &[
             "run",
@@ -29,22 +40,20 @@ fn boot_testos(cpus: u32, extra_cmdline: &str) {
         LIMIT,
     );
     let t = run.transcript();
-    assert!(run.stdout.contains("testos: PASS"), "no PASS\n{t}");
+    assert!(run.stdout.contains(dvmm_testos::PASS_LINE), "no PASS\n{t}");
     assert!(!run.stdout.contains("FAIL"), "a check failed\n{t}");
     assert_eq!(run.code, Some(0), "dvmm must exit 0 on power-off\n{t}");
     assert!(
         run.stdout.contains(&format!("cpus={cpus}")),
         "guest did not see {cpus} CPUs\n{t}"
     );
-    // Every CPU reports every check.
+    // Every CPU passes every check, exactly once.
     for cpu in 0..cpus {
-        let prefix = format!("testos: cpu {cpu}: ");
-        let ok = run
-            .stdout
-            .lines()
-            .filter(|l| l.starts_with(&prefix) && l.contains(" ok"))
-            .count();
-        assert!(ok >= 5, "cpu {cpu} reported only {ok} passing checks\n{t}");
+        for check in dvmm_testos::CHECKS {
+            let line = format!("testos: cpu {cpu}: {check} ok");
+            let n = run.stdout.lines().filter(|l| l.starts_with(&line)).count();
+            assert_eq!(n, 1, "cpu {cpu}: '{check} ok' seen {n} times\n{t}");
+        }
     }
 }
 
@@ -80,11 +89,16 @@ fn testos_failure_is_a_nonzero_exit() {
             "--memory",
             "256M",
             "--cmdline",
-            "testos testos.fail",
+            &format!("testos {} {}", dvmm_testos::CMDLINE_FAIL, host_cmdline()),
         ],
         LIMIT,
     );
     let t = run.transcript();
-    assert!(run.stdout.contains("testos: FAIL"), "{t}");
-    assert_ne!(run.code, Some(0), "{t}");
+    assert!(run.stdout.contains(dvmm_testos::FAIL_PREFIX), "{t}");
+    assert!(!run.stdout.contains(dvmm_testos::PASS_LINE), "{t}");
+    assert_eq!(
+        run.code,
+        Some(3),
+        "a guest failure reported by pvpanic exits 3\n{t}"
+    );
 }

@@ -55,7 +55,7 @@ impl Topology {
         }
         if memory < MIN_MEMORY {
             return err(format!(
-                "{memory} bytes of RAM requested, at least {MIN_MEMORY} ({} MiB) are needed",
+                "guest memory of {memory} bytes is too small: at least {} MiB are needed",
                 MIN_MEMORY >> 20
             ));
         }
