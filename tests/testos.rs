@@ -102,3 +102,64 @@ fn testos_failure_is_a_nonzero_exit() {
         "a guest failure reported by pvpanic exits 3\n{t}"
     );
 }
+
+/// Ctrl-C (SIGINT) and SIGTERM stop a running VM cleanly: exit 130, every thread ends,
+/// the terminal is left alone, no panic.
+#[test]
+fn signals_stop_the_vm_cleanly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::time::Instant;
+
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let mut child = Command::new(common::dvmm_bin())
+            .args([
+                "run",
+                "--kernel",
+                dvmm_testos::TESTOS_ELF,
+                "--cpus",
+                "2",
+                "--cmdline",
+                &format!("testos {} {}", dvmm_testos::CMDLINE_IDLE, host_cmdline()),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn dvmm");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let start = Instant::now();
+        let mut seen = Vec::new();
+        loop {
+            let line = lines
+                .next()
+                .expect("guest output ended early")
+                .expect("read");
+            seen.push(line.clone());
+            if line.starts_with(dvmm_testos::IDLE_LINE) {
+                break;
+            }
+            assert!(start.elapsed() < LIMIT, "no idle line: {seen:?}");
+        }
+        // SAFETY: sending a signal to our own child process.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let stopped = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                break st;
+            }
+            assert!(
+                stopped.elapsed() < Duration::from_secs(5),
+                "dvmm did not stop within 5 s of signal {signal}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+            .expect("stderr");
+        assert_eq!(status.code(), Some(130), "signal {signal}\n{stderr}");
+        assert!(stderr.contains("stopped"), "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+}

@@ -40,6 +40,7 @@
 #define VEC_TIMER 0x50
 #define VEC_UART 0x60
 #define VEC_SPURIOUS 0xFF
+#define VEC_BP 3
 #define VEC_UD 6
 
 /* LAPIC registers (xAPIC MMIO offsets; x2APIC MSR = 0x800 + offset / 16). */
@@ -106,6 +107,8 @@ struct percpu {
     volatile uint32_t fixed_cnt, bcast_cnt, self_cnt, nmi_cnt, uart_cnt, spurious_cnt;
     volatile uint32_t timer_cnt, timer_user_cnt, uart_iir;
     volatile uint64_t timer_first_tsc;
+    volatile uint32_t bp_cnt;
+    volatile uint64_t bp_rip;
 };
 
 _Static_assert(__builtin_offsetof(struct percpu, ksp) == PERCPU_KSP, "PERCPU_KSP");
@@ -841,6 +844,11 @@ void isr_dispatch(struct frame *f)
         c->nmi_cnt++;
         return;
     }
+    if (v == VEC_BP && !(f->cs & 3)) {
+        c->bp_cnt++;
+        c->bp_rip = f->rip;
+        return;
+    }
     if (v < 32) {
         uint64_t cr2;
         __asm__ volatile("movq %%cr2, %0" : "=r"(cr2));
@@ -1148,6 +1156,27 @@ static void check_user(struct percpu *c)
        use_ud2 ? "ud2" : "syscall");
 }
 
+/* int3 in kernel mode: a trap whose handler returns to the next instruction. (On hosts
+ * whose KVM emulates guest kernel code, the VMM has to complete it.) */
+extern char testos_int3_after[];
+__attribute__((noinline)) static void do_int3(void)
+{
+    __asm__ volatile("int3\n\t.globl testos_int3_after\ntestos_int3_after:\n" ::: "memory");
+}
+
+static void check_int3(struct percpu *c)
+{
+    c->bp_cnt = 0;
+    c->bp_rip = 0;
+    do_int3();
+    if (c->bp_cnt != 1)
+        fail("int3: the #BP handler ran %u times, expected once", c->bp_cnt);
+    if (c->bp_rip != (uint64_t)testos_int3_after)
+        fail("int3: #BP reported rip 0x%lx, expected 0x%lx", c->bp_rip,
+             (uint64_t)testos_int3_after);
+    say("cpu %u: int3 ok (#BP at cpl0 handled, resumed after the int3)", c->index);
+}
+
 static void run_checks(struct percpu *c)
 {
     sti();
@@ -1162,6 +1191,7 @@ static void run_checks(struct percpu *c)
     barrier("timer-tsc-deadline start");
     check_timer_tsc_deadline(c);
     check_ioapic_uart(c);
+    check_int3(c);
     check_user(c);
     barrier("checks done");
     if (c->spurious_cnt)
@@ -1339,6 +1369,11 @@ void kmain(void)
     run_checks(&cpus[bsp_index]);
 
     say("PASS");
+    if (cmdline_has("testos.idle")) {
+        /* For tests of how the VMM stops a guest that never ends by itself. */
+        say("idle: halting until stopped from outside");
+        halt_forever();
+    }
     outw(pm1a_cnt_port, (uint16_t)((s5_slp_typ << 10) | (1 << 13)));
     delay_us(1000000);
     say("poweroff through ACPI S5 (port 0x%x) did not stop the machine; resetting", pm1a_cnt_port);

@@ -27,6 +27,11 @@ pub const CMDLINE_FAIL: &str = "testos.fail";
 /// Command-line word that makes CPL3 code return through a `ud2` (#UD) instead of
 /// `syscall` (our PVM-based KVM hosts do not switch to CPL0 on a guest `syscall`).
 pub const CMDLINE_UD2: &str = "testos.ud2";
+/// Command-line word: after PASS, halt forever instead of powering off (for tests of
+/// stopping a VM from outside).
+pub const CMDLINE_IDLE: &str = "testos.idle";
+/// The line printed when `testos.idle` starts idling.
+pub const IDLE_LINE: &str = "testos: idle: halting until stopped from outside";
 /// The checks each CPU runs, in order, as named in `testos: cpu <i>: <check> ok (...)`.
 /// `timer-tsc-deadline` prints `skipped (...)` instead of `ok` without TSC-deadline.
 pub const CHECKS: &[&str] = &[
@@ -38,6 +43,7 @@ pub const CHECKS: &[&str] = &[
     "timer-oneshot",
     "timer-tsc-deadline",
     "ioapic-uart",
+    "int3",
     "user",
 ];
 
