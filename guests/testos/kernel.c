@@ -39,6 +39,8 @@
 #define VEC_SELF 0x42
 #define VEC_TIMER 0x50
 #define VEC_UART 0x60
+#define VEC_PING 0x70
+#define VEC_PONG 0x71
 #define VEC_SPURIOUS 0xFF
 #define VEC_BP 3
 #define VEC_UD 6
@@ -153,7 +155,10 @@ static struct percpu cpus[MAX_CPUS];
 static struct tss tss[MAX_CPUS];
 static struct idt_entry idt[256];
 static uint32_t ncpus, bsp_index;
-static int use_x2apic, have_x2apic, have_tsc_deadline, fail_requested, use_ud2;
+static int use_x2apic, have_x2apic, have_tsc_deadline, fail_requested, use_ud2, bench_mode;
+static volatile uint32_t pong_flag;
+static volatile uint64_t pong_tsc;
+static uint32_t bsp_apic_id;
 static uint64_t tsc_khz, lapic_khz, watchdog_tsc;
 static const char *timing_source = "none";
 static uint16_t pm1a_cnt_port, pm_tmr_port;
@@ -889,6 +894,13 @@ void isr_dispatch(struct frame *f)
         uart_last_cpu = c->index;
         __atomic_fetch_add(&uart_total, 1, __ATOMIC_SEQ_CST);
         break;
+    case VEC_PING:
+        apic_send(bsp_apic_id, ICR_FIXED | ICR_ASSERT | VEC_PONG);
+        break;
+    case VEC_PONG:
+        pong_tsc = rdtsc();
+        pong_flag = 1;
+        break;
     case VEC_SPURIOUS:
         c->spurious_cnt++;
         return; /* spurious interrupts take no EOI */
@@ -1297,7 +1309,70 @@ void ap_main(uint32_t index)
     say("cpu %u: online (apic id %u)", index, id);
     __atomic_fetch_add(&ap_arrived, 1, __ATOMIC_SEQ_CST);
     run_checks(c);
+    if (bench_mode)
+        for (;;)
+            __asm__ volatile("sti; hlt" ::: "memory"); /* answer pings */
     halt_forever();
+}
+
+/* ------------------------------------------------------------------------- */
+/* Microbenchmarks of the VMM's hot paths (testos.bench)                      */
+
+#define BENCH_N 201
+static uint64_t bench_samples[BENCH_N];
+
+/* Median of `n` samples, in ns. Insertion sort: n is small and this code is emulated. */
+static uint64_t bench_median_ns(int n)
+{
+    for (int i = 1; i < n; i++) {
+        uint64_t v = bench_samples[i];
+        int j = i - 1;
+        while (j >= 0 && bench_samples[j] > v) {
+            bench_samples[j + 1] = bench_samples[j];
+            j--;
+        }
+        bench_samples[j + 1] = v;
+    }
+    return bench_samples[n / 2] * 1000000 / tsc_khz;
+}
+
+static void bench(void)
+{
+    for (int i = 0; i < BENCH_N; i++) {
+        uint64_t t0 = rdtsc();
+        bench_samples[i] = rdtsc() - t0;
+    }
+    say("bench: rdtsc-pair median %lu ns (measurement floor)", bench_median_ns(BENCH_N));
+    for (int i = 0; i < BENCH_N; i++) {
+        uint64_t t0 = rdtsc();
+        outb(0x80, 0);
+        bench_samples[i] = rdtsc() - t0;
+    }
+    say("bench: pio-exit median %lu ns (out to port 0x80)", bench_median_ns(BENCH_N));
+    for (int i = 0; i < BENCH_N; i++) {
+        uint64_t t0 = rdtsc();
+        (void)apic_read(APIC_TPR);
+        bench_samples[i] = rdtsc() - t0;
+    }
+    say("bench: lapic-read median %lu ns (%s)", bench_median_ns(BENCH_N),
+        use_x2apic ? "x2apic rdmsr exit" : "xapic mmio exit");
+    if (ncpus < 2)
+        return;
+    uint32_t target = cpus[(bsp_index + 1) % ncpus].apic_id;
+    for (int i = 0; i < BENCH_N; i++) {
+        pong_flag = 0;
+        uint64_t t0 = rdtsc();
+        apic_send(target, ICR_FIXED | ICR_ASSERT | VEC_PING);
+        uint64_t limit = t0 + tsc_khz * 1000; /* 1 s */
+        while (!pong_flag) {
+            if (rdtsc() > limit)
+                fail("bench: no pong from apic id %u within 1 s", target);
+            __asm__ volatile("pause");
+        }
+        bench_samples[i] = pong_tsc - t0;
+    }
+    say("bench: ipi-round-trip median %lu ns (fixed IPI to apic id %u and back)",
+        bench_median_ns(BENCH_N), target);
 }
 
 void kmain(void)
@@ -1324,6 +1399,7 @@ void kmain(void)
     say("start (cmdline \"%s\")", cmdline);
     fail_requested = cmdline_has("testos.fail");
     use_ud2 = cmdline_has("testos.ud2");
+    bench_mode = cmdline_has("testos.bench");
 
     parse_acpi(si);
 
@@ -1362,6 +1438,7 @@ void kmain(void)
         "s5_slp_typ=%u",
         lapic_khz, timing_source, have_tsc_deadline ? "yes" : "no", ioapic_base, ioapic_pins,
         uart_gsi, (unsigned)s5_slp_typ);
+    bsp_apic_id = id;
     say("cpu %u: online (apic id %u, bsp)", bsp_index, id);
 
     start_aps();
@@ -1369,6 +1446,8 @@ void kmain(void)
     run_checks(&cpus[bsp_index]);
 
     say("PASS");
+    if (bench_mode)
+        bench();
     if (cmdline_has("testos.idle")) {
         /* For tests of how the VMM stops a guest that never ends by itself. */
         say("idle: halting until stopped from outside");

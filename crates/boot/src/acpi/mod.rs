@@ -185,7 +185,7 @@ fn fadt(facs: u64, dsdt: u64) -> Vec<u8> {
         .u8(RESET_VALUE) // 128 RESET_VALUE
         .u16(0) // 129 ARM_BOOT_ARCH
         .u8(0) // 131 FADT minor version
-        .u64(facs) // 132 X_FIRMWARE_CTRL
+        .u64(0) // 132 X_FIRMWARE_CTRL: zero, since FIRMWARE_CTRL holds the FACS (ACPI 6.x 5.2.9)
         .u64(dsdt) // 140 X_DSDT
         .gas(GAS_SYSTEM_IO, 32, GAS_ACCESS_WORD, u64::from(PM1A_EVT_PORT)) // 148
         .gas(0, 0, 0, 0) // 160 X_PM1b_EVT_BLK
@@ -517,7 +517,7 @@ mod tests {
         assert_eq!(facs_at % 64, 0);
         assert_eq!(u32_at(fadt, 36) as u64, facs_at);
         assert_eq!(u32_at(fadt, 40) as u64, dsdt_at);
-        assert_eq!(u64_at(fadt, 132), facs_at);
+        assert_eq!(u64_at(fadt, 132), 0, "only one FACS pointer may be set");
         assert_eq!(u64_at(fadt, 140), dsdt_at);
     }
 
