@@ -7,6 +7,10 @@
 use dvmm_layout::{CPUID_TIMING_LEAF, LAPIC_TIMER_HZ};
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
+const LEAF1_ECX_CX16: u32 = 1 << 13;
+const LEAF1_ECX_XSAVE: u32 = 1 << 26;
+const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
+const LEAF1_ECX_AVX: u32 = 1 << 28;
 const LEAF1_ECX_X2APIC: u32 = 1 << 21;
 const LEAF1_ECX_TSC_DEADLINE: u32 = 1 << 24;
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
@@ -35,12 +39,22 @@ fn id_bits(n: u32) -> u32 {
     }
 }
 
+/// Features to hide from a guest whose kernel code KVM emulates: instructions its
+/// emulator cannot execute at CPL0, so the guest kernel must not choose them.
+/// (`lock cmpxchg16b`: SLUB's lockless freelists; `xsave`/`xrstor`: FPU context
+/// switching, which falls back to `fxsave`/`fxrstor`; AVX needs XSAVE.)
+pub const EMULATION_UNSAFE_LEAF1_ECX: u32 =
+    LEAF1_ECX_CX16 | LEAF1_ECX_XSAVE | LEAF1_ECX_OSXSAVE | LEAF1_ECX_AVX;
+
 /// The CPUID entries for vCPU `apic_id` of `vcpus`, from KVM's supported `base` table.
+/// `emulated_kernel`: the host's KVM emulates guest kernel code (see
+/// [`EMULATION_UNSAFE_LEAF1_ECX`]).
 pub fn vcpu_cpuid(
     base: &[kvm_cpuid_entry2],
     apic_id: u32,
     vcpus: u32,
     tsc_khz: u32,
+    emulated_kernel: bool,
 ) -> Vec<kvm_cpuid_entry2> {
     let core_bits = id_bits(vcpus);
     let mut out: Vec<kvm_cpuid_entry2> = Vec::with_capacity(base.len() + 2);
@@ -51,6 +65,14 @@ pub fn vcpu_cpuid(
                 e.ebx = (e.ebx & 0x0000_ffff) | (apic_id << 24) | ((vcpus.min(255)) << 16);
                 e.ecx |= LEAF1_ECX_X2APIC | LEAF1_ECX_TSC_DEADLINE | LEAF1_ECX_HYPERVISOR;
                 e.edx |= LEAF1_EDX_APIC | LEAF1_EDX_HTT;
+                if emulated_kernel {
+                    e.ecx &= !EMULATION_UNSAFE_LEAF1_ECX;
+                }
+            }
+            // XSAVE state enumeration and AVX2/AVX-512 make no sense without XSAVE.
+            0xd if emulated_kernel => continue,
+            7 if emulated_kernel && e.index == 0 => {
+                e.ebx &= !((1 << 5) | (0xffff << 16));
             }
             4 => {
                 // Cache topology: every cache is per core; cores per package in 31:26.
@@ -128,7 +150,7 @@ mod tests {
             entry(0xb, 1),
             entry(0x4000_0001, 0),
         ];
-        let out = vcpu_cpuid(&base, 3, 4, 2_500_000);
+        let out = vcpu_cpuid(&base, 3, 4, 2_500_000, false);
         let l1 = out.iter().find(|e| e.function == 1).unwrap();
         assert_eq!(l1.ebx >> 24, 3);
         assert_ne!(l1.ecx & LEAF1_ECX_X2APIC, 0);
@@ -149,9 +171,23 @@ mod tests {
     fn pv_features_needing_kernel_lapic_are_removed() {
         let mut kvm = entry(0x4000_0001, 0);
         kvm.eax = 0xffff_ffff;
-        let out = vcpu_cpuid(&[kvm], 0, 1, 1);
+        let out = vcpu_cpuid(&[kvm], 0, 1, 1, false);
         let f = out.iter().find(|e| e.function == 0x4000_0001).unwrap();
         assert_eq!(f.eax, KVM_FEATURES_KEPT);
+    }
+
+    #[test]
+    fn emulated_kernels_do_not_see_unemulatable_features() {
+        let mut l1 = entry(1, 0);
+        l1.ecx = 0xffff_ffff;
+        let base = [l1, entry(0xd, 0), entry(0xd, 1)];
+        let out = vcpu_cpuid(&base, 0, 1, 1, true);
+        let l1 = out.iter().find(|e| e.function == 1).unwrap();
+        assert_eq!(l1.ecx & EMULATION_UNSAFE_LEAF1_ECX, 0);
+        assert!(out.iter().all(|e| e.function != 0xd));
+        let kept = vcpu_cpuid(&base, 0, 1, 1, false);
+        let l1 = kept.iter().find(|e| e.function == 1).unwrap();
+        assert_eq!(l1.ecx & LEAF1_ECX_CX16, LEAF1_ECX_CX16);
     }
 
     #[test]

@@ -228,7 +228,7 @@ impl GuestRam {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemory};
+    use vm_memory::{Bytes, GuestMemoryBackend};
 
     #[test]
     fn views_alias_the_same_pages() {

@@ -183,7 +183,8 @@ impl Vm {
         let host = HostKvm::detect();
         if host.emulates_guest_kernel() {
             tracing::info!(
-                "this host's KVM has no VT-x/AMD-V (software PVM): guest kernel code is emulated and slow"
+                "this host's KVM has no VT-x/AMD-V (software PVM): guest kernel code is emulated; \
+                 hiding CX16/XSAVE/AVX from the guest and unpacking bzImage kernels in dvmm"
             );
         }
         let kvm = Kvm::new().map_err(|source| VmmError::KvmUnavailable { source })?;
@@ -220,7 +221,13 @@ impl Vm {
             .get_tsc_khz()
             .map_err(kvm_err("reading the TSC frequency"))?;
         for (i, v) in vcpus.iter().enumerate() {
-            let entries = cpuid::vcpu_cpuid(supported.as_slice(), i as u32, cfg.vcpus, tsc_khz);
+            let entries = cpuid::vcpu_cpuid(
+                supported.as_slice(),
+                i as u32,
+                cfg.vcpus,
+                tsc_khz,
+                host.emulates_guest_kernel(),
+            );
             let table = cpuid::to_kvm(&entries)
                 .map_err(|e| VmmError::Internal(format!("CPUID table: {e:?}")))?;
             v.set_cpuid2(&table).map_err(kvm_err("setting CPUID"))?;
@@ -234,10 +241,18 @@ impl Vm {
             ref_tsc: vcpu::guest_tsc(&vcpus[0]).unwrap_or(0),
         };
 
+        let mut cmdline = cfg.cmdline.clone();
+        if host.emulates_guest_kernel() && !cmdline.split_whitespace().any(|w| w == "noxsave") {
+            // KVM's instruction emulator cannot execute xsave/xrstor at CPL0, and on this
+            // kind of host the guest sometimes reads the host's CPUID (which has XSAVE)
+            // instead of ours, so hiding the bit is not enough: Linux must be told.
+            tracing::info!("adding 'noxsave' to the kernel command line (emulated guest kernel)");
+            cmdline.push_str(" noxsave");
+        }
         let spec = BootSpec {
             kernel: &cfg.kernel,
             initramfs: cfg.initramfs.as_deref(),
-            cmdline: &cfg.cmdline,
+            cmdline: &cmdline,
             topology: &topology,
             // The kernel's own decompressor would run emulated here: unpack it natively.
             extract_payload: host.emulates_guest_kernel(),

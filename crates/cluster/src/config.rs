@@ -1,0 +1,298 @@
+//! The cluster file (TOML).
+//!
+//! ```toml
+//! secret = "a long random string shared by all nodes"
+//! insecure_transport = false     # optional: authenticate only, do not encrypt
+//!
+//! [guest]
+//! kernel = "/path/to/bzImage"
+//! initramfs = "/path/to/initramfs.cpio"   # optional
+//! cmdline = "console=ttyS0"               # optional
+//!
+//! [[node]]                # node 0: runs the boot vCPU and the devices
+//! address = "10.0.0.1:7700"
+//! vcpus = 2
+//! memory = "1G"
+//!
+//! [[node]]
+//! address = "10.0.0.2:7700"
+//! vcpus = 2
+//! memory = "1G"
+//! ```
+//!
+//! vCPUs are numbered (= APIC ids) in node order, RAM is laid out in node order: node 0
+//! is home of the first `memory` bytes of guest RAM, and so on.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Errors reading a cluster file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read cluster file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or misses fields.
+    #[error("cluster file {path} is invalid: {reason}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The values make no cluster.
+    #[error("cluster file {path}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// What to boot.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestSpec {
+    /// Kernel image (bzImage or PVH ELF); every node needs the same file.
+    pub kernel: PathBuf,
+    /// Optional initramfs; every node needs the same file.
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+}
+
+fn default_cmdline() -> String {
+    "console=ttyS0".into()
+}
+
+/// One node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeSpec {
+    /// Where it listens for its peers.
+    pub address: SocketAddr,
+    /// How many vCPUs it runs.
+    pub vcpus: u32,
+    /// How many bytes of guest RAM it is home of.
+    pub memory: u64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    address: String,
+    vcpus: u32,
+    memory: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    secret: String,
+    #[serde(default)]
+    insecure_transport: bool,
+    guest: GuestSpec,
+    node: Vec<RawNode>,
+}
+
+/// A whole cluster.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterConfig {
+    /// Shared secret that authenticates (and keys) all node-to-node traffic.
+    pub secret: String,
+    /// Authenticate but do not encrypt node traffic.
+    pub insecure_transport: bool,
+    /// The guest.
+    pub guest: GuestSpec,
+    /// The nodes, in id order.
+    pub nodes: Vec<NodeSpec>,
+}
+
+/// Parses sizes like `4096`, `256M`, `1G`, `512MiB` (binary units).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size; use e.g. 256M or 2G"))?;
+    let shift = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 0,
+        "K" | "KB" | "KIB" => 10,
+        "M" | "MB" | "MIB" => 20,
+        "G" | "GB" | "GIB" => 30,
+        "T" | "TB" | "TIB" => 40,
+        _ => return Err(format!("'{s}' has an unknown unit; use K, M, G or T")),
+    };
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+impl ClusterConfig {
+    /// Reads and checks a cluster file.
+    pub fn load(path: &Path) -> Result<ClusterConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        ClusterConfig::parse(&text, path)
+    }
+
+    /// Parses and checks the text of a cluster file (`path` is for messages).
+    pub fn parse(text: &str, path: &Path) -> Result<ClusterConfig, ConfigError> {
+        let invalid = |reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let raw: RawCluster = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        if raw.secret.len() < 16 {
+            return Err(invalid(
+                "the secret must be at least 16 characters (use a long random string)".into(),
+            ));
+        }
+        if raw.node.is_empty() {
+            return Err(invalid("no [[node]] entries".into()));
+        }
+        let mut nodes = Vec::with_capacity(raw.node.len());
+        for (i, n) in raw.node.iter().enumerate() {
+            let address: SocketAddr = n.address.parse().map_err(|_| {
+                invalid(format!(
+                    "node {i}: address '{}' is not IP:port (e.g. 10.0.0.1:7700)",
+                    n.address
+                ))
+            })?;
+            if n.vcpus == 0 {
+                return Err(invalid(format!("node {i}: vcpus must be at least 1")));
+            }
+            let memory = parse_size(&n.memory).map_err(|e| invalid(format!("node {i}: {e}")))?;
+            if memory == 0 || memory % (2 << 20) != 0 {
+                return Err(invalid(format!(
+                    "node {i}: memory must be a non-zero multiple of 2 MiB"
+                )));
+            }
+            if nodes.iter().any(|p: &NodeSpec| p.address == address) {
+                return Err(invalid(format!("node {i}: address {address} is used twice")));
+            }
+            nodes.push(NodeSpec {
+                address,
+                vcpus: n.vcpus,
+                memory,
+            });
+        }
+        let total: u32 = nodes.iter().map(|n| n.vcpus).sum();
+        if total > dvmm_layout::MAX_VCPUS {
+            return Err(invalid(format!(
+                "{total} vCPUs in all; at most {} are supported",
+                dvmm_layout::MAX_VCPUS
+            )));
+        }
+        Ok(ClusterConfig {
+            secret: raw.secret,
+            insecure_transport: raw.insecure_transport,
+            guest: raw.guest,
+            nodes,
+        })
+    }
+
+    /// Total vCPUs.
+    pub fn vcpus(&self) -> u32 {
+        self.nodes.iter().map(|n| n.vcpus).sum()
+    }
+
+    /// Total guest RAM.
+    pub fn memory(&self) -> u64 {
+        self.nodes.iter().map(|n| n.memory).sum()
+    }
+
+    /// First vCPU (APIC id) of node `id`.
+    pub fn first_vcpu(&self, id: usize) -> u32 {
+        self.nodes.iter().take(id).map(|n| n.vcpus).sum()
+    }
+
+    /// Renders the configuration as a cluster file.
+    pub fn to_toml(&self) -> String {
+        let mut s = format!(
+            "secret = {:?}\ninsecure_transport = {}\n\n[guest]\nkernel = {:?}\n",
+            self.secret, self.insecure_transport, self.guest.kernel
+        );
+        if let Some(i) = &self.guest.initramfs {
+            s.push_str(&format!("initramfs = {i:?}\n"));
+        }
+        s.push_str(&format!("cmdline = {:?}\n", self.guest.cmdline));
+        for n in &self.nodes {
+            s.push_str(&format!(
+                "\n[[node]]\naddress = \"{}\"\nvcpus = {}\nmemory = \"{}\"\n",
+                n.address, n.vcpus, n.memory
+            ));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+secret = "0123456789abcdef0123"
+[guest]
+kernel = "/boot/vmlinuz"
+[[node]]
+address = "127.0.0.1:7000"
+vcpus = 2
+memory = "128M"
+[[node]]
+address = "127.0.0.1:7001"
+vcpus = 1
+memory = "64M"
+"#;
+
+    fn parse(s: &str) -> Result<ClusterConfig, ConfigError> {
+        ClusterConfig::parse(s, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn parses_a_cluster() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.nodes.len(), 2);
+        assert_eq!(c.vcpus(), 3);
+        assert_eq!(c.memory(), 192 << 20);
+        assert_eq!(c.first_vcpu(1), 2);
+        assert_eq!(c.guest.cmdline, "console=ttyS0");
+        assert!(!c.insecure_transport);
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn rejects_bad_files() {
+        let cases = [
+            (GOOD.replace("0123456789abcdef0123", "short"), "at least 16"),
+            (GOOD.replace("127.0.0.1:7001", "127.0.0.1:7000"), "used twice"),
+            (GOOD.replace("vcpus = 1", "vcpus = 0"), "at least 1"),
+            (GOOD.replace("64M", "3M"), "multiple of 2 MiB"),
+            (GOOD.replace("64M", "lots"), "not a size"),
+            (GOOD.replace("127.0.0.1:7001", "nowhere"), "not IP:port"),
+            (GOOD.replace("[guest]", "[gust]"), "invalid"),
+        ];
+        for (text, needle) in cases {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(needle), "'{e}' should mention '{needle}'");
+        }
+    }
+}

@@ -1,0 +1,11 @@
+//! A dvmm cluster: its description (the cluster file every node reads) and the control
+//! messages nodes exchange besides DSM traffic (interrupts, forwarded device I/O,
+//! APIC views, start and stop).
+
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod wire;
+
+pub use config::{ClusterConfig, ConfigError, GuestSpec, NodeSpec};
+pub use wire::{ControlMsg, IoSpace, WireError};

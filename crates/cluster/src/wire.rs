@@ -1,0 +1,359 @@
+//! Control messages between nodes (everything except DSM page traffic), and their
+//! byte encoding: a tag byte, then fixed little-endian fields. Decoding never panics.
+
+use dvmm_irq::lapic::ApicView;
+use dvmm_irq::msg::InterruptMessage;
+
+/// Transport message kind of DSM protocol traffic (payload: `dvmm_dsm` encoding).
+pub const KIND_DSM: u16 = 1;
+/// Transport message kind of [`ControlMsg`]s.
+pub const KIND_CONTROL: u16 = 2;
+
+/// Port I/O or memory-mapped I/O.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoSpace {
+    /// x86 I/O ports.
+    Pio,
+    /// Guest-physical MMIO.
+    Mmio,
+}
+
+/// Why a VM stopped, as carried between nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopCode {
+    /// The guest powered off.
+    PowerOff = 0,
+    /// The guest reset.
+    Reset = 1,
+    /// The guest panicked.
+    Panic = 2,
+    /// Stopped from outside.
+    Stopped = 3,
+    /// A node failed.
+    Failed = 4,
+}
+
+/// A control message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControlMsg {
+    /// The sender built its VM, started its DSM engine and waits for work.
+    Ready,
+    /// Deliver `msg` to the sender-chosen local APIC `apic_id` of the receiver.
+    Irq {
+        /// Target APIC id (owned by the receiver).
+        apic_id: u32,
+        /// The interrupt.
+        msg: InterruptMessage,
+    },
+    /// A level-triggered vector was EOId (for node 0's IOAPIC).
+    LevelEoi {
+        /// The vector.
+        vector: u8,
+    },
+    /// Perform an I/O access on the receiver's devices (node 0) and reply.
+    IoRequest {
+        /// Matches the reply to the request.
+        id: u64,
+        /// Port or MMIO.
+        space: IoSpace,
+        /// Port number or guest-physical address.
+        addr: u64,
+        /// Access size in bytes (1..=8).
+        len: u8,
+        /// Write (else read).
+        write: bool,
+        /// Data written (first `len` bytes).
+        data: [u8; 8],
+    },
+    /// The result of an [`ControlMsg::IoRequest`].
+    IoReply {
+        /// The request's id.
+        id: u64,
+        /// Data read (first `len` bytes), zero for writes.
+        data: [u8; 8],
+    },
+    /// The routing-relevant state of one of the sender's LAPICs changed.
+    ApicView(ApicView),
+    /// The VM is over.
+    Stop {
+        /// Why.
+        code: StopCode,
+        /// Human-readable detail.
+        reason: String,
+    },
+}
+
+/// A control message that could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    /// Shorter than its tag requires.
+    #[error("control message truncated ({got} bytes, {need} needed)")]
+    Truncated {
+        /// Bytes received.
+        got: usize,
+        /// Bytes needed.
+        need: usize,
+    },
+    /// Unknown tag or field value.
+    #[error("malformed control message: {0}")]
+    Malformed(&'static str),
+}
+
+const MAX_REASON: usize = 1024;
+
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[o..o + 4]);
+    u32::from_le_bytes(a)
+}
+
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[o..o + 8]);
+    u64::from_le_bytes(a)
+}
+
+fn need(b: &[u8], n: usize) -> Result<(), WireError> {
+    if b.len() < n {
+        Err(WireError::Truncated {
+            got: b.len(),
+            need: n,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+impl ControlMsg {
+    /// Encodes the message.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(32);
+        match self {
+            ControlMsg::Ready => v.push(0),
+            ControlMsg::Irq { apic_id, msg } => {
+                v.push(1);
+                v.extend_from_slice(&apic_id.to_le_bytes());
+                v.extend_from_slice(&msg.to_wire().to_le_bytes());
+            }
+            ControlMsg::LevelEoi { vector } => {
+                v.push(2);
+                v.push(*vector);
+            }
+            ControlMsg::IoRequest {
+                id,
+                space,
+                addr,
+                len,
+                write,
+                data,
+            } => {
+                v.push(3);
+                v.extend_from_slice(&id.to_le_bytes());
+                v.push(match space {
+                    IoSpace::Pio => 0,
+                    IoSpace::Mmio => 1,
+                });
+                v.extend_from_slice(&addr.to_le_bytes());
+                v.push(*len);
+                v.push(u8::from(*write));
+                v.extend_from_slice(data);
+            }
+            ControlMsg::IoReply { id, data } => {
+                v.push(4);
+                v.extend_from_slice(&id.to_le_bytes());
+                v.extend_from_slice(data);
+            }
+            ControlMsg::ApicView(a) => {
+                v.push(5);
+                v.extend_from_slice(&a.apic_id.to_le_bytes());
+                v.push(u8::from(a.x2apic));
+                v.extend_from_slice(&a.ldr.to_le_bytes());
+                v.extend_from_slice(&a.dfr.to_le_bytes());
+                v.push(a.arbitration_priority);
+                v.push(u8::from(a.enabled));
+            }
+            ControlMsg::Stop { code, reason } => {
+                v.push(6);
+                v.push(*code as u8);
+                let r = reason.as_bytes();
+                let r = &r[..r.len().min(MAX_REASON)];
+                v.extend_from_slice(&(r.len() as u16).to_le_bytes());
+                v.extend_from_slice(r);
+            }
+        }
+        v
+    }
+
+    /// Decodes a message; never panics.
+    pub fn decode(b: &[u8]) -> Result<ControlMsg, WireError> {
+        need(b, 1)?;
+        let bool_at = |o: usize| match b[o] {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(WireError::Malformed("boolean out of range")),
+        };
+        match b[0] {
+            0 => Ok(ControlMsg::Ready),
+            1 => {
+                need(b, 13)?;
+                let msg = InterruptMessage::from_wire(u64_at(b, 5))
+                    .ok_or(WireError::Malformed("bad interrupt message"))?;
+                Ok(ControlMsg::Irq {
+                    apic_id: u32_at(b, 1),
+                    msg,
+                })
+            }
+            2 => {
+                need(b, 2)?;
+                Ok(ControlMsg::LevelEoi { vector: b[1] })
+            }
+            3 => {
+                // tag, id u64, space u8, addr u64, len u8, write u8, data [8]
+                need(b, 28)?;
+                let space = match b[9] {
+                    0 => IoSpace::Pio,
+                    1 => IoSpace::Mmio,
+                    _ => return Err(WireError::Malformed("unknown I/O space")),
+                };
+                let len = b[18];
+                if !(1..=8).contains(&len) {
+                    return Err(WireError::Malformed("I/O length out of range"));
+                }
+                let mut data = [0u8; 8];
+                data.copy_from_slice(&b[20..28]);
+                Ok(ControlMsg::IoRequest {
+                    id: u64_at(b, 1),
+                    space,
+                    addr: u64_at(b, 10),
+                    len,
+                    write: bool_at(19)?,
+                    data,
+                })
+            }
+            4 => {
+                need(b, 17)?;
+                let mut data = [0u8; 8];
+                data.copy_from_slice(&b[9..17]);
+                Ok(ControlMsg::IoReply {
+                    id: u64_at(b, 1),
+                    data,
+                })
+            }
+            5 => {
+                need(b, 16)?;
+                Ok(ControlMsg::ApicView(ApicView {
+                    apic_id: u32_at(b, 1),
+                    x2apic: bool_at(5)?,
+                    ldr: u32_at(b, 6),
+                    dfr: u32_at(b, 10),
+                    arbitration_priority: b[14],
+                    enabled: bool_at(15)?,
+                }))
+            }
+            6 => {
+                need(b, 4)?;
+                let code = match b[1] {
+                    0 => StopCode::PowerOff,
+                    1 => StopCode::Reset,
+                    2 => StopCode::Panic,
+                    3 => StopCode::Stopped,
+                    4 => StopCode::Failed,
+                    _ => return Err(WireError::Malformed("unknown stop code")),
+                };
+                let n = usize::from(u16::from_le_bytes([b[2], b[3]]));
+                if n > MAX_REASON {
+                    return Err(WireError::Malformed("stop reason too long"));
+                }
+                need(b, 4 + n)?;
+                let reason = String::from_utf8_lossy(&b[4..4 + n]).into_owned();
+                Ok(ControlMsg::Stop { code, reason })
+            }
+            _ => Err(WireError::Malformed("unknown tag")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dvmm_irq::msg::{DeliveryMode, DestinationMode, Shorthand, TriggerMode};
+    use proptest::prelude::*;
+
+    fn samples() -> Vec<ControlMsg> {
+        vec![
+            ControlMsg::Ready,
+            ControlMsg::Irq {
+                apic_id: 3,
+                msg: InterruptMessage {
+                    vector: 0x40,
+                    delivery: DeliveryMode::Fixed,
+                    dest_mode: DestinationMode::Physical,
+                    destination: 3,
+                    shorthand: Shorthand::None,
+                    trigger: TriggerMode::Edge,
+                    level: true,
+                },
+            },
+            ControlMsg::LevelEoi { vector: 0x61 },
+            ControlMsg::IoRequest {
+                id: 77,
+                space: IoSpace::Mmio,
+                addr: 0xfec0_0010,
+                len: 4,
+                write: true,
+                data: [1, 2, 3, 4, 0, 0, 0, 0],
+            },
+            ControlMsg::IoRequest {
+                id: 78,
+                space: IoSpace::Pio,
+                addr: 0x3f8,
+                len: 1,
+                write: false,
+                data: [0; 8],
+            },
+            ControlMsg::IoReply {
+                id: 77,
+                data: [9; 8],
+            },
+            ControlMsg::ApicView(ApicView {
+                apic_id: 2,
+                x2apic: true,
+                ldr: 0x10004,
+                dfr: 0xffff_ffff,
+                arbitration_priority: 0x20,
+                enabled: true,
+            }),
+            ControlMsg::Stop {
+                code: StopCode::Failed,
+                reason: "lost node 2".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        for m in samples() {
+            assert_eq!(ControlMsg::decode(&m.encode()), Ok(m.clone()), "{m:?}");
+        }
+    }
+
+    #[test]
+    fn truncations_are_errors() {
+        for m in samples() {
+            let b = m.encode();
+            for n in 0..b.len() {
+                assert!(ControlMsg::decode(&b[..n]).is_err(), "{m:?} cut at {n}");
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_random_bytes_never_panics(b in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if let Ok(m) = ControlMsg::decode(&b) {
+                // Whatever decodes re-encodes to something that decodes the same.
+                prop_assert_eq!(ControlMsg::decode(&m.encode()), Ok(m));
+            }
+        }
+    }
+}
