@@ -9,6 +9,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use dvmm_vmm::{Vm, VmConfig, VmControl, VmOutcome};
 
+mod cluster;
+
 /// dvmm: a distributed virtual machine monitor.
 #[derive(Parser, Debug)]
 #[command(version, about)]
@@ -20,8 +22,11 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Boot a guest. The serial console is this terminal; exits 0 when the guest powers
-    /// off, 2 when it resets, 3 when it panics, 1 on errors, 130 when interrupted.
+    /// off, 2 when it resets, 3 when it panics, 1 on errors, 130 when interrupted. With
+    /// `--nodes K`, starts K node processes on this machine that run the guest together.
     Run(RunArgs),
+    /// Run one node of a multi-host cluster described by a cluster file.
+    Node(NodeArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -41,26 +46,28 @@ struct RunArgs {
     /// Guest RAM, e.g. 256M, 2G (suffixes K, M, G, T; binary units).
     #[arg(long, default_value = "256M", value_parser = parse_size)]
     memory: u64,
+    /// Number of dvmm nodes (processes on this machine, talking over loopback TCP)
+    /// that run the guest together: vCPUs and RAM are split between them in blocks.
+    #[arg(long, default_value_t = 1)]
+    nodes: u32,
+    /// Authenticate node-to-node traffic but do not encrypt it (trusted fabrics only).
+    #[arg(long)]
+    insecure_transport: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct NodeArgs {
+    /// The cluster file (TOML): nodes, their addresses, vCPUs and memory, the secret.
+    #[arg(long)]
+    cluster: PathBuf,
+    /// This node's index in the cluster file (0 runs the devices and the boot vCPU).
+    #[arg(long)]
+    id: usize,
 }
 
 /// Parses sizes like `4096`, `256M`, `1G`, `512MiB`.
 fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size; use e.g. 256M or 2G"))?;
-    let shift = match unit.trim().to_ascii_uppercase().as_str() {
-        "" | "B" => 0,
-        "K" | "KB" | "KIB" => 10,
-        "M" | "MB" | "MIB" => 20,
-        "G" | "GB" | "GIB" => 30,
-        "T" | "TB" | "TIB" => 40,
-        _ => return Err(format!("'{s}' has an unknown unit; use K, M, G or T")),
-    };
-    n.checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("'{s}' is too large"))
+    dvmm_cluster::config::parse_size(s)
 }
 
 /// Guest console output: straight to stdout, flushed at once (a prompt has no newline).
@@ -117,11 +124,11 @@ impl Drop for RawTerminal {
     }
 }
 
-/// Blocks SIGINT and SIGTERM in every thread and turns them into a clean stop.
-fn stop_on_signals(control: Arc<VmControl>) -> Result<()> {
-    // SAFETY: plain signal-mask manipulation on a sigset_t we own, done before any other
-    // thread exists so that all threads inherit the mask.
-    let set = unsafe {
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread and every thread it starts
+/// later; [`on_signals`] then consumes them. Must run before any thread is started.
+fn block_stop_signals() -> Result<libc::sigset_t> {
+    // SAFETY: plain signal-mask manipulation on a sigset_t we own.
+    unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         libc::sigaddset(&mut set, libc::SIGINT);
@@ -130,36 +137,40 @@ fn stop_on_signals(control: Arc<VmControl>) -> Result<()> {
         if libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
             bail!("cannot block SIGINT/SIGTERM");
         }
-        set
-    };
+        Ok(set)
+    }
+}
+
+/// Calls `action` (on a thread of its own) for every blocked stop signal that arrives.
+fn on_signals(set: libc::sigset_t, action: impl Fn(i32) + Send + 'static) -> Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || loop {
             let mut sig: libc::c_int = 0;
-            // SAFETY: waits on the blocked set built above.
+            // SAFETY: waits on the blocked set built by `block_stop_signals`.
             let r = unsafe { libc::sigwait(&set, &mut sig) };
             if r == 0 {
-                tracing::info!(signal = sig, "stopping the VM");
-                control.finish(VmOutcome::Stopped);
+                action(sig);
             }
         })
         .context("cannot start the signal thread")?;
     Ok(())
 }
 
-fn run(args: RunArgs) -> Result<u8> {
-    let cfg = VmConfig {
-        kernel: args.kernel,
-        initramfs: args.initramfs,
-        cmdline: args.cmdline,
-        vcpus: args.cpus,
-        memory: args.memory,
+/// Wires the terminal to a running VM: signals stop it, stdin feeds its console.
+fn attach_console(
+    set: libc::sigset_t,
+    input: Option<dvmm_vmm::ConsoleInput>,
+    control: Arc<VmControl>,
+) -> Result<Option<RawTerminal>> {
+    on_signals(set, move |sig| {
+        tracing::info!(signal = sig, "stopping the VM");
+        control.finish(VmOutcome::Stopped);
+    })?;
+    let Some(input) = input else {
+        return Ok(None);
     };
-    let out: Box<dyn Write + Send> = Box::new(ConsoleOut);
-    let vm = Vm::build(&cfg, out)?;
-    stop_on_signals(vm.control())?;
-    let _raw = RawTerminal::enable();
-    let input = vm.console_input();
+    let raw = RawTerminal::enable();
     std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
@@ -172,9 +183,12 @@ fn run(args: RunArgs) -> Result<u8> {
             }
         })
         .context("cannot start the console input thread")?;
-    let outcome = vm.run()?;
+    Ok(Some(raw))
+}
+
+fn exit_code(outcome: VmOutcome) -> u8 {
     let _ = std::io::stdout().flush();
-    Ok(match outcome {
+    match outcome {
         VmOutcome::PowerOff => {
             tracing::info!("guest powered off");
             0
@@ -195,7 +209,42 @@ fn run(args: RunArgs) -> Result<u8> {
             eprintln!("dvmm: {why}");
             1
         }
-    })
+    }
+}
+
+fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
+    if args.nodes > 1 {
+        return cluster::run_local_cluster(&args, set);
+    }
+    let cfg = VmConfig {
+        kernel: args.kernel,
+        initramfs: args.initramfs,
+        cmdline: args.cmdline,
+        vcpus: args.cpus,
+        memory: args.memory,
+    };
+    let vm = Vm::build(&cfg, None, Box::new(ConsoleOut))?;
+    let _raw = attach_console(set, vm.console_input(), vm.control())?;
+    let outcome = vm.run()?;
+    Ok(exit_code(outcome))
+}
+
+fn node(args: NodeArgs, set: libc::sigset_t) -> Result<u8> {
+    let cluster = dvmm_cluster::ClusterConfig::load(&args.cluster)?;
+    let mut raw = None;
+    let mut attach_err = None;
+    let outcome =
+        dvmm_vmm::node::run_node(&cluster, args.id, Box::new(ConsoleOut), |input, control| {
+            match attach_console(set, input, control) {
+                Ok(r) => raw = r,
+                Err(e) => attach_err = Some(e),
+            }
+        })?;
+    drop(raw);
+    if let Some(e) = attach_err {
+        return Err(e);
+    }
+    Ok(exit_code(outcome))
 }
 
 fn main() -> ExitCode {
@@ -207,9 +256,10 @@ fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Run(args) => run(args),
-    };
+    let result = block_stop_signals().and_then(|set| match cli.command {
+        Command::Run(args) => run(args, set),
+        Command::Node(args) => node(args, set),
+    });
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -225,21 +275,5 @@ fn main() -> ExitCode {
             eprintln!("dvmm: error: {msg}");
             ExitCode::from(1)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("256M"), Ok(256 << 20));
-        assert_eq!(parse_size("2G"), Ok(2 << 30));
-        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("5X").is_err());
-        assert!(parse_size("99999999999T").is_err());
     }
 }

@@ -101,6 +101,30 @@ impl Topology {
         })
     }
 
+    /// Explicit per-node shares: `(vcpus, memory)` for each node, in node order. The
+    /// same checks as [`Topology::uniform`]; each node's memory must be a multiple of
+    /// 2 MiB.
+    pub fn from_nodes(shares: &[(u32, u64)]) -> Result<Topology, BootError> {
+        let vcpus: u32 = shares.iter().map(|s| s.0).sum();
+        let memory: u64 = shares.iter().map(|s| s.1).sum();
+        // Validate totals with the uniform rules, then lay out the given shares.
+        let mut t = Topology::uniform(vcpus, memory, shares.len().max(1) as u32)?;
+        let mut next_vcpu = 0;
+        let mut next_off = 0;
+        for (node, (n, mem)) in t.nodes.iter_mut().zip(shares) {
+            if *n == 0 || *mem < NODE_RAM_ALIGN || mem % NODE_RAM_ALIGN != 0 {
+                return Err(BootError::Topology(format!(
+                    "every node needs at least one vCPU and a multiple of 2 MiB of RAM (got {n} vCPUs, {mem} bytes)"
+                )));
+            }
+            node.vcpus = next_vcpu..next_vcpu + n;
+            node.ram = offsets_to_ranges(next_off, next_off + mem);
+            next_vcpu += n;
+            next_off += mem;
+        }
+        Ok(t)
+    }
+
     /// Node that owns vCPU `vcpu`.
     pub fn node_of_vcpu(&self, vcpu: u32) -> Option<usize> {
         self.nodes.iter().position(|n| n.vcpus.contains(&vcpu))
@@ -138,6 +162,17 @@ fn offsets_to_ranges(start: u64, end: u64) -> Vec<RamRange> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn explicit_shares() {
+        let t = super::Topology::from_nodes(&[(2, 64 << 20), (1, 32 << 20)]).unwrap();
+        assert_eq!(t.vcpus, 3);
+        assert_eq!(t.memory, 96 << 20);
+        assert_eq!(t.nodes[1].vcpus, 2..3);
+        assert_eq!(t.nodes[1].ram[0].start, 64 << 20);
+        assert!(super::Topology::from_nodes(&[(1, 64 << 20), (0, 32 << 20)]).is_err());
+        assert!(super::Topology::from_nodes(&[(1, 64 << 20), (1, 3 << 20)]).is_err());
+    }
+
     use super::*;
     use dvmm_layout::HIGH_RAM_START;
 

@@ -176,13 +176,15 @@ impl ClusterConfig {
                 return Err(invalid(format!("node {i}: vcpus must be at least 1")));
             }
             let memory = parse_size(&n.memory).map_err(|e| invalid(format!("node {i}: {e}")))?;
-            if memory == 0 || memory % (2 << 20) != 0 {
+            if memory == 0 || !memory.is_multiple_of(2 << 20) {
                 return Err(invalid(format!(
                     "node {i}: memory must be a non-zero multiple of 2 MiB"
                 )));
             }
             if nodes.iter().any(|p: &NodeSpec| p.address == address) {
-                return Err(invalid(format!("node {i}: address {address} is used twice")));
+                return Err(invalid(format!(
+                    "node {i}: address {address} is used twice"
+                )));
             }
             nodes.push(NodeSpec {
                 address,
@@ -263,6 +265,17 @@ memory = "64M"
     }
 
     #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("512MiB"), Ok(512 << 20));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("5X").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
     fn parses_a_cluster() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.nodes.len(), 2);
@@ -283,7 +296,10 @@ memory = "64M"
     fn rejects_bad_files() {
         let cases = [
             (GOOD.replace("0123456789abcdef0123", "short"), "at least 16"),
-            (GOOD.replace("127.0.0.1:7001", "127.0.0.1:7000"), "used twice"),
+            (
+                GOOD.replace("127.0.0.1:7001", "127.0.0.1:7000"),
+                "used twice",
+            ),
             (GOOD.replace("vcpus = 1", "vcpus = 0"), "at least 1"),
             (GOOD.replace("64M", "3M"), "multiple of 2 MiB"),
             (GOOD.replace("64M", "lots"), "not a size"),

@@ -7,7 +7,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use dvmm_devices::IrqLine;
-use dvmm_irq::lapic::Lapic;
+use dvmm_irq::lapic::{ApicView, Lapic};
 use dvmm_irq::msg::InterruptMessage;
 use dvmm_irq::{ioapic::IoApic, route};
 
@@ -25,6 +25,8 @@ pub struct VcpuHandle {
     pub wake: Condvar,
     /// Gets the vCPU thread out of `KVM_RUN`.
     pub kicker: Kicker,
+    /// The routing view last published to other nodes.
+    published: Mutex<Option<ApicView>>,
 }
 
 impl VcpuHandle {
@@ -35,6 +37,7 @@ impl VcpuHandle {
             lapic: Mutex::new(lapic),
             wake: Condvar::new(),
             kicker: Kicker::new(),
+            published: Mutex::new(None),
         }
     }
 
@@ -51,24 +54,63 @@ impl VcpuHandle {
     }
 }
 
-/// Routes interrupt messages to vCPUs.
+/// What interrupt routing needs from the other nodes of a cluster.
+pub trait RemoteInterrupts: Send + Sync {
+    /// Deliver `msg` to APIC `apic_id`, which lives on another node.
+    fn send_irq(&self, apic_id: u32, msg: &InterruptMessage);
+    /// A level-triggered `vector` was EOId here; the IOAPIC lives on another node.
+    fn level_eoi(&self, vector: u8);
+    /// One of our LAPICs changed how it is addressed (mode, LDR, DFR, enable).
+    fn publish_view(&self, view: &ApicView);
+}
+
+/// Routes interrupt messages to vCPUs, local or (through [`RemoteInterrupts`]) on
+/// other nodes. vCPU `i` of the VM has APIC id `i`.
 pub struct InterruptHub {
     vcpus: Vec<Arc<VcpuHandle>>,
-    ioapic: Mutex<IoApic>,
+    first_apic: u32,
+    total: u32,
+    ioapic: Option<Mutex<IoApic>>,
     timers: Arc<TimerService>,
+    remote: Option<Arc<dyn RemoteInterrupts>>,
+    remote_views: Mutex<Vec<ApicView>>,
+}
+
+/// How a LAPIC looks at reset, before its node tells us otherwise.
+fn reset_view(apic_id: u32) -> ApicView {
+    ApicView {
+        apic_id,
+        x2apic: false,
+        ldr: 0,
+        dfr: 0xffff_ffff,
+        arbitration_priority: 0,
+        enabled: true,
+    }
 }
 
 impl InterruptHub {
-    /// A hub over the given vCPUs with a fresh IOAPIC.
-    pub fn new(vcpus: Vec<Arc<VcpuHandle>>, ioapic: IoApic, timers: Arc<TimerService>) -> Self {
+    /// A hub over the local vCPUs `vcpus` (APIC ids `first_apic..`), of `total` in the
+    /// VM. `ioapic` is `Some` on the node that has the devices.
+    pub fn new(
+        vcpus: Vec<Arc<VcpuHandle>>,
+        first_apic: u32,
+        total: u32,
+        ioapic: Option<IoApic>,
+        timers: Arc<TimerService>,
+        remote: Option<Arc<dyn RemoteInterrupts>>,
+    ) -> Self {
         InterruptHub {
             vcpus,
-            ioapic: Mutex::new(ioapic),
+            first_apic,
+            total,
+            ioapic: ioapic.map(Mutex::new),
             timers,
+            remote,
+            remote_views: Mutex::new((0..total).map(reset_view).collect()),
         }
     }
 
-    /// All vCPU handles, by index.
+    /// The local vCPU handles.
     pub fn vcpus(&self) -> &[Arc<VcpuHandle>] {
         &self.vcpus
     }
@@ -78,21 +120,71 @@ impl InterruptHub {
         &self.timers
     }
 
-    fn ioapic(&self) -> MutexGuard<'_, IoApic> {
-        self.ioapic.lock().unwrap_or_else(|e| e.into_inner())
+    fn local(&self, apic_id: u32) -> Option<&Arc<VcpuHandle>> {
+        apic_id
+            .checked_sub(self.first_apic)
+            .and_then(|i| self.vcpus.get(i as usize))
     }
 
     /// Delivers `msg`, sent by the LAPIC with id `source` (None for IOAPIC/MSI).
     pub fn deliver(&self, msg: &InterruptMessage, source: Option<u32>) {
-        let views: Vec<_> = self.vcpus.iter().map(|v| v.lock().view()).collect();
+        let mut views = self
+            .remote_views
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for v in &self.vcpus {
+            if let Some(slot) = views.get_mut(v.index as usize) {
+                *slot = v.lock().view();
+            }
+        }
         for idx in route::targets(msg, source, &views) {
-            let Some(target) = self.vcpus.get(idx) else {
+            let apic_id = idx as u32;
+            if apic_id >= self.total {
                 continue;
-            };
+            }
+            match (self.local(apic_id), &self.remote) {
+                (Some(_), _) => self.deliver_local(apic_id, msg),
+                (None, Some(remote)) => remote.send_irq(apic_id, msg),
+                (None, None) => {}
+            }
+        }
+    }
+
+    /// Delivers `msg` to the local LAPIC `apic_id` (routing already done).
+    pub fn deliver_local(&self, apic_id: u32, msg: &InterruptMessage) {
+        if let Some(target) = self.local(apic_id) {
             let woke = target.lock().accept(msg);
             if woke {
                 target.notify();
             }
+        }
+    }
+
+    /// Records another node's LAPIC view.
+    pub fn update_remote_view(&self, view: ApicView) {
+        if self.local(view.apic_id).is_some() {
+            return;
+        }
+        let mut views = self.remote_views.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(slot) = views.get_mut(view.apic_id as usize) {
+            *slot = view;
+        }
+    }
+
+    /// After a LAPIC register write: tell the other nodes if its addressing changed.
+    /// (Arbitration priority changes all the time and is left out: lowest-priority
+    /// delivery to another node uses the last published value.)
+    pub fn lapic_written(&self, handle: &VcpuHandle) {
+        let Some(remote) = &self.remote else {
+            return;
+        };
+        let mut view = handle.lock().view();
+        view.arbitration_priority = 0;
+        let mut published = handle.published.lock().unwrap_or_else(|e| e.into_inner());
+        if published.as_ref() != Some(&view) {
+            *published = Some(view);
+            remote.publish_view(&view);
         }
     }
 
@@ -103,27 +195,41 @@ impl InterruptHub {
         }
     }
 
-    /// Drives IOAPIC input `pin`.
-    pub fn set_gsi(&self, pin: usize, level: bool) {
-        let msgs = self.ioapic().set_irq(pin, level);
-        self.deliver_all(msgs);
+    fn with_ioapic<T>(&self, f: impl FnOnce(&mut IoApic) -> T) -> Option<T> {
+        self.ioapic
+            .as_ref()
+            .map(|io| f(&mut io.lock().unwrap_or_else(|e| e.into_inner())))
     }
 
-    /// A level-triggered vector was EOId at a LAPIC.
+    /// Drives IOAPIC input `pin`.
+    pub fn set_gsi(&self, pin: usize, level: bool) {
+        if let Some(msgs) = self.with_ioapic(|io| io.set_irq(pin, level)) {
+            self.deliver_all(msgs);
+        }
+    }
+
+    /// A level-triggered vector was EOId at a LAPIC (here or on another node).
     pub fn level_eoi(&self, vector: u8) {
-        let msgs = self.ioapic().end_of_interrupt(vector);
-        self.deliver_all(msgs);
+        match self.with_ioapic(|io| io.end_of_interrupt(vector)) {
+            Some(msgs) => self.deliver_all(msgs),
+            None => {
+                if let Some(remote) = &self.remote {
+                    remote.level_eoi(vector);
+                }
+            }
+        }
     }
 
     /// IOAPIC register read.
     pub fn ioapic_read(&self, offset: u64) -> u32 {
-        self.ioapic().mmio_read(offset)
+        self.with_ioapic(|io| io.mmio_read(offset)).unwrap_or(!0)
     }
 
     /// IOAPIC register write.
     pub fn ioapic_write(&self, offset: u64, value: u32) {
-        let msgs = self.ioapic().mmio_write(offset, value);
-        self.deliver_all(msgs);
+        if let Some(msgs) = self.with_ioapic(|io| io.mmio_write(offset, value)) {
+            self.deliver_all(msgs);
+        }
     }
 }
 

@@ -14,6 +14,7 @@ pub mod host;
 pub mod interrupts;
 pub mod kick;
 pub mod memory;
+pub mod node;
 pub mod stats;
 pub mod timers;
 pub mod vcpu;
@@ -48,6 +49,9 @@ pub enum VmmError {
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    /// The cluster could not be formed or broke.
+    #[error("cluster: {0}")]
+    Cluster(String),
     /// A bug in dvmm.
     #[error("internal error: {0}")]
     Internal(String),

@@ -64,6 +64,13 @@ pub fn is_lapic_msr(msr: u32) -> bool {
     msr == MSR_APIC_BASE || msr == MSR_TSC_DEADLINE || (0x800..=0x8ff).contains(&msr)
 }
 
+/// Device accesses that no local device claims, forwarded to the node that has the
+/// devices (node 0). Blocks until the reply arrives.
+pub trait RemoteIo: Send + Sync {
+    /// Performs the access remotely; for reads, fills `data`.
+    fn io(&self, space: dvmm_cluster::IoSpace, addr: u64, data: &mut [u8], write: bool);
+}
+
 /// Everything a vCPU thread shares with the rest of the VM.
 pub struct VcpuEnv {
     /// Interrupt routing and all LAPICs.
@@ -78,6 +85,9 @@ pub struct VcpuEnv {
     pub clock: Arc<dyn Clock>,
     /// End-of-VM state.
     pub control: Arc<VmControl>,
+    /// Where unclaimed device accesses go (None on a single node: reads ~0, writes
+    /// are dropped).
+    pub remote_io: Option<Arc<dyn RemoteIo>>,
 }
 
 /// Where the vCPU is in its life.
@@ -387,13 +397,19 @@ fn handle_io(run: &mut kvm_run, env: &VcpuEnv) {
     let data =
         unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), size * count) };
     let port = u64::from(io.port);
+    let write = io.direction != 0;
     for chunk in data.chunks_mut(size.max(1)) {
-        if io.direction == 0 {
-            if !env.pio.read(port, chunk) {
-                chunk.fill(0xff);
-            }
+        let done = if write {
+            env.pio.write(port, chunk)
         } else {
-            env.pio.write(port, chunk);
+            env.pio.read(port, chunk)
+        };
+        if !done {
+            match &env.remote_io {
+                Some(r) => r.io(dvmm_cluster::IoSpace::Pio, port, chunk, write),
+                None if !write => chunk.fill(0xff),
+                None => {}
+            }
         }
     }
 }
@@ -422,10 +438,18 @@ fn handle_mmio(run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) {
         }
         return;
     }
-    if mmio.is_write != 0 {
-        env.mmio.write(addr, data);
-    } else if !env.mmio.read(addr, data) {
-        data.fill(0xff);
+    let write = mmio.is_write != 0;
+    let done = if write {
+        env.mmio.write(addr, data)
+    } else {
+        env.mmio.read(addr, data)
+    };
+    if !done {
+        match &env.remote_io {
+            Some(r) => r.io(dvmm_cluster::IoSpace::Mmio, addr, data, write),
+            None if !write => data.fill(0xff),
+            None => {}
+        }
     }
 }
 
@@ -475,6 +499,7 @@ fn handle_msr(vcpu: &VcpuFd, run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuE
 }
 
 fn lapic_event(ev: Option<LapicEvent>, handle: &VcpuHandle, env: &VcpuEnv) {
+    env.hub.lapic_written(handle);
     match ev {
         None => {}
         Some(LapicEvent::Ipi(msg)) => env.hub.deliver(&msg, Some(handle.index)),

@@ -32,10 +32,10 @@ use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlag
 use crate::control::{VmControl, VmOutcome};
 use crate::cpuid;
 use crate::host::HostKvm;
-use crate::interrupts::{InterruptHub, IoApicMmio, IoApicPin, VcpuHandle};
+use crate::interrupts::{InterruptHub, IoApicMmio, IoApicPin, RemoteInterrupts, VcpuHandle};
 use crate::memory::GuestRam;
 use crate::timers::{PitPorts, TimerService};
-use crate::vcpu::{self, VcpuEnv};
+use crate::vcpu::{self, RemoteIo, VcpuEnv};
 use crate::VmmError;
 
 /// What to run.
@@ -51,6 +51,18 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Guest RAM in bytes.
     pub memory: u64,
+}
+
+/// Where this VM instance sits in a multi-node cluster.
+pub struct Placement {
+    /// This node's id (node 0 runs the boot vCPU and the devices).
+    pub node: usize,
+    /// `(vcpus, memory)` of every node, in node order.
+    pub shares: Vec<(u32, u64)>,
+    /// Interrupt delivery to other nodes.
+    pub remote_irq: Arc<dyn RemoteInterrupts>,
+    /// Device accesses forwarded to node 0.
+    pub remote_io: Arc<dyn RemoteIo>,
 }
 
 /// Feeds console input to the guest's serial port.
@@ -90,8 +102,9 @@ pub struct Vm {
     handles: Vec<Arc<VcpuHandle>>,
     env: Arc<VcpuEnv>,
     pit: Arc<Mutex<Pit>>,
-    boot: dvmm_boot::cpu::CpuBootState,
-    console: ConsoleInput,
+    boot: Option<dvmm_boot::cpu::CpuBootState>,
+    console: Option<ConsoleInput>,
+    ram: Arc<GuestRam>,
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
@@ -176,10 +189,104 @@ impl<D: BusDevice> BusDevice for Shifted<D> {
     }
 }
 
+/// The devices that live on node 0: UART, PIT, RTC, i8042, ACPI PM, reset, pvpanic,
+/// PICs, and the IOAPIC's MMIO window. Returns the UART (for console input).
+#[allow(clippy::too_many_arguments)]
+fn attach_devices(
+    pio: &mut Bus,
+    mmio: &mut Bus,
+    hub: &Arc<InterruptHub>,
+    pit: &Arc<Mutex<Pit>>,
+    clock: &Arc<dyn Clock>,
+    timers: &Arc<TimerService>,
+    events: Arc<dyn VmEventSink>,
+    console_out: Box<dyn Write + Send>,
+) -> Result<Arc<Mutex<Serial>>, VmmError> {
+    let serial = Arc::new(Mutex::new(Serial::new(
+        Arc::new(IoApicPin::new(hub.clone(), layout::COM1_IRQ as usize)),
+        console_out,
+    )));
+    pio.insert(serial.clone(), u64::from(layout::COM1_PORT), 8)
+        .map_err(|e| VmmError::Internal(format!("device map: {e}")))?;
+    add(
+        pio,
+        PitPorts::new(pit.clone(), layout::PIT_PORT, clock.clone(), timers.clone()),
+        u64::from(layout::PIT_PORT),
+        4,
+    )?;
+    add(
+        pio,
+        PitPorts::new(pit.clone(), layout::PORT_61, clock.clone(), timers.clone()),
+        u64::from(layout::PORT_61),
+        1,
+    )?;
+    add(pio, Rtc::new(), u64::from(layout::RTC_PORT), 2)?;
+    // One i8042 answers at 0x60 and 0x64, around port 0x61 (which is the PIT's).
+    let i8042 = Arc::new(Mutex::new(I8042::new(events.clone())));
+    let i8042_cmd = u64::from(layout::I8042_CMD_PORT - layout::I8042_DATA_PORT);
+    pio.insert(i8042.clone(), u64::from(layout::I8042_DATA_PORT), 1)
+        .map_err(|e| VmmError::Internal(format!("device map: {e}")))?;
+    add(
+        pio,
+        Shifted {
+            inner: i8042,
+            shift: i8042_cmd,
+        },
+        u64::from(layout::I8042_CMD_PORT),
+        1,
+    )?;
+    add(
+        pio,
+        AcpiPm::new(events.clone()),
+        u64::from(layout::PM1A_EVT_PORT),
+        12,
+    )?;
+    add(
+        pio,
+        ResetPort::new(events.clone()),
+        u64::from(layout::RESET_PORT),
+        1,
+    )?;
+    add(
+        pio,
+        PvPanic::new(events.clone()),
+        u64::from(layout::PVPANIC_PORT),
+        1,
+    )?;
+    add(pio, Pic::new(), u64::from(layout::PIC_MASTER_PORT), 2)?;
+    add(pio, Pic::new(), u64::from(layout::PIC_SLAVE_PORT), 2)?;
+
+    add(
+        mmio,
+        IoApicMmio::new(hub.clone()),
+        layout::IOAPIC_ADDR,
+        layout::APIC_MMIO_SIZE,
+    )?;
+
+    Ok(serial)
+}
+
 impl Vm {
-    /// Creates the VM: memory, vCPUs, devices, and the loaded guest.
-    pub fn build(cfg: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Vm, VmmError> {
-        let topology = Topology::uniform(cfg.vcpus, cfg.memory, 1)?;
+    /// Creates the VM: memory, vCPUs, devices, and the loaded guest. With a
+    /// `placement`, this is one node of a cluster: it creates only its own vCPUs, and only
+    /// node 0 gets the devices and starts the boot vCPU. (Every node loads the guest
+    /// image the same way, so their RAM starts identical.)
+    pub fn build(
+        cfg: &VmConfig,
+        placement: Option<Placement>,
+        console_out: Box<dyn Write + Send>,
+    ) -> Result<Vm, VmmError> {
+        let topology = match &placement {
+            Some(p) => Topology::from_nodes(&p.shares)?,
+            None => Topology::uniform(cfg.vcpus, cfg.memory, 1)?,
+        };
+        let node = placement.as_ref().map_or(0, |p| p.node);
+        let local = topology
+            .nodes
+            .get(node)
+            .map(|n| n.vcpus.clone())
+            .ok_or_else(|| VmmError::Internal(format!("no node {node} in the topology")))?;
+        let total_vcpus = topology.vcpus;
         let host = HostKvm::detect();
         if host.emulates_guest_kernel() {
             tracing::info!(
@@ -188,7 +295,7 @@ impl Vm {
             );
         }
         let kvm = Kvm::new().map_err(|source| VmmError::KvmUnavailable { source })?;
-        let ram = Arc::new(GuestRam::new(cfg.memory)?);
+        let ram = Arc::new(GuestRam::new(topology.memory)?);
         let vm = kvm.create_vm().map_err(kvm_err("creating the VM"))?;
         // Intel VT-x needs three pages for the real-mode TSS; put them in the MMIO hole.
         let _ = vm.set_tss_address(0xfffb_d000);
@@ -210,8 +317,8 @@ impl Vm {
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("reading supported CPUID"))?;
-        let mut vcpus = Vec::with_capacity(cfg.vcpus as usize);
-        for i in 0..cfg.vcpus {
+        let mut vcpus = Vec::with_capacity(local.len());
+        for i in local.clone() {
             vcpus.push(
                 vm.create_vcpu(u64::from(i))
                     .map_err(kvm_err("creating a vCPU"))?,
@@ -220,11 +327,11 @@ impl Vm {
         let tsc_khz = vcpus[0]
             .get_tsc_khz()
             .map_err(kvm_err("reading the TSC frequency"))?;
-        for (i, v) in vcpus.iter().enumerate() {
+        for (i, v) in local.clone().zip(&vcpus) {
             let entries = cpuid::vcpu_cpuid(
                 supported.as_slice(),
-                i as u32,
-                cfg.vcpus,
+                i,
+                total_vcpus,
                 tsc_khz,
                 host.emulates_guest_kernel(),
             );
@@ -267,90 +374,55 @@ impl Vm {
             "kernel loaded"
         );
 
-        let handles: Vec<Arc<VcpuHandle>> = (0..cfg.vcpus)
+        let handles: Vec<Arc<VcpuHandle>> = local
+            .clone()
             .map(|i| Arc::new(VcpuHandle::new(i, Lapic::new(i, i == 0, tsc))))
             .collect();
         let timers = Arc::new(TimerService::new());
+        let has_devices = node == 0;
         let hub = Arc::new(InterruptHub::new(
             handles.clone(),
-            IoApic::new(layout::IOAPIC_ID),
+            local.start,
+            total_vcpus,
+            has_devices.then(|| IoApic::new(layout::IOAPIC_ID)),
             timers.clone(),
+            placement.as_ref().map(|p| p.remote_irq.clone()),
         ));
         let control = Arc::new(VmControl::new());
         let events: Arc<dyn VmEventSink> = control.clone();
         let pit = Arc::new(Mutex::new(Pit::new(now)));
 
         let mut pio = Bus::new();
-        let serial = Arc::new(Mutex::new(Serial::new(
-            Arc::new(IoApicPin::new(hub.clone(), layout::COM1_IRQ as usize)),
-            console_out,
-        )));
-        pio.insert(serial.clone(), u64::from(layout::COM1_PORT), 8)
-            .map_err(|e| VmmError::Internal(format!("device map: {e}")))?;
-        add(
-            &mut pio,
-            PitPorts::new(pit.clone(), layout::PIT_PORT, clock.clone(), timers.clone()),
-            u64::from(layout::PIT_PORT),
-            4,
-        )?;
-        add(
-            &mut pio,
-            PitPorts::new(pit.clone(), layout::PORT_61, clock.clone(), timers.clone()),
-            u64::from(layout::PORT_61),
-            1,
-        )?;
-        add(&mut pio, Rtc::new(), u64::from(layout::RTC_PORT), 2)?;
-        // One i8042 answers at 0x60 and 0x64, around port 0x61 (which is the PIT's).
-        let i8042 = Arc::new(Mutex::new(I8042::new(events.clone())));
-        let i8042_cmd = u64::from(layout::I8042_CMD_PORT - layout::I8042_DATA_PORT);
-        pio.insert(i8042.clone(), u64::from(layout::I8042_DATA_PORT), 1)
-            .map_err(|e| VmmError::Internal(format!("device map: {e}")))?;
-        add(
-            &mut pio,
-            Shifted {
-                inner: i8042,
-                shift: i8042_cmd,
-            },
-            u64::from(layout::I8042_CMD_PORT),
-            1,
-        )?;
-        add(
-            &mut pio,
-            AcpiPm::new(events.clone()),
-            u64::from(layout::PM1A_EVT_PORT),
-            12,
-        )?;
-        add(
-            &mut pio,
-            ResetPort::new(events.clone()),
-            u64::from(layout::RESET_PORT),
-            1,
-        )?;
-        add(
-            &mut pio,
-            PvPanic::new(events.clone()),
-            u64::from(layout::PVPANIC_PORT),
-            1,
-        )?;
-        add(&mut pio, Pic::new(), u64::from(layout::PIC_MASTER_PORT), 2)?;
-        add(&mut pio, Pic::new(), u64::from(layout::PIC_SLAVE_PORT), 2)?;
-        add(&mut pio, Sink, u64::from(layout::POST_PORT), 1)?;
-
         let mut mmio = Bus::new();
-        add(
-            &mut mmio,
-            IoApicMmio::new(hub.clone()),
-            layout::IOAPIC_ADDR,
-            layout::APIC_MMIO_SIZE,
-        )?;
+        // Port 0x80 is only a delay: every node answers it locally.
+        add(&mut pio, Sink, u64::from(layout::POST_PORT), 1)?;
+        let console = if has_devices {
+            let serial = attach_devices(
+                &mut pio,
+                &mut mmio,
+                &hub,
+                &pit,
+                &clock,
+                &timers,
+                events,
+                console_out,
+            )?;
+            Some(ConsoleInput {
+                serial,
+                control: control.clone(),
+            })
+        } else {
+            None
+        };
 
         let env = Arc::new(VcpuEnv {
             hub,
             pio,
             mmio,
-            ram,
+            ram: ram.clone(),
             clock,
             control: control.clone(),
+            remote_io: placement.as_ref().map(|p| p.remote_io.clone()),
         });
         Ok(Vm {
             vcpus,
@@ -358,8 +430,9 @@ impl Vm {
             handles,
             env,
             pit,
-            boot: loaded.cpu,
-            console: ConsoleInput { serial, control },
+            boot: local.contains(&0).then_some(loaded.cpu),
+            console,
+            ram,
         })
     }
 
@@ -368,8 +441,23 @@ impl Vm {
         self.env.control.clone()
     }
 
+    /// The interrupt hub (for the node runtime's dispatcher).
+    pub fn hub(&self) -> Arc<InterruptHub> {
+        self.env.hub.clone()
+    }
+
+    /// The port and MMIO buses (handles sharing the device maps).
+    pub fn buses(&self) -> (Bus, Bus) {
+        (self.env.pio.clone(), self.env.mmio.clone())
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> Arc<GuestRam> {
+        self.ram.clone()
+    }
+
     /// A handle to type into the guest's console.
-    pub fn console_input(&self) -> ConsoleInput {
+    pub fn console_input(&self) -> Option<ConsoleInput> {
         self.console.clone()
     }
 
@@ -392,7 +480,7 @@ impl Vm {
         for (i, fd) in self.vcpus.drain(..).enumerate() {
             let handle = self.handles[i].clone();
             let env = self.env.clone();
-            let boot = (i == 0).then_some(self.boot);
+            let boot = if i == 0 { self.boot } else { None };
             match std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
                 .spawn(move || vcpu::run(fd, handle, env, boot))

@@ -1,0 +1,360 @@
+//! One node of a multi-node VM.
+//!
+//! Every node builds the same VM (same RAM size, same loaded guest image), creates only
+//! its own vCPUs, and joins the others over [`dvmm_transport`]. Node 0 owns the devices
+//! and the boot vCPU. A dispatcher thread per node turns incoming messages into local
+//! actions: interrupts for local LAPICs, device accesses (node 0), LAPIC views, DSM
+//! traffic, and the end of the VM.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use dvmm_cluster::wire::{StopCode, KIND_CONTROL, KIND_DSM};
+use dvmm_cluster::{ClusterConfig, ControlMsg, IoSpace};
+use dvmm_irq::lapic::ApicView;
+use dvmm_irq::msg::InterruptMessage;
+use dvmm_transport::{Event, Transport, TransportConfig};
+
+use crate::control::{VmControl, VmOutcome};
+use crate::interrupts::RemoteInterrupts;
+use crate::vcpu::RemoteIo;
+use crate::vm::{Placement, Vm, VmConfig};
+use crate::VmmError;
+
+/// How long a node waits for all peers to connect at start-up.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the nodes wait for each other to finish building their VMs.
+const READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A node's outgoing side: what vCPU threads and devices use to reach other nodes.
+pub struct NodeLink {
+    transport: Transport,
+    id: u16,
+    /// Node of each APIC id.
+    owner: Vec<u16>,
+    pending_io: Mutex<HashMap<u64, SyncSender<[u8; 8]>>>,
+    next_io: AtomicU64,
+    control: OnceLock<Arc<VmControl>>,
+}
+
+impl NodeLink {
+    fn send(&self, to: u16, msg: &ControlMsg) {
+        if let Err(e) = self.transport.send(to, KIND_CONTROL, &msg.encode()) {
+            tracing::debug!(to, error = %e, "control message not sent");
+        }
+    }
+
+    fn broadcast(&self, msg: &ControlMsg) {
+        for n in 0..self.transport.nodes() {
+            if n != self.id {
+                self.send(n, msg);
+            }
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.control.get().is_some_and(|c| c.stopping())
+    }
+
+    /// Sends DSM traffic (used by the DSM engine's network adapter).
+    pub fn send_dsm(&self, to: u16, parts: &[&[u8]]) {
+        if let Err(e) = self.transport.send_parts(to, KIND_DSM, parts) {
+            tracing::debug!(to, error = %e, "DSM message not sent");
+        }
+    }
+}
+
+impl RemoteInterrupts for NodeLink {
+    fn send_irq(&self, apic_id: u32, msg: &InterruptMessage) {
+        if let Some(&node) = self.owner.get(apic_id as usize) {
+            self.send(node, &ControlMsg::Irq { apic_id, msg: *msg });
+        }
+    }
+
+    fn level_eoi(&self, vector: u8) {
+        self.send(0, &ControlMsg::LevelEoi { vector });
+    }
+
+    fn publish_view(&self, view: &ApicView) {
+        self.broadcast(&ControlMsg::ApicView(*view));
+    }
+}
+
+impl RemoteIo for NodeLink {
+    fn io(&self, space: IoSpace, addr: u64, data: &mut [u8], write: bool) {
+        let len = data.len().min(8);
+        let id = self.next_io.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::sync_channel(1);
+        self.pending_io
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+        let mut out = [0u8; 8];
+        if write {
+            out[..len].copy_from_slice(&data[..len]);
+        }
+        self.send(
+            0,
+            &ControlMsg::IoRequest {
+                id,
+                space,
+                addr,
+                len: len as u8,
+                write,
+                data: out,
+            },
+        );
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(reply) => {
+                    if !write {
+                        data[..len].copy_from_slice(&reply[..len]);
+                    }
+                    return;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if !self.stopping() => continue,
+                Err(_) => {
+                    self.pending_io
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                    data.fill(0xff);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Turns an outcome into the message that tells the other nodes.
+fn stop_msg(outcome: &VmOutcome) -> ControlMsg {
+    let (code, reason) = match outcome {
+        VmOutcome::PowerOff => (StopCode::PowerOff, String::new()),
+        VmOutcome::Reset(r) => (StopCode::Reset, r.clone()),
+        VmOutcome::Panic => (StopCode::Panic, String::new()),
+        VmOutcome::Stopped => (StopCode::Stopped, String::new()),
+        VmOutcome::Failed(r) => (StopCode::Failed, r.clone()),
+    };
+    ControlMsg::Stop { code, reason }
+}
+
+fn outcome_of(from: u16, code: StopCode, reason: String) -> VmOutcome {
+    match code {
+        StopCode::PowerOff => VmOutcome::PowerOff,
+        StopCode::Reset => VmOutcome::Reset(reason),
+        StopCode::Panic => VmOutcome::Panic,
+        StopCode::Stopped => VmOutcome::Stopped,
+        StopCode::Failed => VmOutcome::Failed(format!("node {from}: {reason}")),
+    }
+}
+
+/// State the dispatcher thread needs.
+struct Dispatch {
+    link: Arc<NodeLink>,
+    vm_hub: Arc<crate::interrupts::InterruptHub>,
+    pio: dvmm_devices::bus::Bus,
+    mmio: dvmm_devices::bus::Bus,
+    control: Arc<VmControl>,
+    ready: Mutex<usize>,
+    ready_cond: std::sync::Condvar,
+}
+
+impl Dispatch {
+    fn run(&self, events: Receiver<Event>) {
+        for ev in events {
+            match ev {
+                Event::Message {
+                    from,
+                    kind: KIND_CONTROL,
+                    payload,
+                } => match ControlMsg::decode(&payload) {
+                    Ok(msg) => self.control_msg(from, msg),
+                    Err(e) => tracing::warn!(from, error = %e, "malformed control message dropped"),
+                },
+                Event::Message {
+                    from,
+                    kind: KIND_DSM,
+                    ..
+                } => {
+                    tracing::warn!(from, "DSM message before the DSM engine exists: dropped");
+                }
+                Event::Message { from, kind, .. } => {
+                    tracing::warn!(from, kind, "message of unknown kind dropped");
+                }
+                Event::PeerLost { node, reason } => {
+                    if !self.control.stopping() {
+                        tracing::error!(node, %reason, "lost a node");
+                    }
+                    self.control
+                        .finish(VmOutcome::Failed(format!("lost node {node}: {reason}")));
+                }
+            }
+        }
+    }
+
+    fn control_msg(&self, from: u16, msg: ControlMsg) {
+        match msg {
+            ControlMsg::Ready => {
+                let mut r = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+                *r += 1;
+                self.ready_cond.notify_all();
+            }
+            ControlMsg::Irq { apic_id, msg } => self.vm_hub.deliver_local(apic_id, &msg),
+            ControlMsg::LevelEoi { vector } => self.vm_hub.level_eoi(vector),
+            ControlMsg::ApicView(view) => self.vm_hub.update_remote_view(view),
+            ControlMsg::IoRequest {
+                id,
+                space,
+                addr,
+                len,
+                write,
+                mut data,
+            } => {
+                let bus = match space {
+                    IoSpace::Pio => &self.pio,
+                    IoSpace::Mmio => &self.mmio,
+                };
+                let buf = &mut data[..usize::from(len)];
+                let done = if write {
+                    bus.write(addr, buf)
+                } else {
+                    bus.read(addr, buf)
+                };
+                if !done && !write {
+                    buf.fill(0xff);
+                }
+                let mut reply = [0u8; 8];
+                if !write {
+                    reply[..usize::from(len)].copy_from_slice(&data[..usize::from(len)]);
+                }
+                self.link
+                    .send(from, &ControlMsg::IoReply { id, data: reply });
+            }
+            ControlMsg::IoReply { id, data } => {
+                let waiter = self
+                    .link
+                    .pending_io
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                if let Some(tx) = waiter {
+                    let _ = tx.send(data);
+                }
+            }
+            ControlMsg::Stop { code, reason } => {
+                self.control.finish(outcome_of(from, code, reason));
+            }
+        }
+    }
+
+    /// Waits until `n` Ready messages arrived (or the VM stopped). True if all arrived.
+    fn wait_ready(&self, n: usize) -> bool {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut r = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+        while *r < n && !self.control.stopping() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            r = self
+                .ready_cond
+                .wait_timeout(r, left.min(Duration::from_millis(200)))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *r >= n
+    }
+}
+
+/// Runs node `id` of `cluster` until the VM ends; returns the outcome.
+pub fn run_node(
+    cluster: &ClusterConfig,
+    id: usize,
+    console_out: Box<dyn std::io::Write + Send>,
+    on_console: impl FnOnce(Option<crate::ConsoleInput>, Arc<VmControl>),
+) -> Result<VmOutcome, VmmError> {
+    let nodes = cluster.nodes.len();
+    if id >= nodes {
+        return Err(VmmError::Internal(format!(
+            "node id {id} is not in the cluster file ({nodes} nodes)"
+        )));
+    }
+    let mut tcfg = TransportConfig::new(
+        id as u16,
+        cluster.nodes.iter().map(|n| n.address).collect(),
+        cluster.secret.as_bytes().to_vec(),
+    );
+    tcfg.encrypt = !cluster.insecure_transport;
+    tcfg.connect_timeout = CONNECT_TIMEOUT;
+    if cluster.insecure_transport {
+        tracing::warn!("--insecure-transport: node traffic is authenticated but NOT encrypted");
+    }
+    let (transport, events) =
+        Transport::start(tcfg).map_err(|e| VmmError::Cluster(e.to_string()))?;
+    tracing::info!(node = id, nodes, "connected to all peers");
+
+    let mut owner = Vec::new();
+    for (n, spec) in cluster.nodes.iter().enumerate() {
+        owner.extend(std::iter::repeat_n(n as u16, spec.vcpus as usize));
+    }
+    let link = Arc::new(NodeLink {
+        transport,
+        id: id as u16,
+        owner,
+        pending_io: Mutex::new(HashMap::new()),
+        next_io: AtomicU64::new(0),
+        control: OnceLock::new(),
+    });
+    let placement = Placement {
+        node: id,
+        shares: cluster.nodes.iter().map(|n| (n.vcpus, n.memory)).collect(),
+        remote_irq: link.clone(),
+        remote_io: link.clone(),
+    };
+    let cfg = VmConfig {
+        kernel: cluster.guest.kernel.clone(),
+        initramfs: cluster.guest.initramfs.clone(),
+        cmdline: cluster.guest.cmdline.clone(),
+        vcpus: cluster.vcpus(),
+        memory: cluster.memory(),
+    };
+    let vm = Vm::build(&cfg, Some(placement), console_out)?;
+    let control = vm.control();
+    let _ = link.control.set(control.clone());
+    let (pio, mmio) = vm.buses();
+    let dispatch = Arc::new(Dispatch {
+        link: link.clone(),
+        vm_hub: vm.hub(),
+        pio,
+        mmio,
+        control: control.clone(),
+        ready: Mutex::new(0),
+        ready_cond: std::sync::Condvar::new(),
+    });
+    {
+        let d = dispatch.clone();
+        std::thread::Builder::new()
+            .name("node-rx".into())
+            .spawn(move || d.run(events))
+            .map_err(VmmError::Thread)?;
+    }
+    on_console(vm.console_input(), control.clone());
+
+    if id == 0 {
+        if !dispatch.wait_ready(nodes - 1) {
+            control.finish(VmOutcome::Failed(
+                "not every node finished building its VM in time".into(),
+            ));
+        }
+    } else {
+        link.send(0, &ControlMsg::Ready);
+    }
+    let outcome = vm.run()?;
+    link.broadcast(&stop_msg(&outcome));
+    // Give the stop message a moment to leave before the connections close.
+    std::thread::sleep(Duration::from_millis(50));
+    Ok(outcome)
+}

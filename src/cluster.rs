@@ -1,0 +1,239 @@
+//! `dvmm run --nodes K`: a whole cluster on this machine, one process per node.
+//!
+//! Picks free loopback ports and a random secret, writes a cluster file (mode 0600) into
+//! a private temporary directory, starts `dvmm node --id i` for every node, and
+//! supervises them: node 0 has the console; the run's exit code is node 0's; when any
+//! node ends, the others get 5 s to follow before they are killed; every child also
+//! dies with this process (PR_SET_PDEATHSIG), so none is left behind.
+
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use dvmm_cluster::{ClusterConfig, GuestSpec, NodeSpec};
+
+use crate::RunArgs;
+
+const NODE_RAM_ALIGN: u64 = 2 << 20;
+/// How long the other nodes get to end after one of them ended.
+const GRACE: Duration = Duration::from_secs(5);
+
+fn random_secret() -> Result<String> {
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("cannot read /dev/urandom for the cluster secret")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Splits `total` into `k` shares, earlier shares getting the remainder.
+fn split(total: u64, k: u64, align: u64) -> Vec<u64> {
+    let base = total / k / align * align;
+    let mut out = vec![base; k as usize];
+    let rest = total - base * k;
+    if let Some(last) = out.last_mut() {
+        *last += rest;
+    }
+    out
+}
+
+/// The cluster file for `args`.
+pub fn local_cluster(args: &RunArgs) -> Result<ClusterConfig> {
+    let k = args.nodes;
+    if args.cpus < k {
+        bail!(
+            "--nodes {k} needs at least {k} vCPUs (one per node); got --cpus {}",
+            args.cpus
+        );
+    }
+    if !args.memory.is_multiple_of(NODE_RAM_ALIGN) || args.memory / u64::from(k) < NODE_RAM_ALIGN {
+        bail!("--memory must be a multiple of 2 MiB with at least 2 MiB per node for --nodes {k}");
+    }
+    let mut nodes = Vec::with_capacity(k as usize);
+    let base = args.cpus / k;
+    let extra = args.cpus % k;
+    let mem = split(args.memory, u64::from(k), NODE_RAM_ALIGN);
+    for i in 0..k {
+        // Bind to learn a free port, then let it go for the node to take.
+        let l = std::net::TcpListener::bind("127.0.0.1:0")
+            .context("cannot find a free loopback port")?;
+        nodes.push(NodeSpec {
+            address: l.local_addr()?,
+            vcpus: base + u32::from(i < extra),
+            memory: mem[i as usize],
+        });
+    }
+    Ok(ClusterConfig {
+        secret: random_secret()?,
+        insecure_transport: args.insecure_transport,
+        guest: GuestSpec {
+            kernel: std::fs::canonicalize(&args.kernel)
+                .with_context(|| format!("cannot read kernel image {}", args.kernel.display()))?,
+            initramfs: match &args.initramfs {
+                Some(p) => Some(
+                    std::fs::canonicalize(p)
+                        .with_context(|| format!("cannot read initramfs {}", p.display()))?,
+                ),
+                None => None,
+            },
+            cmdline: args.cmdline.clone(),
+        },
+        nodes,
+    })
+}
+
+/// A private directory holding the cluster file, removed on drop.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn spawn_node(file: &std::path::Path, id: usize) -> Result<Child> {
+    let exe = std::env::current_exe().context("cannot find the dvmm executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("node")
+        .arg("--cluster")
+        .arg(file)
+        .arg("--id")
+        .arg(id.to_string());
+    if id != 0 {
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
+    }
+    // SAFETY: prctl is async-signal-safe; the closure touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn()
+        .with_context(|| format!("cannot start node {id}"))
+}
+
+fn signal(children: &Mutex<Vec<Child>>, sig: i32) {
+    for c in children.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        // SAFETY: sending a signal to our own child (a stale pid at worst gets ESRCH,
+        // since unreaped children keep their pid).
+        unsafe {
+            libc::kill(c.id() as i32, sig);
+        }
+    }
+}
+
+/// Runs the cluster; returns node 0's exit code.
+pub fn run_local_cluster(args: &RunArgs, set: libc::sigset_t) -> Result<u8> {
+    let cluster = local_cluster(args)?;
+    let dir = std::env::temp_dir().join(format!("dvmm-{}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let dir = TempDir(dir);
+    let file = dir.0.join("cluster.toml");
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&file)
+            .with_context(|| format!("cannot write {}", file.display()))?;
+        f.write_all(cluster.to_toml().as_bytes())?;
+    }
+    tracing::info!(
+        nodes = cluster.nodes.len(),
+        encrypted = !cluster.insecure_transport,
+        "starting a local cluster"
+    );
+
+    let children = Arc::new(Mutex::new(Vec::new()));
+    for id in 0..cluster.nodes.len() {
+        match spawn_node(&file, id) {
+            Ok(c) => children.lock().unwrap_or_else(|e| e.into_inner()).push(c),
+            Err(e) => {
+                signal(&children, libc::SIGKILL);
+                return Err(e);
+            }
+        }
+    }
+    {
+        let children = children.clone();
+        crate::on_signals(set, move |sig| {
+            tracing::info!(signal = sig, "stopping the cluster");
+            signal(&children, libc::SIGTERM);
+        })?;
+    }
+
+    let n = cluster.nodes.len();
+    let mut codes: Vec<Option<i32>> = vec![None; n];
+    let mut first_end: Option<Instant> = None;
+    loop {
+        {
+            let mut kids = children.lock().unwrap_or_else(|e| e.into_inner());
+            for (i, c) in kids.iter_mut().enumerate() {
+                if codes[i].is_none() {
+                    if let Ok(Some(st)) = c.try_wait() {
+                        let code = st.code().unwrap_or(1);
+                        if code != 0 && i != 0 {
+                            tracing::warn!(node = i, code, "node ended");
+                        }
+                        codes[i] = Some(code);
+                        first_end.get_or_insert_with(Instant::now);
+                    }
+                }
+            }
+        }
+        if codes.iter().all(Option::is_some) {
+            break;
+        }
+        if first_end.is_some_and(|t| t.elapsed() > GRACE) {
+            tracing::warn!("nodes still running {GRACE:?} after one ended: killing them");
+            signal(&children, libc::SIGKILL);
+            for c in children
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter_mut()
+            {
+                let _ = c.wait();
+            }
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let code = codes[0].unwrap_or(1);
+    if code == 0 {
+        if let Some((i, c)) = codes
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.is_some_and(|c| c != 0))
+        {
+            eprintln!("dvmm: node {i} failed (exit code {c:?})");
+            return Ok(1);
+        }
+    }
+    Ok(u8::try_from(code).unwrap_or(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split;
+
+    #[test]
+    fn splits_memory_in_aligned_blocks() {
+        assert_eq!(split(256 << 20, 2, 2 << 20), vec![128 << 20, 128 << 20]);
+        assert_eq!(
+            split(10 << 20, 4, 2 << 20),
+            vec![2 << 20, 2 << 20, 2 << 20, 4 << 20]
+        );
+    }
+}
