@@ -263,6 +263,27 @@ pub enum ProtocolError {
     },
 }
 
+/// Why [`Node::seed_shared`] refused a page.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SeedError {
+    /// The page already has protocol state here: seeding is only for pages nobody touched yet.
+    #[error("page {page} cannot be seeded as shared: it already has protocol state (seed before any fault or message)")]
+    PageInUse {
+        /// Page.
+        page: PageNo,
+    },
+    /// A holder id outside the cluster.
+    #[error("cannot seed page {page}: holder {node} is not in the cluster of {nodes} nodes")]
+    UnknownNode {
+        /// Page.
+        page: PageNo,
+        /// The bad holder.
+        node: NodeId,
+        /// Cluster size.
+        nodes: u16,
+    },
+}
+
 /// How many [`ProtocolError`]s a node keeps for [`Node::take_protocol_errors`].
 pub const MAX_KEPT_ERRORS: usize = 64;
 
@@ -400,6 +421,44 @@ impl Node {
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.id
+    }
+
+    /// Number of nodes in the cluster.
+    pub fn nodes(&self) -> u16 {
+        self.nodes
+    }
+
+    /// Declares `page` as already held, with identical contents, by every node in
+    /// `holders` (e.g. written by a deterministic boot loader on every node before the
+    /// cluster started). Every node must make the same call before any fault or message
+    /// for the page. Locally the page becomes [`PageState::ReadOnly`] if we are a holder;
+    /// at the home the directory records `written` and the copyset `holders`, so the first
+    /// write invalidates the other holders and needs no data transfer if the writer holds
+    /// a copy. Nothing is sent; the I/O layer maps the page read-only when it likes.
+    pub fn seed_shared(&mut self, page: PageNo, holders: &[NodeId]) -> Result<(), SeedError> {
+        if let Some(&node) = holders.iter().find(|&&n| n >= self.nodes) {
+            return Err(SeedError::UnknownNode {
+                page,
+                node,
+                nodes: self.nodes,
+            });
+        }
+        let is_home = self.home(page) == self.id;
+        if self.pages.contains_key(&page) || (is_home && self.dir.contains_key(&page)) {
+            return Err(SeedError::PageInUse { page });
+        }
+        if holders.contains(&self.id) {
+            self.set_state(page, PageState::ReadOnly);
+        }
+        if is_home {
+            let e = DirEntry {
+                written: true,
+                copyset: holders.iter().copied().collect(),
+                ..DirEntry::default()
+            };
+            self.put_dir(page, e);
+        }
+        Ok(())
     }
 
     /// The home node of `page`.

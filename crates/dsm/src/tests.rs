@@ -432,3 +432,64 @@ fn directory_only_at_home() {
         (false, None, false, 0)
     );
 }
+
+#[test]
+fn seeded_page_is_read_only_everywhere_and_first_write_invalidates_the_others() {
+    let mut c = Cluster::new(3);
+    for n in &mut c.nodes {
+        n.seed_shared(P, &[0, 1, 2]).unwrap();
+    }
+    for n in 0..3 {
+        assert_eq!(c.state(n, P), PageState::ReadOnly);
+        // A read is already satisfied: no message.
+        assert_eq!(
+            c.fault(n, P, Access::Read),
+            vec![Action::WakeFaulters { page: P }]
+        );
+    }
+    assert!(c.idle());
+    let d = c.nodes[1].directory(P).unwrap();
+    assert_eq!((d.written, d.copyset.clone()), (true, vec![0, 1, 2]));
+    // Node 2 writes: the home (1) invalidates 0 and itself; 2 keeps its copy, no data.
+    assert!(c.fault(2, P, Access::Write).is_empty());
+    c.deliver(2, 1);
+    assert_eq!(c.peek(1, 0), Some(Msg::Invalidate { page: P }));
+    assert_eq!(c.state(1, P), PageState::Invalid);
+    assert_eq!(c.deliver(1, 0), vec![Action::Invalidate { page: P }]);
+    c.deliver(0, 1);
+    assert_eq!(
+        c.peek(1, 2),
+        Some(Msg::WriteGrant {
+            page: P,
+            has_data: false,
+            zero: false
+        })
+    );
+    c.deliver(1, 2);
+    assert_eq!(c.state(2, P), PageState::Writable);
+    assert_eq!(c.state(0, P), PageState::Invalid);
+    assert!(c.idle());
+}
+
+#[test]
+fn seeding_refuses_used_pages_and_unknown_holders() {
+    let mut n = node(0, 3);
+    assert_eq!(
+        n.seed_shared(P, &[0, 7]),
+        Err(SeedError::UnknownNode {
+            page: P,
+            node: 7,
+            nodes: 3
+        })
+    );
+    n.fault(P, Access::Read);
+    assert_eq!(
+        n.seed_shared(P, &[0, 1, 2]),
+        Err(SeedError::PageInUse { page: P })
+    );
+    // A home seeds its directory even when it is not a holder itself.
+    let mut h = node(1, 3);
+    h.seed_shared(P, &[0, 2]).unwrap();
+    assert_eq!(h.state(P), PageState::Invalid);
+    assert_eq!(h.directory(P).unwrap().copyset, vec![0, 2]);
+}

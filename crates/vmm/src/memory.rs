@@ -223,6 +223,35 @@ impl GuestRam {
     pub fn vmm_view_addr(&self) -> u64 {
         self.vmm_view.ptr.as_ptr() as u64
     }
+
+    /// Both views' start addresses (A: KVM's, B: the VMM's), for the DSM engine.
+    pub fn views(&self) -> (*mut u8, *mut u8) {
+        (self.kvm_view.ptr.as_ptr(), self.vmm_view.ptr.as_ptr())
+    }
+
+    /// Pages (RAM offset / 4 KiB) that hold data, i.e. were ever written: the memfd's
+    /// allocated extents, found with `SEEK_DATA`/`SEEK_HOLE`.
+    pub fn populated_pages(&self) -> Vec<u64> {
+        let fd = self._fd.as_raw_fd();
+        let size = self.size as i64;
+        let mut out = Vec::new();
+        let mut pos: i64 = 0;
+        while pos < size {
+            // SAFETY: lseek on our own memfd; results are checked.
+            let data = unsafe { libc::lseek(fd, pos, libc::SEEK_DATA) };
+            if data < 0 {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            let end = if hole < 0 { size } else { hole.min(size) };
+            let first = data as u64 / PAGE_SIZE;
+            let last = (end as u64).div_ceil(PAGE_SIZE);
+            out.extend(first..last);
+            pos = end;
+        }
+        out
+    }
 }
 
 #[cfg(test)]
@@ -242,6 +271,7 @@ mod tests {
         let v = unsafe { std::ptr::read_unaligned((host + 0x1234) as *const u32) };
         assert_eq!(v, 0xdead_beef);
         assert_eq!(ram.memory().num_regions(), 1);
+        assert_eq!(ram.populated_pages(), vec![1]);
     }
 
     #[test]

@@ -14,8 +14,11 @@ use std::time::{Duration, Instant};
 
 use dvmm_cluster::wire::{StopCode, KIND_CONTROL, KIND_DSM};
 use dvmm_cluster::{ClusterConfig, ControlMsg, IoSpace};
+use dvmm_dsm::{Msg as DsmMsg, Node as DsmNode, WIRE_MSG_LEN};
+use dvmm_dsm_uffd::{DsmEngine, GuestPages, PageNet};
 use dvmm_irq::lapic::ApicView;
 use dvmm_irq::msg::InterruptMessage;
+use dvmm_layout::PAGE_SIZE;
 use dvmm_transport::{Event, Transport, TransportConfig};
 
 use crate::control::{VmControl, VmOutcome};
@@ -129,6 +132,32 @@ impl RemoteIo for NodeLink {
     }
 }
 
+/// The DSM engine's way out: DSM messages over the node transport.
+struct DsmNet(Arc<NodeLink>);
+
+impl PageNet for DsmNet {
+    fn send(&self, to: u16, msg: &DsmMsg, data: Option<&[u8]>) {
+        let hdr = msg.encode();
+        match data {
+            Some(d) => self.0.send_dsm(to, &[&hdr, d]),
+            None => self.0.send_dsm(to, &[&hdr]),
+        }
+    }
+}
+
+/// Home node of each page: node `i` is home of its contiguous block of RAM offsets.
+fn home_table(shares: &[(u32, u64)]) -> Vec<(u64, u16)> {
+    let mut end = 0;
+    shares
+        .iter()
+        .enumerate()
+        .map(|(i, (_, mem))| {
+            end += mem / PAGE_SIZE;
+            (end, i as u16)
+        })
+        .collect()
+}
+
 /// Turns an outcome into the message that tells the other nodes.
 fn stop_msg(outcome: &VmOutcome) -> ControlMsg {
     let (code, reason) = match outcome {
@@ -154,6 +183,7 @@ fn outcome_of(from: u16, code: StopCode, reason: String) -> VmOutcome {
 /// State the dispatcher thread needs.
 struct Dispatch {
     link: Arc<NodeLink>,
+    dsm: Arc<DsmEngine>,
     vm_hub: Arc<crate::interrupts::InterruptHub>,
     pio: dvmm_devices::bus::Bus,
     mmio: dvmm_devices::bus::Bus,
@@ -177,10 +207,8 @@ impl Dispatch {
                 Event::Message {
                     from,
                     kind: KIND_DSM,
-                    ..
-                } => {
-                    tracing::warn!(from, "DSM message before the DSM engine exists: dropped");
-                }
+                    payload,
+                } => self.dsm_msg(from, &payload),
                 Event::Message { from, kind, .. } => {
                     tracing::warn!(from, kind, "message of unknown kind dropped");
                 }
@@ -193,6 +221,31 @@ impl Dispatch {
                 }
             }
         }
+    }
+
+    fn dsm_msg(&self, from: u16, payload: &[u8]) {
+        let (hdr, rest) = payload.split_at(payload.len().min(WIRE_MSG_LEN));
+        let msg = match DsmMsg::decode(hdr) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(from, error = %e, "malformed DSM message dropped");
+                return;
+            }
+        };
+        let data = match (msg.has_data(), rest.len()) {
+            (true, n) if n == PAGE_SIZE as usize => Some(rest),
+            (false, 0) => None,
+            (_, n) => {
+                tracing::warn!(
+                    from,
+                    ?msg,
+                    bytes = n,
+                    "DSM message with a wrong payload dropped"
+                );
+                return;
+            }
+        };
+        self.dsm.receive(from, msg, data);
     }
 
     fn control_msg(&self, from: u16, msg: ControlMsg) {
@@ -321,12 +374,34 @@ pub fn run_node(
         vcpus: cluster.vcpus(),
         memory: cluster.memory(),
     };
+    let shares = placement.shares.clone();
     let vm = Vm::build(&cfg, Some(placement), console_out)?;
     let control = vm.control();
+
+    // Guest RAM becomes shared: every node loaded the same image, so the pages the
+    // loader wrote start as read-only copies everywhere; all others are zero pages.
+    let ram = vm.ram();
+    let (view_a, view_b) = ram.views();
+    // SAFETY: both views map the whole memfd and live as long as `ram`, which this
+    // function keeps until after the engine is stopped.
+    let pages = unsafe { GuestPages::new(view_a, view_b, ram.size()) }
+        .map_err(|e| VmmError::Cluster(format!("DSM: {e}")))?;
+    let homes = home_table(&shares);
+    let dsm_node = DsmNode::new(id as u16, nodes as u16, move |page| {
+        homes
+            .iter()
+            .find(|(end, _)| page < *end)
+            .map_or(0, |(_, n)| *n)
+    });
+    let shared = ram.populated_pages();
+    tracing::info!(node = id, shared = shared.len(), "starting the DSM");
+    let dsm = DsmEngine::start(dsm_node, pages, Arc::new(DsmNet(link.clone())), &shared)
+        .map_err(|e| VmmError::Cluster(format!("DSM: {e}")))?;
     let _ = link.control.set(control.clone());
     let (pio, mmio) = vm.buses();
     let dispatch = Arc::new(Dispatch {
         link: link.clone(),
+        dsm: dsm.clone(),
         vm_hub: vm.hub(),
         pio,
         mmio,
@@ -354,6 +429,10 @@ pub fn run_node(
     }
     let outcome = vm.run()?;
     link.broadcast(&stop_msg(&outcome));
+    let stats = dsm.stats();
+    tracing::info!(node = id, ?stats, "DSM statistics");
+    dsm.stop();
+    drop(ram);
     // Give the stop message a moment to leave before the connections close.
     std::thread::sleep(Duration::from_millis(50));
     Ok(outcome)

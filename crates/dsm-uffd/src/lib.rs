@@ -1,0 +1,855 @@
+//! The userfaultfd engine of dvmm's distributed shared memory.
+//!
+//! It connects the pure protocol state machine [`dvmm_dsm::Node`] to guest RAM. Guest RAM
+//! is one memfd mapped twice ([`GuestPages`]): view A, which KVM and the vCPUs use and
+//! which the engine registers with userfaultfd (MISSING | MINOR | WP), and view B, the
+//! VMM's own window, through which the engine fills and reads page contents.
+//!
+//! * Fault in view A -> [`Node::fault`]; protocol actions are performed in order:
+//!   install read-only (`UFFDIO_CONTINUE` with `MODE_WP`, or `UFFDIO_COPY` of a zero page
+//!   with `MODE_WP` for a hole), install writable (the same without WP, or clearing WP of
+//!   a mapped page), downgrade (`UFFDIO_WRITEPROTECT`), invalidate (`MADV_DONTNEED` on
+//!   view A; the page cache keeps the bytes), send (data read from view B).
+//! * Incoming payloads are copied into view B before [`Node::receive`] sees the message.
+//! * The VMM's own accesses go through [`DsmEngine::access`], which pins pages: messages
+//!   that would take a pinned page away are deferred until the pin drops.
+//!
+//! One mutex serializes fault handling, message handling and pins for the whole node.
+//! That keeps actions in protocol order trivially; its cost is that unrelated pages do
+//! not proceed in parallel (and [`PageNet::send`] runs under it, so it must not block long).
+
+#![deny(missing_docs)]
+
+mod sys;
+pub mod testing;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+pub use dvmm_dsm::{Access, Action, Msg, Node, NodeId, PageNo, PageState, SeedError};
+
+/// Size of a DSM page.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Guest RAM as the engine sees it: the RAM offset space `[0, len)` (not guest-physical
+/// addresses; the caller converts), with view A (what KVM/vCPUs access; the engine
+/// registers it with userfaultfd) and view B (the VMM's window; the engine fills and reads
+/// page contents through it). Both are `MAP_SHARED` mappings of the same memfd.
+///
+/// The fields are public to keep construction simple; build it with
+/// [`GuestPages::new`], whose safety contract the engine relies on.
+#[derive(Debug, Clone, Copy)]
+pub struct GuestPages {
+    /// Start of view A (registered with userfaultfd by the engine).
+    pub view_a: *mut u8,
+    /// Start of view B (the VMM's window).
+    pub view_b: *mut u8,
+    /// Length of each view in bytes, a multiple of 4 KiB.
+    pub len: u64,
+}
+
+// SAFETY: the pointers designate shared mappings that, per `GuestPages::new`'s contract,
+// outlive the engine; concurrent access to guest memory is coordinated by the protocol.
+unsafe impl Send for GuestPages {}
+// SAFETY: as above.
+unsafe impl Sync for GuestPages {}
+
+impl GuestPages {
+    /// Describes guest RAM.
+    ///
+    /// # Safety
+    ///
+    /// `view_a` and `view_b` must each start a readable and writable `MAP_SHARED`
+    /// mapping of `len` bytes of the same memfd (shmem), at the same file offset, and
+    /// both must stay mapped for as long as any engine built on them (and any
+    /// [`PinGuard`]) lives. View A must not be registered with another userfaultfd.
+    pub unsafe fn new(view_a: *mut u8, view_b: *mut u8, len: u64) -> Result<GuestPages, DsmError> {
+        let pages = GuestPages {
+            view_a,
+            view_b,
+            len,
+        };
+        pages.validate()?;
+        Ok(pages)
+    }
+
+    fn validate(&self) -> Result<(), DsmError> {
+        let aligned = |p: *mut u8| !p.is_null() && (p as u64).is_multiple_of(PAGE_SIZE);
+        if !aligned(self.view_a) || !aligned(self.view_b) {
+            return Err(DsmError::BadPages(
+                "views must be non-null and 4 KiB aligned",
+            ));
+        }
+        if self.len == 0
+            || !self.len.is_multiple_of(PAGE_SIZE)
+            || usize::try_from(self.len).is_err()
+        {
+            return Err(DsmError::BadPages(
+                "length must be a non-zero multiple of 4 KiB",
+            ));
+        }
+        Ok(())
+    }
+
+    fn a(&self, page: PageNo) -> u64 {
+        self.view_a as u64 + page * PAGE_SIZE
+    }
+
+    fn b(&self, page: PageNo) -> *mut u8 {
+        // In bounds: callers check `page < len / PAGE_SIZE`.
+        self.view_b.wrapping_add((page * PAGE_SIZE) as usize)
+    }
+}
+
+/// How the engine talks to other nodes (the node runtime implements it over dvmm-transport).
+pub trait PageNet: Send + Sync {
+    /// Send a protocol message; `data` is the 4 KiB page when `msg.has_data()`.
+    fn send(&self, to: NodeId, msg: &Msg, data: Option<&[u8]>);
+}
+
+/// Errors of the DSM engine.
+#[derive(Debug, thiserror::Error)]
+pub enum DsmError {
+    /// The guest RAM description is unusable.
+    #[error("guest RAM views are unusable: {0}")]
+    BadPages(&'static str),
+    /// Setting up userfaultfd failed.
+    #[error("cannot set up userfaultfd ({what}): {source}; the DSM needs root (or vm.unprivileged_userfaultfd=1) and a kernel with userfaultfd MINOR and WP support for shmem")]
+    Uffd {
+        /// The step that failed.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A shared page outside guest RAM.
+    #[error("shared page {page} is outside guest RAM ({pages} pages)")]
+    SharedOutOfRange {
+        /// The page.
+        page: PageNo,
+        /// Pages of guest RAM.
+        pages: u64,
+    },
+    /// Seeding a shared page failed.
+    #[error("cannot seed shared pages: {0}")]
+    Seed(#[from] SeedError),
+    /// An access outside guest RAM (or outside the pinned range).
+    #[error("access of {len:#x} bytes at RAM offset {offset:#x} is outside the range [{start:#x}, {end:#x})")]
+    OutOfRange {
+        /// Requested offset.
+        offset: u64,
+        /// Requested length.
+        len: u64,
+        /// Start of the valid range.
+        start: u64,
+        /// End of the valid range.
+        end: u64,
+    },
+    /// A write through a read-only pin.
+    #[error("write through a pin taken for reading; call access() with Access::Write")]
+    ReadOnlyPin,
+    /// The engine was stopped.
+    #[error("the DSM engine is stopped")]
+    Stopped,
+    /// The fault thread could not be started.
+    #[error("cannot start the DSM fault thread: {0}")]
+    Thread(io::Error),
+}
+
+/// Counters of one engine (see [`DsmEngine::stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DsmStats {
+    /// Userfaultfd read faults.
+    pub read_faults: u64,
+    /// Userfaultfd write faults (write or write-protect).
+    pub write_faults: u64,
+    /// Faults on holes (MISSING).
+    pub missing_faults: u64,
+    /// Faults on unmapped page-cache pages (MINOR).
+    pub minor_faults: u64,
+    /// Faults on write-protected pages (WP).
+    pub wp_faults: u64,
+    /// Faults already satisfied when handled (raced with an install).
+    pub spurious_faults: u64,
+    /// Requests made by [`DsmEngine::access`] (VMM accesses that missed).
+    pub vmm_faults: u64,
+    /// Messages sent.
+    pub msgs_sent: u64,
+    /// Messages received.
+    pub msgs_received: u64,
+    /// Messages sent with a 4 KiB payload.
+    pub pages_sent: u64,
+    /// Messages received with a 4 KiB payload.
+    pub pages_received: u64,
+    /// Grants received (or made locally by the home) saying "zero page, no payload".
+    pub zero_grants: u64,
+    /// Pages mapped read-only.
+    pub installs_read_only: u64,
+    /// Pages mapped writable.
+    pub installs_writable: u64,
+    /// Mappings dropped (`MADV_DONTNEED`).
+    pub invalidations: u64,
+    /// Mappings write-protected.
+    pub downgrades: u64,
+    /// Messages held back because their page was pinned.
+    pub deferred_msgs: u64,
+    /// Protocol errors reported by the state machine (ignored messages).
+    pub protocol_errors: u64,
+    /// Malformed messages dropped by the engine (bad page, missing/short payload, ...).
+    pub bad_msgs: u64,
+    /// Failed userfaultfd / madvise calls.
+    pub io_errors: u64,
+    /// Faults that waited for a grant, and their total wait (fault event to wake-up).
+    pub faults_resolved: u64,
+    /// Total time faulting threads waited, in nanoseconds.
+    pub fault_wait_ns: u64,
+    /// Time spent handling faults and messages under the engine lock, in nanoseconds.
+    pub busy_ns: u64,
+}
+
+const MAP_NONE: u8 = 0;
+const MAP_RO: u8 = 1;
+const MAP_RW: u8 = 2;
+const MAP_MASK: u8 = 3;
+/// The last fault on the page said MISSING and nothing has filled it since.
+const HOLE_HINT: u8 = 4;
+
+#[derive(Default, Clone, Copy)]
+struct Pin {
+    readers: u32,
+    writers: u32,
+}
+
+type Deferred = VecDeque<(NodeId, Msg, Option<Box<[u8]>>)>;
+
+struct State {
+    node: Node,
+    /// Per page: view A mapping (`MAP_*`) and `HOLE_HINT`.
+    flags: Vec<u8>,
+    pins: HashMap<PageNo, Pin>,
+    deferred: HashMap<PageNo, Deferred>,
+    waiting_since: HashMap<PageNo, Instant>,
+    stats: DsmStats,
+    out: Box<[u8]>,
+}
+
+struct Inner {
+    st: Mutex<State>,
+    cv: Condvar,
+    uffd: sys::Uffd,
+    stop_fd: sys::EventFd,
+    stopped: AtomicBool,
+    pages: GuestPages,
+    npages: u64,
+    net: Arc<dyn PageNet>,
+    zero: sys::ZeroPage,
+}
+
+/// One node's DSM engine (see the crate documentation).
+pub struct DsmEngine {
+    inner: Arc<Inner>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl DsmEngine {
+    /// Registers view A with userfaultfd (MISSING | MINOR | WP) and starts the fault-handling
+    /// thread. `shared` lists pages that every node already holds identical contents for
+    /// (the boot loader ran deterministically on every node before start): they start
+    /// ReadOnly everywhere, written=true at their home with copyset = all nodes. They are
+    /// mapped lazily, on the first fault, without any message.
+    pub fn start(
+        mut node: Node,
+        pages: GuestPages,
+        net: Arc<dyn PageNet>,
+        shared: &[PageNo],
+    ) -> Result<Arc<DsmEngine>, DsmError> {
+        pages.validate()?;
+        let npages = pages.len / PAGE_SIZE;
+        let all: Vec<NodeId> = (0..node.nodes()).collect();
+        for &page in shared {
+            if page >= npages {
+                return Err(DsmError::SharedOutOfRange {
+                    page,
+                    pages: npages,
+                });
+            }
+            node.seed_shared(page, &all)?;
+        }
+        let os = |what| move |source| DsmError::Uffd { what, source };
+        let uffd = sys::Uffd::open().map_err(os("open and API handshake"))?;
+        uffd.register(pages.view_a as u64, pages.len)
+            .map_err(os("register view A for MISSING|MINOR|WP"))?;
+        let stop_fd = sys::EventFd::new().map_err(os("eventfd"))?;
+        let zero = sys::ZeroPage::new().map_err(os("zero page"))?;
+        let inner = Arc::new(Inner {
+            st: Mutex::new(State {
+                node,
+                flags: vec![0; npages as usize],
+                pins: HashMap::new(),
+                deferred: HashMap::new(),
+                waiting_since: HashMap::new(),
+                stats: DsmStats::default(),
+                out: vec![0; PAGE_SIZE as usize].into_boxed_slice(),
+            }),
+            cv: Condvar::new(),
+            uffd,
+            stop_fd,
+            stopped: AtomicBool::new(false),
+            pages,
+            npages,
+            net,
+            zero,
+        });
+        let worker = Arc::clone(&inner);
+        let thread = std::thread::Builder::new()
+            .name("dsm-uffd".into())
+            .spawn(move || worker.fault_loop())
+            .map_err(DsmError::Thread)?;
+        Ok(Arc::new(DsmEngine {
+            inner,
+            thread: Mutex::new(Some(thread)),
+        }))
+    }
+
+    /// A message from another node (called from the transport's receive thread). `data` is
+    /// the page payload if any. Malformed or unexpected messages are logged and counted.
+    pub fn receive(&self, from: NodeId, msg: Msg, data: Option<&[u8]>) {
+        let inner = &*self.inner;
+        let mut st = inner.lock();
+        if inner.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        let t0 = Instant::now();
+        st.stats.msgs_received += 1;
+        let page = msg.page();
+        if page >= inner.npages {
+            st.stats.bad_msgs += 1;
+            tracing::warn!(
+                from,
+                ?msg,
+                "DSM message for a page outside guest RAM dropped"
+            );
+            return;
+        }
+        let data = match (msg.has_data(), data) {
+            (true, Some(d)) if d.len() as u64 == PAGE_SIZE => Some(d),
+            (true, _) => {
+                st.stats.bad_msgs += 1;
+                tracing::warn!(from, ?msg, "DSM message without its 4 KiB payload dropped");
+                return;
+            }
+            (false, Some(_)) => {
+                st.stats.bad_msgs += 1;
+                tracing::debug!(from, ?msg, "unexpected payload ignored");
+                None
+            }
+            (false, None) => None,
+        };
+        if let Some(pin) = st.pins.get(&page).copied() {
+            let queued = st.deferred.get(&page).is_some_and(|q| !q.is_empty());
+            let is_home = st.node.home(page) == st.node.id();
+            if queued || must_defer(msg, pin, is_home) {
+                st.stats.deferred_msgs += 1;
+                let copy = data.map(|d| d.to_vec().into_boxed_slice());
+                st.deferred
+                    .entry(page)
+                    .or_default()
+                    .push_back((from, msg, copy));
+                return;
+            }
+        }
+        inner.deliver(&mut st, from, msg, data);
+        st.stats.busy_ns += t0.elapsed().as_nanos() as u64;
+    }
+
+    /// The VMM's own access to guest RAM (device DMA, firmware tables after start): makes
+    /// `[offset, offset+len)` locally readable (or writable), blocking until granted, and
+    /// pins those pages against invalidation/downgrade until the guard drops; reads/writes
+    /// go through view B.
+    ///
+    /// Pages are acquired and pinned in ascending order, so concurrent `access` calls on
+    /// any nodes cannot deadlock, as long as a thread does not call `access` while it
+    /// holds a guard. While a page is pinned, other nodes' requests for it wait.
+    pub fn access(&self, offset: u64, len: u64, access: Access) -> Result<PinGuard<'_>, DsmError> {
+        let inner = &*self.inner;
+        let end = offset
+            .checked_add(len)
+            .filter(|&e| e <= inner.pages.len)
+            .ok_or(DsmError::OutOfRange {
+                offset,
+                len,
+                start: 0,
+                end: inner.pages.len,
+            })?;
+        let mut guard = PinGuard {
+            engine: self,
+            offset,
+            len,
+            access,
+            first: offset / PAGE_SIZE,
+            pinned_end: offset / PAGE_SIZE,
+        };
+        if len == 0 {
+            return Ok(guard);
+        }
+        let last = (end - 1) / PAGE_SIZE;
+        let mut st = inner.lock();
+        for page in guard.first..=last {
+            let mut asked = false;
+            loop {
+                if inner.stopped.load(Ordering::Acquire) {
+                    drop(st);
+                    return Err(DsmError::Stopped);
+                }
+                let state = st.node.state(page);
+                let ok = match access {
+                    Access::Read => state.readable(),
+                    Access::Write => state == PageState::Writable,
+                };
+                if ok {
+                    let pin = st.pins.entry(page).or_default();
+                    match access {
+                        Access::Read => pin.readers += 1,
+                        Access::Write => pin.writers += 1,
+                    }
+                    guard.pinned_end = page + 1;
+                    break;
+                }
+                if !asked || !state.pending() {
+                    asked = true;
+                    let t0 = Instant::now();
+                    st.stats.vmm_faults += 1;
+                    let actions = st.node.fault(page, access);
+                    inner.exec(&mut st, actions);
+                    st.stats.busy_ns += t0.elapsed().as_nanos() as u64;
+                    continue;
+                }
+                st = inner.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        drop(st);
+        Ok(guard)
+    }
+
+    /// A snapshot of the engine's counters.
+    pub fn stats(&self) -> DsmStats {
+        let mut st = self.inner.lock();
+        st.stats.protocol_errors = st.node.protocol_errors();
+        st.stats.clone()
+    }
+
+    /// The protocol state of `page` at this node (for tests and diagnostics).
+    pub fn page_state(&self, page: PageNo) -> PageState {
+        self.inner.lock().node.state(page)
+    }
+
+    /// Ends the fault thread (also on Drop) and unregisters view A, which wakes blocked
+    /// faulters: afterwards view A behaves like plain shared memory, without coherence.
+    /// Blocked [`DsmEngine::access`] calls return [`DsmError::Stopped`].
+    pub fn stop(&self) {
+        let inner = &*self.inner;
+        if inner.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        inner.stop_fd.signal();
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            if h.thread().id() != std::thread::current().id() && h.join().is_err() {
+                tracing::error!("DSM fault thread panicked");
+            }
+        }
+        if let Err(e) = inner
+            .uffd
+            .unregister(inner.pages.view_a as u64, inner.pages.len)
+        {
+            tracing::warn!("unregistering guest RAM from userfaultfd failed: {e}");
+        }
+        let _st = inner.lock();
+        inner.cv.notify_all();
+    }
+}
+
+impl Drop for DsmEngine {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Whether a message for a page pinned here must wait until the pin drops.
+fn must_defer(msg: Msg, pin: Pin, is_home: bool) -> bool {
+    if is_home {
+        // The home handles its own copy inside the state machine: any request or reply
+        // may start a transaction that invalidates or downgrades us.
+        return true;
+    }
+    match msg {
+        Msg::Invalidate { .. } | Msg::Revoke { .. } => true,
+        Msg::Fetch { .. } => pin.writers > 0,
+        _ => false,
+    }
+}
+
+impl Inner {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic under the lock leaves consistent enough state to keep serving.
+        self.st.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn fault_loop(&self) {
+        let mut buf = [sys::UffdMsg::default(); 16];
+        loop {
+            if self.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            if let Err(e) = sys::poll2(self.uffd.raw(), self.stop_fd.raw()) {
+                tracing::error!("DSM fault thread: poll failed: {e}");
+                return;
+            }
+            if self.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            let n = match self.uffd.read_events(&mut buf) {
+                Ok(n) => n,
+                Err(e) => {
+                    tracing::error!("DSM fault thread: reading userfaultfd failed: {e}");
+                    return;
+                }
+            };
+            for m in &buf[..n] {
+                if m.event == sys::EVENT_PAGEFAULT {
+                    self.on_fault(m.address, m.flags);
+                } else {
+                    tracing::debug!(event = m.event, "ignored userfaultfd event");
+                }
+            }
+        }
+    }
+
+    fn on_fault(&self, address: u64, flags: u64) {
+        let base = self.pages.view_a as u64;
+        let page = address.wrapping_sub(base) / PAGE_SIZE;
+        let mut st = self.lock();
+        let t0 = Instant::now();
+        if address < base || page >= self.npages {
+            st.stats.io_errors += 1;
+            tracing::error!(address, "userfaultfd fault outside guest RAM");
+            return;
+        }
+        let write = flags & (sys::PF_WRITE | sys::PF_WP) != 0;
+        let access = if write { Access::Write } else { Access::Read };
+        let s = &mut st.stats;
+        if write {
+            s.write_faults += 1;
+        } else {
+            s.read_faults += 1;
+        }
+        if flags & sys::PF_WP != 0 {
+            s.wp_faults += 1;
+        } else if flags & sys::PF_MINOR != 0 {
+            s.minor_faults += 1;
+        } else {
+            s.missing_faults += 1;
+            st.flags[page as usize] |= HOLE_HINT;
+        }
+        let actions = st.node.fault(page, access);
+        if actions == [Action::WakeFaulters { page }] {
+            st.stats.spurious_faults += 1;
+        } else {
+            st.waiting_since.entry(page).or_insert(t0);
+        }
+        self.exec(&mut st, actions);
+        st.stats.busy_ns += t0.elapsed().as_nanos() as u64;
+    }
+
+    /// Delivers a (validated, not deferred) message to the state machine.
+    fn deliver(&self, st: &mut State, from: NodeId, msg: Msg, data: Option<&[u8]>) {
+        let page = msg.page();
+        if let Some(d) = data {
+            if st.flags[page as usize] & MAP_MASK != MAP_NONE {
+                // The protocol never sends data for a page mapped here; do not let a
+                // broken peer change bytes a vCPU can see.
+                st.stats.bad_msgs += 1;
+                tracing::warn!(from, ?msg, "payload for a page mapped here ignored");
+            } else {
+                // SAFETY: `page < npages`, so the 4 KiB at view B are inside the mapping
+                // (GuestPages contract); `d` is exactly 4 KiB and cannot overlap guest RAM
+                // we own exclusively here (the page is unmapped for vCPUs).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(d.as_ptr(), self.pages.b(page), d.len());
+                }
+                st.flags[page as usize] &= !HOLE_HINT;
+                st.stats.pages_received += 1;
+            }
+        }
+        if matches!(
+            msg,
+            Msg::ReadGrant { zero: true, .. } | Msg::WriteGrant { zero: true, .. }
+        ) {
+            st.stats.zero_grants += 1;
+        }
+        let errors = st.node.protocol_errors();
+        let actions = st.node.receive(from, msg);
+        if st.node.protocol_errors() != errors {
+            for e in st.node.take_protocol_errors() {
+                tracing::warn!("DSM protocol error: {e}");
+            }
+        }
+        self.exec(st, actions);
+    }
+
+    /// Performs protocol actions in order.
+    fn exec(&self, st: &mut State, actions: Vec<Action>) {
+        let mut woken: Option<PageNo> = None;
+        for a in actions {
+            match a {
+                Action::Send { to, msg } => {
+                    st.stats.msgs_sent += 1;
+                    if msg.has_data() {
+                        let page = msg.page();
+                        // SAFETY: pages in actions were range-checked on entry; the bytes
+                        // are stable (no writable mapping here or pinned writer at this
+                        // point, per the protocol's action order).
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                self.pages.b(page),
+                                st.out.as_mut_ptr(),
+                                PAGE_SIZE as usize,
+                            );
+                        }
+                        st.stats.pages_sent += 1;
+                        self.net.send(to, &msg, Some(&st.out));
+                    } else {
+                        self.net.send(to, &msg, None);
+                    }
+                }
+                Action::InstallReadOnly { page } => {
+                    st.stats.installs_read_only += 1;
+                    if self.map(st, page, MAP_RO) {
+                        woken = Some(page);
+                    }
+                }
+                Action::InstallWritable { page } => {
+                    st.stats.installs_writable += 1;
+                    if self.map(st, page, MAP_RW) {
+                        woken = Some(page);
+                    }
+                }
+                Action::Downgrade { page } => {
+                    st.stats.downgrades += 1;
+                    if st.flags[page as usize] & MAP_MASK == MAP_RW {
+                        self.map(st, page, MAP_RO);
+                    }
+                }
+                Action::Invalidate { page } => {
+                    st.stats.invalidations += 1;
+                    if let Err(e) = sys::zap(self.pages.a(page)) {
+                        st.stats.io_errors += 1;
+                        tracing::error!(page, "MADV_DONTNEED failed: {e}");
+                    }
+                    st.flags[page as usize] &= !MAP_MASK;
+                }
+                Action::WakeFaulters { page } => {
+                    // Lazily mapped pages (seeded ones) are readable without a mapping.
+                    let want = match st.node.state(page) {
+                        PageState::Writable => MAP_RW,
+                        s if s.readable() => MAP_RO,
+                        _ => MAP_NONE,
+                    };
+                    let have = st.flags[page as usize] & MAP_MASK;
+                    if want > have && self.map(st, page, want) {
+                        woken = Some(page);
+                    }
+                    if woken != Some(page) {
+                        if let Err(e) = self.uffd.wake(self.pages.a(page)) {
+                            st.stats.io_errors += 1;
+                            tracing::error!(page, "UFFDIO_WAKE failed: {e}");
+                        }
+                    }
+                    if let Some(t) = st.waiting_since.remove(&page) {
+                        st.stats.faults_resolved += 1;
+                        st.stats.fault_wait_ns += t.elapsed().as_nanos() as u64;
+                    }
+                    self.cv.notify_all();
+                }
+            }
+        }
+    }
+
+    /// Sets view A's mapping of `page` to `want` (`MAP_RO` or `MAP_RW`). Returns whether
+    /// the ioctl used woke the page's waiters.
+    fn map(&self, st: &mut State, page: PageNo, want: u8) -> bool {
+        let addr = self.pages.a(page);
+        let wp = want == MAP_RO;
+        let flags = st.flags[page as usize];
+        let r = match flags & MAP_MASK {
+            MAP_NONE => self.fill(addr, wp, flags & HOLE_HINT != 0),
+            have if have == want => Ok(false),
+            _ => self.uffd.write_protect(addr, wp).map(|()| !wp),
+        };
+        match r {
+            Ok(woke) => {
+                st.flags[page as usize] = want;
+                woke
+            }
+            Err(e) => {
+                st.stats.io_errors += 1;
+                tracing::error!(page, "mapping guest page failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// Maps an unmapped page: CONTINUE if it is in the page cache, else COPY of zeroes.
+    fn fill(&self, addr: u64, wp: bool, hole: bool) -> io::Result<bool> {
+        let cont = || retry(|| self.uffd.continue_page(addr, wp));
+        let copy = || retry(|| self.uffd.copy_page(addr, self.zero.ptr(), wp));
+        let first = if hole { copy() } else { cont() };
+        let r = match first {
+            Ok(()) => Ok(()),
+            // COPY: the page cache has the page after all. CONTINUE: it is a hole.
+            Err(e) if hole && e.raw_os_error() == Some(libc::EEXIST) => cont(),
+            Err(e) if !hole && e.raw_os_error() == Some(libc::EFAULT) => copy(),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                // Already mapped (a race we did not track): fix protection, then wake.
+                self.uffd.write_protect(addr, wp)?;
+                self.uffd.wake(addr)?;
+                Ok(true)
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+fn retry(mut f: impl FnMut() -> io::Result<()>) -> io::Result<()> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < 100 => tries += 1,
+            r => return r,
+        }
+    }
+}
+
+/// Pages made accessible by [`DsmEngine::access`]; they stay pinned (not invalidated or
+/// downgraded here) until the guard drops. Reads and writes go through view B.
+pub struct PinGuard<'a> {
+    engine: &'a DsmEngine,
+    offset: u64,
+    len: u64,
+    access: Access,
+    first: PageNo,
+    pinned_end: PageNo,
+}
+
+impl PinGuard<'_> {
+    /// RAM offset of the start of the pinned range.
+    pub fn offset(&self) -> u64 {
+        self.offset
+    }
+
+    /// Length of the pinned range in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// Whether the range is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The access the pin grants.
+    pub fn access(&self) -> Access {
+        self.access
+    }
+
+    /// Pointer into view B at [`PinGuard::offset`]; valid for [`PinGuard::len`] bytes while
+    /// the guard lives (writes only with [`Access::Write`]).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.engine
+            .inner
+            .pages
+            .view_b
+            .wrapping_add(self.offset as usize)
+    }
+
+    fn check(&self, offset: u64, len: usize) -> Result<usize, DsmError> {
+        let end = self.offset + self.len;
+        match offset.checked_add(len as u64) {
+            Some(e) if offset >= self.offset && e <= end => Ok(offset as usize),
+            _ => Err(DsmError::OutOfRange {
+                offset,
+                len: len as u64,
+                start: self.offset,
+                end,
+            }),
+        }
+    }
+
+    /// Copies guest RAM at RAM offset `offset` (inside the pinned range) into `buf`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DsmError> {
+        let at = self.check(offset, buf.len())?;
+        // SAFETY: the range is inside the pinned range, hence inside view B; pinned pages
+        // are readable here and their bytes are not overwritten by the engine.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.engine.inner.pages.view_b.add(at),
+                buf.as_mut_ptr(),
+                buf.len(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Copies `buf` into guest RAM at RAM offset `offset` (inside the pinned range); the
+    /// guard must have been taken with [`Access::Write`].
+    pub fn write(&self, offset: u64, buf: &[u8]) -> Result<(), DsmError> {
+        if self.access != Access::Write {
+            return Err(DsmError::ReadOnlyPin);
+        }
+        let at = self.check(offset, buf.len())?;
+        // SAFETY: as in `read`; we hold the only writable copy in the cluster.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                buf.as_ptr(),
+                self.engine.inner.pages.view_b.add(at),
+                buf.len(),
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PinGuard<'_> {
+    fn drop(&mut self) {
+        let inner = &*self.engine.inner;
+        let mut st = inner.lock();
+        for page in self.first..self.pinned_end {
+            let Some(pin) = st.pins.get_mut(&page) else {
+                continue;
+            };
+            match self.access {
+                Access::Read => pin.readers = pin.readers.saturating_sub(1),
+                Access::Write => pin.writers = pin.writers.saturating_sub(1),
+            }
+            if pin.readers + pin.writers > 0 {
+                continue;
+            }
+            st.pins.remove(&page);
+            if let Some(queue) = st.deferred.remove(&page) {
+                for (from, msg, data) in queue {
+                    inner.deliver(&mut st, from, msg, data.as_deref());
+                }
+            }
+        }
+        inner.cv.notify_all();
+    }
+}

@@ -1,0 +1,355 @@
+//! Engine tests: plain threads touching view A stand in for vCPUs.
+
+use super::*;
+use crate::testing::Cluster;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::time::Duration;
+
+const PG: usize = PAGE_SIZE as usize;
+/// Pages per home block in the test clusters: page p has home (p / 4) % n.
+const BLOCK: u64 = 4;
+const RAM: usize = 64 * PG;
+const DEADLINE: Duration = Duration::from_secs(120);
+
+fn cluster(n: u16) -> Cluster {
+    Cluster::new(n, RAM, BLOCK, &[], |_| {}).unwrap()
+}
+
+fn read_u64(p: *mut u8) -> u64 {
+    // SAFETY: `p` points into a live view A mapping of a test cluster, 8-byte aligned.
+    unsafe { std::ptr::read_volatile(p.cast::<u64>()) }
+}
+
+fn write_u64(p: *mut u8, v: u64) {
+    // SAFETY: as in `read_u64`.
+    unsafe { std::ptr::write_volatile(p.cast::<u64>(), v) }
+}
+
+fn atomic(p: *mut u8) -> &'static AtomicU64 {
+    // SAFETY: aligned, in a mapping that outlives the test's threads (joined before the
+    // cluster drops).
+    unsafe { &*p.cast::<AtomicU64>() }
+}
+
+fn read_page(p: *mut u8) -> Vec<u8> {
+    let mut v = vec![0u8; PG];
+    // SAFETY: a whole page of a live view A mapping.
+    unsafe { std::ptr::copy_nonoverlapping(p, v.as_mut_ptr(), PG) };
+    v
+}
+
+fn write_page(p: *mut u8, data: &[u8]) {
+    // SAFETY: a whole page of a live view A mapping.
+    unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, PG) };
+}
+
+fn pattern(seed: u8) -> Vec<u8> {
+    (0..PG)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// A raw pointer that tests may move into threads.
+#[derive(Clone, Copy)]
+struct Ptr(*mut u8);
+// SAFETY: points into test RAM that outlives the threads.
+unsafe impl Send for Ptr {}
+
+fn spin_until(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < DEADLINE, "timed out waiting for {what}");
+        std::thread::yield_now();
+    }
+}
+
+fn total(c: &Cluster, f: impl Fn(&DsmStats) -> u64) -> u64 {
+    c.engines.iter().map(|e| f(&e.stats())).sum()
+}
+
+fn assert_clean(c: &Cluster) {
+    for (i, e) in c.engines.iter().enumerate() {
+        let s = e.stats();
+        assert_eq!(
+            (s.protocol_errors, s.bad_msgs, s.io_errors),
+            (0, 0, 0),
+            "node {i}: {s:?}"
+        );
+    }
+}
+
+#[test]
+fn written_page_is_read_everywhere_and_zero_page_never_travels() {
+    let c = cluster(3);
+    // Page 9 (home 2) is never written: zero everywhere, no payload anywhere.
+    for n in 0..3 {
+        assert!(read_page(c.a(n, 9 * PG)).iter().all(|&b| b == 0));
+    }
+    assert_eq!(total(&c, |s| s.pages_sent), 0);
+    assert_eq!(total(&c, |s| s.pages_received), 0);
+    // Nodes 0 and 1 got zero grants by message, node 2 (home) locally.
+    assert_eq!(total(&c, |s| s.zero_grants), 2);
+    // Page 5 (home 1) written on node 0, read on 1 and 2.
+    let data = pattern(7);
+    write_page(c.a(0, 5 * PG), &data);
+    assert_eq!(read_page(c.a(1, 5 * PG)), data);
+    assert_eq!(read_page(c.a(2, 5 * PG)), data);
+    assert_eq!(read_page(c.a(0, 5 * PG)), data);
+    assert_eq!(c.engines[1].page_state(5), PageState::ReadOnly);
+    assert!(total(&c, |s| s.pages_sent) >= 2);
+    assert!(c.engines[0].stats().write_faults >= 1);
+    assert_clean(&c);
+}
+
+#[test]
+fn atomic_counter_is_exact_on_every_node() {
+    const NODES: usize = 3;
+    const PER_THREAD: u64 = 10_000;
+    let c = cluster(NODES as u16);
+    let off = 6 * PG + 64; // home 1
+    let start = std::sync::Barrier::new(NODES * 2);
+    std::thread::scope(|s| {
+        for n in 0..NODES {
+            for _ in 0..2 {
+                let p = Ptr(c.a(n, off));
+                let start = &start;
+                s.spawn(move || {
+                    let p = p;
+                    start.wait();
+                    for i in 0..PER_THREAD {
+                        atomic(p.0).fetch_add(1, Ordering::SeqCst);
+                        // Let the other nodes in often, so the page really bounces.
+                        if i % 16 == 0 {
+                            std::thread::yield_now();
+                        }
+                    }
+                });
+            }
+        }
+    });
+    for n in 0..NODES {
+        assert_eq!(
+            read_u64(c.a(n, off)),
+            NODES as u64 * 2 * PER_THREAD,
+            "node {n}"
+        );
+    }
+    // The page really moved between the nodes many times.
+    assert!(total(&c, |s| s.pages_received) >= 20);
+    eprintln!("counter: {:?}", c.engines[1].stats());
+    assert_clean(&c);
+}
+
+#[test]
+fn ping_pong_loses_no_write() {
+    const ROUNDS: u64 = 1_000;
+    let c = cluster(2);
+    let off = 3 * PG; // home 0
+    std::thread::scope(|s| {
+        for n in 0..2u64 {
+            let p = Ptr(c.a(n as usize, off));
+            s.spawn(move || {
+                let p = p;
+                // Node 0 writes odd numbers after seeing even ones, node 1 the reverse.
+                let mut next = n + 1;
+                while next <= 2 * ROUNDS {
+                    spin_until("the other node's write", || read_u64(p.0) == next - 1);
+                    write_u64(p.0, next);
+                    next += 2;
+                }
+            });
+        }
+    });
+    assert_eq!(read_u64(c.a(0, off)), 2 * ROUNDS);
+    assert_eq!(read_u64(c.a(1, off)), 2 * ROUNDS);
+    assert_clean(&c);
+}
+
+#[test]
+fn message_passing_litmus_never_reads_stale_data() {
+    const ITERS: u64 = 300;
+    let c = cluster(3);
+    // data home 1, flag home 2, ack home 0.
+    let (data, flag, ack) = (4 * PG + 8, 8 * PG + 16, 2 * PG);
+    let stale = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        let (d0, f0, a0) = (Ptr(c.a(0, data)), Ptr(c.a(0, flag)), Ptr(c.a(0, ack)));
+        s.spawn(move || {
+            let (d, f, a) = (d0, f0, a0);
+            for i in 1..=ITERS {
+                write_u64(d.0, i);
+                write_u64(f.0, i);
+                spin_until("ack", || read_u64(a.0) == i);
+            }
+        });
+        let (d1, f1, a1) = (Ptr(c.a(1, data)), Ptr(c.a(1, flag)), Ptr(c.a(1, ack)));
+        let stale = &stale;
+        s.spawn(move || {
+            let (d, f, a) = (d1, f1, a1);
+            for i in 1..=ITERS {
+                spin_until("flag", || read_u64(f.0) == i);
+                if read_u64(d.0) != i {
+                    stale.fetch_add(1, Ordering::Relaxed);
+                }
+                write_u64(a.0, i);
+            }
+        });
+    });
+    assert_eq!(stale.load(Ordering::Relaxed), 0);
+    assert_clean(&c);
+}
+
+#[test]
+fn vmm_access_writes_are_seen_by_vcpus_elsewhere() {
+    let c = cluster(3);
+    // Pages 4..=8 span homes 1 and 2; start mid-page.
+    let off = 4 * PG as u64 + 100;
+    let buf: Vec<u8> = (0..4 * PG + 300).map(|i| (i % 251) as u8).collect();
+    {
+        let g = c.engines[0]
+            .access(off, buf.len() as u64, Access::Write)
+            .unwrap();
+        g.write(off, &buf).unwrap();
+        assert_eq!(c.engines[0].page_state(4), PageState::Writable);
+    }
+    let n2 = std::thread::scope(|s| {
+        let p = Ptr(c.a(2, off as usize));
+        let len = buf.len();
+        s.spawn(move || {
+            let p = p;
+            let mut v = vec![0u8; len];
+            // SAFETY: inside node 2's view A.
+            unsafe { std::ptr::copy_nonoverlapping(p.0, v.as_mut_ptr(), len) };
+            v
+        })
+        .join()
+        .unwrap()
+    });
+    assert_eq!(n2, buf);
+    // And the VMM of node 1 reads it back through access().
+    let g = c.engines[1]
+        .access(off, buf.len() as u64, Access::Read)
+        .unwrap();
+    let mut back = vec![0u8; buf.len()];
+    g.read(off, &mut back).unwrap();
+    assert_eq!(back, buf);
+    assert!(matches!(g.write(off, &back), Err(DsmError::ReadOnlyPin)));
+    assert!(matches!(
+        g.read(off - 1, &mut back[..1]),
+        Err(DsmError::OutOfRange { .. })
+    ));
+    drop(g);
+    assert!(matches!(
+        c.engines[1].access(RAM as u64 - 8, 16, Access::Read),
+        Err(DsmError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        c.engines[1].access(u64::MAX, 2, Access::Read),
+        Err(DsmError::OutOfRange { .. })
+    ));
+    assert_clean(&c);
+}
+
+#[test]
+fn seeded_pages_are_read_without_messages_and_first_write_invalidates() {
+    let shared: Vec<PageNo> = (20..24).collect();
+    let c = Cluster::new(3, RAM, BLOCK, &shared, |ram| {
+        for &p in &shared {
+            let d = pattern(p as u8);
+            // SAFETY: view B of a fresh test RAM, before the engine starts.
+            unsafe {
+                std::ptr::copy_nonoverlapping(d.as_ptr(), ram.view_b().add(p as usize * PG), PG)
+            };
+        }
+    })
+    .unwrap();
+    for n in 0..3 {
+        for &p in &shared {
+            assert_eq!(read_page(c.a(n, p as usize * PG)), pattern(p as u8));
+        }
+    }
+    assert_eq!(total(&c, |s| s.msgs_sent), 0);
+    assert!(total(&c, |s| s.minor_faults) >= 12);
+    // Page 21 has home 2; node 1 writes it: nodes 0 and 2 drop their copies, no payload.
+    write_u64(c.a(1, 21 * PG), 0xdead_beef);
+    assert_eq!(c.engines[0].page_state(21), PageState::Invalid);
+    assert_eq!(c.engines[2].page_state(21), PageState::Invalid);
+    assert_eq!(c.engines[0].stats().invalidations, 1);
+    assert_eq!(c.engines[2].stats().invalidations, 1);
+    assert_eq!(total(&c, |s| s.pages_sent), 0);
+    assert_eq!(read_u64(c.a(0, 21 * PG)), 0xdead_beef);
+    assert_eq!(read_u64(c.a(2, 21 * PG)), 0xdead_beef);
+    assert_eq!(read_page(c.a(0, 22 * PG)), pattern(22));
+    assert_clean(&c);
+}
+
+#[test]
+fn pinned_page_defers_invalidation_until_the_guard_drops() {
+    let c = cluster(2);
+    let off = 4 * PG; // home 1
+    let g = c.engines[0].access(off as u64, 8, Access::Read).unwrap();
+    let done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let p = Ptr(c.a(1, off));
+        let done = &done;
+        s.spawn(move || {
+            let p = p;
+            write_u64(p.0, 42);
+            done.store(true, Ordering::SeqCst);
+        });
+        spin_until("a deferred message", || {
+            c.engines[0].stats().deferred_msgs > 0
+        });
+        assert!(!done.load(Ordering::SeqCst), "write overtook the pin");
+        assert_eq!(c.engines[0].page_state(4), PageState::ReadOnly);
+        let mut v = [0u8; 8];
+        g.read(off as u64, &mut v).unwrap();
+        assert_eq!(v, [0; 8]);
+        drop(g);
+    });
+    assert!(done.load(Ordering::SeqCst));
+    assert_eq!(c.engines[0].page_state(4), PageState::Invalid);
+    assert_eq!(read_u64(c.a(0, off)), 42);
+    assert_clean(&c);
+}
+
+#[test]
+fn malformed_messages_are_counted_not_fatal() {
+    let c = cluster(2);
+    let e = &c.engines[0];
+    let far = (RAM / PG) as u64 + 5;
+    e.receive(1, Msg::ReadReq { page: far }, None);
+    e.receive(1, Msg::FetchReply { page: 0 }, None);
+    e.receive(1, Msg::FetchReply { page: 0 }, Some(&[1, 2, 3]));
+    assert_eq!(e.stats().bad_msgs, 3);
+    // Well-formed but unexpected: a grant nobody asked for, an unknown sender.
+    e.receive(
+        1,
+        Msg::ReadGrant {
+            page: 4,
+            zero: true,
+        },
+        None,
+    );
+    e.receive(9, Msg::ReadReq { page: 0 }, None);
+    e.receive(1, Msg::RevokeAck { page: 0 }, Some(&[0xff; PG]));
+    let s = e.stats();
+    assert_eq!(s.protocol_errors, 3);
+    assert_eq!(e.page_state(4), PageState::Invalid);
+    // The engine still works.
+    write_u64(c.a(1, 0), 5);
+    assert_eq!(read_u64(c.a(0, 0)), 5);
+}
+
+#[test]
+fn stop_unblocks_and_refuses_access() {
+    let c = cluster(2);
+    c.engines[0].stop();
+    assert!(matches!(
+        c.engines[0].access(0, 8, Access::Read),
+        Err(DsmError::Stopped)
+    ));
+    // View A is plain shared memory again.
+    write_u64(c.a(0, 0), 3);
+    assert_eq!(read_u64(c.a(0, 0)), 3);
+}
