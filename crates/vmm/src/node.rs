@@ -27,7 +27,8 @@ use crate::vcpu::RemoteIo;
 use crate::vm::{Placement, Vm, VmConfig};
 use crate::VmmError;
 
-/// How long a node waits for all peers to connect at start-up.
+/// How long a node waits for all peers to connect at start-up (the environment
+/// variable `DVMM_CONNECT_TIMEOUT_SECS` overrides it).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the nodes wait for each other to finish building their VMs.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -341,7 +342,10 @@ pub fn run_node(
         cluster.secret.as_bytes().to_vec(),
     );
     tcfg.encrypt = !cluster.insecure_transport;
-    tcfg.connect_timeout = CONNECT_TIMEOUT;
+    tcfg.connect_timeout = std::env::var("DVMM_CONNECT_TIMEOUT_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map_or(CONNECT_TIMEOUT, Duration::from_secs);
     if cluster.insecure_transport {
         tracing::warn!("--insecure-transport: node traffic is authenticated but NOT encrypted");
     }

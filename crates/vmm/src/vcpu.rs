@@ -28,8 +28,33 @@ mod ioctls {
     use vmm_sys_util::ioctl_iow_nr;
     const KVMIO: u32 = 0xAE;
     ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
+    ioctl_iow_nr!(
+        KVM_SET_DEVICE_ATTR,
+        KVMIO,
+        0xe1,
+        kvm_bindings::kvm_device_attr
+    );
 }
-use ioctls::KVM_INTERRUPT;
+use ioctls::{KVM_INTERRUPT, KVM_SET_DEVICE_ATTR};
+
+/// Sets the vCPU's TSC offset to 0 (guest TSC = host TSC). kvm-ioctls wraps the vCPU
+/// device-attribute ioctl only for other architectures.
+pub fn zero_tsc_offset(vcpu: &VcpuFd) -> std::io::Result<()> {
+    let zero: u64 = 0;
+    let attr = kvm_bindings::kvm_device_attr {
+        group: kvm_bindings::KVM_VCPU_TSC_CTRL,
+        attr: u64::from(kvm_bindings::KVM_VCPU_TSC_OFFSET),
+        addr: &zero as *const u64 as u64,
+        flags: 0,
+    };
+    // SAFETY: KVM_SET_DEVICE_ATTR reads the attribute struct and the u64 it points to,
+    // both alive on our stack for the duration of the call.
+    let ret = unsafe { ioctl_with_ref(vcpu, KVM_SET_DEVICE_ATTR(), &attr) };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
 
 const KVM_EXIT_IO: u32 = 2;
 const KVM_EXIT_HLT: u32 = 5;

@@ -111,6 +111,31 @@ fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
 }
 
+/// Makes the guest's clocks the host's, so that every node of a cluster (each its own
+/// KVM VM, created at its own moment) shows the guest the same time: the TSC offset is
+/// set to 0 (guest TSC = host TSC) and kvmclock to the host's boot-time clock. Across
+/// hosts this relies on the hosts' TSCs and clocks being in step.
+fn align_clocks(vm: &VmFd, vcpus: &[VcpuFd]) {
+    for v in vcpus {
+        if let Err(e) = vcpu::zero_tsc_offset(v) {
+            tracing::warn!(error = %e, "cannot set the guest TSC offset to 0");
+        }
+    }
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    let clock = kvm_bindings::kvm_clock_data {
+        clock: (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64,
+        ..Default::default()
+    };
+    if let Err(e) = vm.set_clock(&clock) {
+        tracing::warn!(error = %e, "cannot align kvmclock with the host clock");
+    }
+}
+
 /// Makes KVM hand the LAPIC's MSRs (and MSRs it does not know) to us.
 ///
 /// KVM never filters the x2APIC range 0x800-0x8ff; without an in-kernel LAPIC it
@@ -324,6 +349,7 @@ impl Vm {
                     .map_err(kvm_err("creating a vCPU"))?,
             );
         }
+        align_clocks(&vm, &vcpus);
         let tsc_khz = vcpus[0]
             .get_tsc_khz()
             .map_err(kvm_err("reading the TSC frequency"))?;

@@ -1,0 +1,311 @@
+//! Several dvmm nodes running one guest: the local-cluster command, node failures,
+//! and a cluster whose traffic crosses a real network interface.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::dvmm;
+
+const LIMIT: Duration = Duration::from_secs(600);
+
+fn host_words() -> &'static str {
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        dvmm_testos::CMDLINE_UD2
+    } else {
+        ""
+    }
+}
+
+/// Iteration counts for the memory checks when every page transfer crosses nodes.
+const CLUSTER_ITERS: &str = "testos.iters=2000";
+
+fn boot_cluster(nodes: u32, cpus: u32) {
+    let run = dvmm(
+        &[
+            "run",
+            "--kernel",
+            dvmm_testos::TESTOS_ELF,
+            "--nodes",
+            &nodes.to_string(),
+            "--cpus",
+            &cpus.to_string(),
+            "--memory",
+            "256M",
+            "--cmdline",
+            &format!("testos {CLUSTER_ITERS} {}", host_words()),
+        ],
+        LIMIT,
+    );
+    let t = run.transcript();
+    assert!(run.stdout.contains(dvmm_testos::PASS_LINE), "no PASS\n{t}");
+    assert!(!run.stdout.contains(dvmm_testos::FAIL_PREFIX), "{t}");
+    assert_eq!(run.code, Some(0), "{t}");
+    for cpu in 0..cpus {
+        for check in dvmm_testos::CHECKS {
+            let line = format!("testos: cpu {cpu}: {check} ok");
+            assert!(
+                run.stdout.lines().any(|l| l.starts_with(&line)),
+                "cpu {cpu}: no '{check} ok'\n{t}"
+            );
+        }
+    }
+}
+
+#[test]
+fn two_nodes_four_cpus() {
+    boot_cluster(2, 4);
+}
+
+#[test]
+fn four_nodes_four_cpus() {
+    boot_cluster(4, 4);
+}
+
+/// Children of `pid` (the node processes of a local cluster).
+fn children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie is gone for our purposes once reaped; check the state field.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.contains(") Z "),
+        Err(_) => false,
+    }
+}
+
+/// Starts a 2-node cluster running testos in idle mode; returns it once the guest is up.
+fn start_idle_cluster() -> (Child, std::io::Lines<BufReader<std::process::ChildStdout>>) {
+    let mut child = Command::new(common::dvmm_bin())
+        .args([
+            "run",
+            "--kernel",
+            dvmm_testos::TESTOS_ELF,
+            "--nodes",
+            "2",
+            "--cpus",
+            "2",
+            "--cmdline",
+            &format!("testos {} {}", dvmm_testos::CMDLINE_IDLE, host_words()),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dvmm");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let start = Instant::now();
+    loop {
+        let line = lines.next().expect("output ended").expect("read");
+        if line.contains("all 2 cpus online") {
+            break;
+        }
+        assert!(start.elapsed() < LIMIT, "cluster did not come up");
+    }
+    (child, lines)
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return st;
+        }
+        assert!(t.elapsed() < within, "dvmm did not end within {within:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `kill -9` of any node stops every other node within 5 s, with an error naming the
+/// lost node, and leaves no process behind.
+#[test]
+fn killing_a_node_stops_the_cluster() {
+    for victim in [1usize, 0] {
+        let (mut child, _lines) = start_idle_cluster();
+        let kids = children(child.id());
+        assert_eq!(kids.len(), 2, "expected 2 node processes, got {kids:?}");
+        // SAFETY: killing a node process this test started (through dvmm).
+        unsafe { libc::kill(kids[victim] as i32, libc::SIGKILL) };
+        let killed = Instant::now();
+        let status = wait_exit(&mut child, Duration::from_secs(8));
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+            .expect("stderr");
+        assert!(
+            killed.elapsed() < Duration::from_secs(6),
+            "took {:?}",
+            killed.elapsed()
+        );
+        assert_ne!(status.code(), Some(0), "{stderr}");
+        let survivor = 1 - victim;
+        assert!(
+            stderr.contains(&format!("lost node {victim}")),
+            "node {survivor} should name node {victim}\n{stderr}"
+        );
+        for k in kids {
+            assert!(!alive(k), "node process {k} left behind");
+        }
+    }
+}
+
+/// A node whose cluster file has another secret cannot join: start fails with a clear
+/// error instead of running the guest.
+#[test]
+fn wrong_secret_is_rejected() {
+    let dir = std::env::temp_dir().join(format!("dvmm-secret-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ports: Vec<u16> = (0..2)
+        .map(|_| {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        })
+        .collect();
+    let file = |secret: &str| {
+        format!(
+            "secret = \"{secret}\"\n[guest]\nkernel = \"{}\"\n\
+             [[node]]\naddress = \"127.0.0.1:{}\"\nvcpus = 1\nmemory = \"64M\"\n\
+             [[node]]\naddress = \"127.0.0.1:{}\"\nvcpus = 1\nmemory = \"64M\"\n",
+            dvmm_testos::TESTOS_ELF,
+            ports[0],
+            ports[1]
+        )
+    };
+    let good = dir.join("good.toml");
+    let bad = dir.join("bad.toml");
+    std::fs::write(&good, file("the-right-secret-0123456789")).unwrap();
+    std::fs::write(&bad, file("a-wrong-secret-9876543210xx")).unwrap();
+    let spawn = |f: &std::path::Path, id: &str| {
+        Command::new(common::dvmm_bin())
+            .args(["node", "--cluster", f.to_str().unwrap(), "--id", id])
+            .env("DVMM_CONNECT_TIMEOUT_SECS", "5")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn node")
+    };
+    let mut n0 = spawn(&good, "0");
+    let mut n1 = spawn(&bad, "1");
+    let s1 = wait_exit(&mut n1, Duration::from_secs(60));
+    let s0 = wait_exit(&mut n0, Duration::from_secs(60));
+    let mut e0 = String::new();
+    let mut e1 = String::new();
+    std::io::Read::read_to_string(&mut n0.stderr.take().unwrap(), &mut e0).unwrap();
+    std::io::Read::read_to_string(&mut n1.stderr.take().unwrap(), &mut e1).unwrap();
+    let mut o0 = String::new();
+    std::io::Read::read_to_string(&mut n0.stdout.take().unwrap(), &mut o0).unwrap();
+    assert_ne!(s0.code(), Some(0), "{e0}");
+    assert_ne!(s1.code(), Some(0), "{e1}");
+    assert!(o0.is_empty(), "no guest may run: {o0}");
+    assert!(
+        e1.contains("secret") || e0.contains("secret"),
+        "a node must say the secret is wrong\nnode 0: {e0}\nnode 1: {e1}"
+    );
+}
+
+/// Network namespaces joined by a veth pair, removed on drop.
+struct Netns {
+    names: [String; 2],
+}
+
+impl Netns {
+    fn create(tag: &str) -> Netns {
+        let a = format!("dvmm-{tag}-a");
+        let b = format!("dvmm-{tag}-b");
+        let va = format!("dv{tag}a");
+        let vb = format!("dv{tag}b");
+        let sh = |cmd: &str| {
+            let st = Command::new("sh").arg("-c").arg(cmd).status().expect("sh");
+            assert!(st.success(), "failed: {cmd}");
+        };
+        let _ = Command::new("ip").args(["netns", "del", &a]).status();
+        let _ = Command::new("ip").args(["netns", "del", &b]).status();
+        sh(&format!("ip netns add {a} && ip netns add {b}"));
+        let ns = Netns {
+            names: [a.clone(), b.clone()],
+        };
+        sh(&format!("ip link add {va} type veth peer name {vb}"));
+        sh(&format!(
+            "ip link set {va} netns {a} && ip link set {vb} netns {b}"
+        ));
+        sh(&format!(
+            "ip -n {a} addr add 10.231.7.1/24 dev {va} && ip -n {a} link set {va} up && ip -n {a} link set lo up"
+        ));
+        sh(&format!(
+            "ip -n {b} addr add 10.231.7.2/24 dev {vb} && ip -n {b} link set {vb} up && ip -n {b} link set lo up"
+        ));
+        ns
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+/// Two nodes, each in its own network namespace, joined by a veth pair: the DSM,
+/// interrupt and I/O traffic really crosses an interface.
+#[test]
+fn two_nodes_in_network_namespaces() {
+    let ns = Netns::create(&format!("{}", std::process::id() % 10000));
+    let dir = std::env::temp_dir().join(format!("dvmm-netns-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("cluster.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "secret = \"netns-test-secret-0123456789\"\n[guest]\nkernel = \"{}\"\n\
+             cmdline = \"testos {CLUSTER_ITERS} {}\"\n\
+             [[node]]\naddress = \"10.231.7.1:7700\"\nvcpus = 1\nmemory = \"128M\"\n\
+             [[node]]\naddress = \"10.231.7.2:7700\"\nvcpus = 1\nmemory = \"128M\"\n",
+            dvmm_testos::TESTOS_ELF,
+            host_words()
+        ),
+    )
+    .unwrap();
+    let spawn = |id: usize| {
+        Command::new("ip")
+            .args(["netns", "exec", &ns.names[id], common::dvmm_bin()])
+            .args([
+                "node",
+                "--cluster",
+                file.to_str().unwrap(),
+                "--id",
+                &id.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn node in netns")
+    };
+    let mut n1 = spawn(1);
+    let mut n0 = spawn(0);
+    let s0 = wait_exit(&mut n0, LIMIT);
+    let s1 = wait_exit(&mut n1, Duration::from_secs(10));
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut n0.stdout.take().unwrap(), &mut out).unwrap();
+    let mut e0 = String::new();
+    std::io::Read::read_to_string(&mut n0.stderr.take().unwrap(), &mut e0).unwrap();
+    let mut e1 = String::new();
+    std::io::Read::read_to_string(&mut n1.stderr.take().unwrap(), &mut e1).unwrap();
+    let t = format!("{out}\n--- node 0 ---\n{e0}\n--- node 1 ---\n{e1}");
+    assert!(out.contains(dvmm_testos::PASS_LINE), "{t}");
+    assert_eq!(s0.code(), Some(0), "{t}");
+    assert_eq!(s1.code(), Some(0), "{t}");
+    assert!(out.contains("testos: cpu 1: counter ok"), "{t}");
+    drop(ns);
+}
