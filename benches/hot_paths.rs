@@ -114,6 +114,10 @@ fn main() {
         }
     }
     if !guest_xapic.is_empty() {
-        println!("{:<22} {:10.1} us", "lapic-read (xapic)", median(guest_xapic) / 1000.0);
+        println!(
+            "{:<22} {:10.1} us",
+            "lapic-read (xapic)",
+            median(guest_xapic) / 1000.0
+        );
     }
 }

@@ -42,9 +42,36 @@ fn id_bits(n: u32) -> u32 {
 /// Features to hide from a guest whose kernel code KVM emulates: instructions its
 /// emulator cannot execute at CPL0, so the guest kernel must not choose them.
 /// (`lock cmpxchg16b`: SLUB's lockless freelists; `xsave`/`xrstor`: FPU context
-/// switching, which falls back to `fxsave`/`fxrstor`; AVX needs XSAVE.)
-pub const EMULATION_UNSAFE_LEAF1_ECX: u32 =
-    LEAF1_ECX_CX16 | LEAF1_ECX_XSAVE | LEAF1_ECX_OSXSAVE | LEAF1_ECX_AVX;
+/// switching, which falls back to `fxsave`/`fxrstor`; AVX needs XSAVE; `popcnt`:
+/// hweight; SSE4.x/AES/PCLMUL: crypto and checksums; `rdrand`: early entropy.)
+pub const EMULATION_UNSAFE_LEAF1_ECX: u32 = LEAF1_ECX_CX16
+    | LEAF1_ECX_XSAVE
+    | LEAF1_ECX_OSXSAVE
+    | LEAF1_ECX_AVX
+    | (1 << 1) // PCLMULQDQ
+    | (1 << 19) // SSE4.1
+    | (1 << 20) // SSE4.2 (crc32)
+    | (1 << 22) // MOVBE
+    | (1 << 23) // POPCNT
+    | (1 << 25) // AES-NI
+    | (1 << 29) // F16C
+    | (1 << 30); // RDRAND
+
+/// Leaf 7 (subleaf 0) EBX features hidden likewise: FSGSBASE (rdfsbase/wrfsbase in the
+/// context switch), BMI1/BMI2, AVX2, RDSEED, ADX, SMAP (stac/clac), AVX-512, SHA.
+pub const EMULATION_UNSAFE_LEAF7_EBX: u32 = 1
+    | (1 << 3)
+    | (1 << 5)
+    | (1 << 8)
+    | (1 << 18)
+    | (1 << 19)
+    | (1 << 20)
+    | (1 << 29)
+    | (0xffff << 16);
+
+/// Leaf 7 (subleaf 0) ECX features hidden likewise: UMIP, PKU, VAES/VPCLMUL, RDPID, LA57.
+pub const EMULATION_UNSAFE_LEAF7_ECX: u32 =
+    (1 << 2) | (1 << 3) | (1 << 9) | (1 << 10) | (1 << 16) | (1 << 22);
 
 /// The CPUID entries for vCPU `apic_id` of `vcpus`, from KVM's supported `base` table.
 /// `emulated_kernel`: the host's KVM emulates guest kernel code (see
@@ -72,7 +99,13 @@ pub fn vcpu_cpuid(
             // XSAVE state enumeration and AVX2/AVX-512 make no sense without XSAVE.
             0xd if emulated_kernel => continue,
             7 if emulated_kernel && e.index == 0 => {
-                e.ebx &= !((1 << 5) | (0xffff << 16));
+                e.ebx &= !EMULATION_UNSAFE_LEAF7_EBX;
+                e.ecx &= !EMULATION_UNSAFE_LEAF7_ECX;
+            }
+            // LZCNT/ABM (ECX bit 5) and RDTSCP (EDX bit 27).
+            0x8000_0001 if emulated_kernel => {
+                e.ecx &= !(1 << 5);
+                e.edx &= !(1 << 27);
             }
             4 => {
                 // Cache topology: every cache is per core; cores per package in 31:26.
