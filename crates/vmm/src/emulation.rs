@@ -62,6 +62,17 @@ impl fmt::Display for EmulationFailure {
     }
 }
 
+/// A bit-counting instruction with register operands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BitCount {
+    /// `popcnt`: number of set bits.
+    Popcnt,
+    /// `tzcnt`: trailing zero bits (operand size if zero).
+    Tzcnt,
+    /// `lzcnt`: leading zero bits (operand size if zero).
+    Lzcnt,
+}
+
 /// A recognised instruction and how it is completed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fixup {
@@ -72,6 +83,147 @@ pub enum Fixup {
         /// Vector to deliver.
         vector: u8,
     },
+    /// Compute `op` of register `src` into register `dst` (indices in kvm_regs order:
+    /// rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8..r15) at `bits` operand size.
+    BitCount {
+        /// Instruction length.
+        len: u8,
+        /// Which instruction.
+        op: BitCount,
+        /// Destination register.
+        dst: u8,
+        /// Source register.
+        src: u8,
+        /// Operand size: 16, 32 or 64.
+        bits: u8,
+    },
+}
+
+/// Decodes `F3 [66] [REX] 0F B8|BC|BD /r` with a register source (`mod` = 11).
+fn decode_bitcount(bytes: &[u8]) -> Option<Fixup> {
+    let mut i = 0;
+    let (mut rep, mut opsize16, mut rex) = (false, false, 0u8);
+    while let Some(&b) = bytes.get(i) {
+        match b {
+            0xf3 => rep = true,
+            0x66 => opsize16 = true,
+            _ => break,
+        }
+        i += 1;
+    }
+    if let Some(&b @ 0x40..=0x4f) = bytes.get(i) {
+        rex = b;
+        i += 1;
+    }
+    if !rep || bytes.get(i) != Some(&0x0f) {
+        return None;
+    }
+    let op = match bytes.get(i + 1)? {
+        0xb8 => BitCount::Popcnt,
+        0xbc => BitCount::Tzcnt,
+        0xbd => BitCount::Lzcnt,
+        _ => return None,
+    };
+    let modrm = *bytes.get(i + 2)?;
+    if modrm >> 6 != 3 {
+        return None;
+    }
+    let dst = ((modrm >> 3) & 7) | ((rex & 4) << 1);
+    let src = (modrm & 7) | ((rex & 1) << 3);
+    let bits = if rex & 8 != 0 {
+        64
+    } else if opsize16 {
+        16
+    } else {
+        32
+    };
+    Some(Fixup::BitCount {
+        len: (i + 3) as u8,
+        op,
+        dst,
+        src,
+        bits,
+    })
+}
+
+fn reg_mut(regs: &mut kvm_bindings::kvm_regs, n: u8) -> &mut u64 {
+    match n {
+        0 => &mut regs.rax,
+        1 => &mut regs.rcx,
+        2 => &mut regs.rdx,
+        3 => &mut regs.rbx,
+        4 => &mut regs.rsp,
+        5 => &mut regs.rbp,
+        6 => &mut regs.rsi,
+        7 => &mut regs.rdi,
+        8 => &mut regs.r8,
+        9 => &mut regs.r9,
+        10 => &mut regs.r10,
+        11 => &mut regs.r11,
+        12 => &mut regs.r12,
+        13 => &mut regs.r13,
+        14 => &mut regs.r14,
+        _ => &mut regs.r15,
+    }
+}
+
+const FLAG_CF: u64 = 1 << 0;
+const FLAG_PF: u64 = 1 << 2;
+const FLAG_AF: u64 = 1 << 4;
+const FLAG_ZF: u64 = 1 << 6;
+const FLAG_SF: u64 = 1 << 7;
+const FLAG_OF: u64 = 1 << 11;
+
+/// Executes a decoded bit-count instruction on `regs` (RIP included).
+pub fn apply_bitcount(regs: &mut kvm_bindings::kvm_regs, fix: Fixup) {
+    let Fixup::BitCount {
+        len,
+        op,
+        dst,
+        src,
+        bits,
+    } = fix
+    else {
+        return;
+    };
+    let mask = if bits == 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    };
+    let v = *reg_mut(regs, src) & mask;
+    let result = match op {
+        BitCount::Popcnt => u64::from(v.count_ones()),
+        BitCount::Tzcnt if v == 0 => u64::from(bits),
+        BitCount::Tzcnt => u64::from(v.trailing_zeros()),
+        BitCount::Lzcnt if v == 0 => u64::from(bits),
+        BitCount::Lzcnt => u64::from(v.leading_zeros()) - (64 - u64::from(bits)),
+    };
+    let d = reg_mut(regs, dst);
+    *d = match bits {
+        16 => (*d & !0xffff) | result,
+        _ => result, // 32-bit results zero-extend into the 64-bit register
+    };
+    let mut f = regs.rflags;
+    match op {
+        BitCount::Popcnt => {
+            f &= !(FLAG_CF | FLAG_PF | FLAG_AF | FLAG_ZF | FLAG_SF | FLAG_OF);
+            if v == 0 {
+                f |= FLAG_ZF;
+            }
+        }
+        BitCount::Tzcnt | BitCount::Lzcnt => {
+            f &= !(FLAG_CF | FLAG_ZF);
+            if v == 0 {
+                f |= FLAG_CF;
+            }
+            if result == 0 {
+                f |= FLAG_ZF;
+            }
+        }
+    }
+    regs.rflags = f;
+    regs.rip = regs.rip.wrapping_add(u64::from(len));
 }
 
 /// Decides how to complete the instruction starting with `bytes` at `cpl`, if we can.
@@ -82,7 +234,7 @@ pub fn classify(bytes: &[u8], cpl: u8) -> Option<Fixup> {
     match bytes {
         [0xcc, ..] => Some(Fixup::InjectVector { len: 1, vector: 3 }),
         [0xcd, n, ..] => Some(Fixup::InjectVector { len: 2, vector: *n }),
-        _ => None,
+        _ => decode_bitcount(bytes),
     }
 }
 
@@ -167,6 +319,11 @@ pub fn recover(
                 "int n at CPL0: injected the vector"
             })
         }
+        Some(fix @ Fixup::BitCount { .. }) => {
+            apply_bitcount(&mut regs, fix);
+            vcpu.set_regs(&regs).map_err(|_| failure())?;
+            Ok("popcnt/tzcnt/lzcnt at CPL0: computed in dvmm")
+        }
         None => Err(failure()),
     }
 }
@@ -188,6 +345,51 @@ mod tests {
                 vector: 0x80
             })
         );
+    }
+
+    #[test]
+    fn popcnt_from_linux_is_emulated() {
+        // popcnt rax, rdi (as Linux's hweight64 emits it).
+        let fix = classify(&[0xf3, 0x48, 0x0f, 0xb8, 0xc7, 0x41], 0).unwrap();
+        let mut regs = kvm_bindings::kvm_regs {
+            rdi: 0xf0f0_0000_0000_0001,
+            rip: 0x1000,
+            rflags: 0x2 | FLAG_ZF | FLAG_CF,
+            ..Default::default()
+        };
+        apply_bitcount(&mut regs, fix);
+        assert_eq!(regs.rax, 9);
+        assert_eq!(regs.rip, 0x1005);
+        assert_eq!(regs.rflags & (FLAG_ZF | FLAG_CF), 0);
+    }
+
+    #[test]
+    fn bitcounts_with_rex_and_sizes() {
+        // popcnt r9d, r10d: REX.R + REX.B, 32-bit, zero source sets ZF.
+        let fix = classify(&[0xf3, 0x45, 0x0f, 0xb8, 0xca], 0).unwrap();
+        let mut regs = kvm_bindings::kvm_regs {
+            r9: u64::MAX,
+            r10: 0xffff_ffff_0000_0000,
+            ..Default::default()
+        };
+        apply_bitcount(&mut regs, fix);
+        assert_eq!(regs.r9, 0);
+        assert_ne!(regs.rflags & FLAG_ZF, 0);
+        // tzcnt eax, ecx and lzcnt eax, ecx.
+        let mut regs = kvm_bindings::kvm_regs {
+            rcx: 0x100,
+            ..Default::default()
+        };
+        apply_bitcount(&mut regs, classify(&[0xf3, 0x0f, 0xbc, 0xc1], 0).unwrap());
+        assert_eq!(regs.rax, 8);
+        apply_bitcount(&mut regs, classify(&[0xf3, 0x0f, 0xbd, 0xc1], 0).unwrap());
+        assert_eq!(regs.rax, 23);
+        regs.rcx = 0;
+        apply_bitcount(&mut regs, classify(&[0xf3, 0x0f, 0xbd, 0xc1], 0).unwrap());
+        assert_eq!(regs.rax, 32);
+        assert_ne!(regs.rflags & FLAG_CF, 0);
+        // A memory operand is not handled.
+        assert_eq!(classify(&[0xf3, 0x48, 0x0f, 0xb8, 0x07], 0), None);
     }
 
     #[test]
