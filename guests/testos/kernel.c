@@ -84,6 +84,20 @@
 #define IRQ_TIMEOUT_MS 2000ULL
 #define AP_TIMEOUT_MS 5000ULL
 
+/* DSM-sensitive checks: default iterations per cpu (testos.iters=N, testos.iters.<check>=N). */
+#define DSM_ITERS_COUNTER 100000ULL
+#define DSM_ITERS_SPINLOCK 20000ULL
+#define DSM_ITERS_MP 100000ULL
+#define DSM_ITERS_SB 100000ULL
+#define DSM_ITERS_IRIW 50000ULL
+#define DSM_ITERS_PINGPONG 20000ULL
+/* The longest any single user-mode wait may go without progress. */
+#define DSM_WAIT_MS 10000ULL
+#define DSM_ARGS_OFFSET 256UL
+/* A cpu waiting in user mode yields (halts DSM_NAP_US) after spinning DSM_SPIN_US. */
+#define DSM_SPIN_US 1000ULL
+#define DSM_NAP_US 100ULL /* struct dsm_args in the user block, above struct user_args */
+
 #define SIEVE_LIMIT 2000000ULL
 #define SIEVE_PRIMES 148933ULL
 #define USER_MIN_MS 50ULL
@@ -169,6 +183,16 @@ static uint32_t ioapic_pins, uart_gsi = COM1_IRQ, uart_redir_flags;
 static char cmdline[256];
 static volatile uint32_t ap_arrived, failed, con_lock, bar_count, bar_gen, uart_total;
 static volatile uint32_t uart_last_cpu;
+static uint64_t watchdog_ms = WATCHDOG_MS;
+/* DSM checks: the shared pages (see testos.h) and the groups of cpus. */
+static struct dsm_global *dsm_global;
+static struct dsm_pair *dsm_pairs;
+static struct dsm_quad *dsm_quads;
+static uint32_t dsm_npairs, dsm_nquads;
+static uint64_t dsm_iriw_logs; /* per quad, two logs of DSM_IRIW_LOG_BYTES(iters_iriw) */
+static uint64_t iters_counter = DSM_ITERS_COUNTER, iters_spinlock = DSM_ITERS_SPINLOCK,
+                iters_mp = DSM_ITERS_MP, iters_sb = DSM_ITERS_SB, iters_iriw = DSM_ITERS_IRIW,
+                iters_pingpong = DSM_ITERS_PINGPONG;
 
 /* ------------------------------------------------------------------------- */
 /* CPU primitives                                                             */
@@ -369,7 +393,8 @@ static void check_failed(void)
     if (failed)
         halt_forever();
     if (tsc_khz && rdtsc() > watchdog_tsc)
-        fail("watchdog: the run did not finish within %u s", (unsigned)(WATCHDOG_MS / 1000));
+        fail("watchdog: the run did not finish within %lu s (testos.watchdog=<s> to change)",
+             watchdog_ms / 1000);
 }
 
 static void con_acquire(void)
@@ -460,7 +485,7 @@ static void delay_us(uint64_t us)
     })
 
 /* All CPUs meet here; fails if some CPU does not arrive in time. */
-static void barrier(const char *name)
+static void barrier_ms(const char *name, uint64_t ms)
 {
     uint32_t gen = __atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE);
     if (__atomic_add_fetch(&bar_count, 1, __ATOMIC_ACQ_REL) == ncpus) {
@@ -468,9 +493,33 @@ static void barrier(const char *name)
         __atomic_store_n(&bar_gen, gen + 1, __ATOMIC_RELEASE);
         return;
     }
-    if (!WAIT_UNTIL(__atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE) != gen, BARRIER_TIMEOUT_MS))
-        fail("barrier '%s': only %u of %u cpus arrived within %u s", name, bar_count, ncpus,
-             (unsigned)(BARRIER_TIMEOUT_MS / 1000));
+    if (!WAIT_UNTIL(__atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE) != gen, ms))
+        fail("barrier '%s': only %u of %u cpus arrived within %lu s", name, bar_count, ncpus,
+             ms / 1000);
+}
+
+static void barrier(const char *name) { barrier_ms(name, BARRIER_TIMEOUT_MS); }
+
+static void nap_us(uint64_t us);
+
+/* A barrier whose waiters halt between looks (so that on an oversubscribed host the
+ * cpus still working get the host cpus); bounded by the watchdog. */
+static void nap_barrier(const char *name)
+{
+    uint32_t gen = __atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&bar_count, 1, __ATOMIC_ACQ_REL) == ncpus) {
+        __atomic_store_n(&bar_count, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&bar_gen, gen + 1, __ATOMIC_RELEASE);
+        return;
+    }
+    uint64_t end = rdtsc() + ms_to_tsc(watchdog_ms);
+    while (__atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE) == gen) {
+        if (rdtsc() > end)
+            fail("barrier '%s': only %u of %u cpus arrived within %lu s", name, bar_count,
+                 ncpus, watchdog_ms / 1000);
+        check_failed();
+        nap_us(DSM_NAP_US);
+    }
 }
 
 /* ------------------------------------------------------------------------- */
@@ -495,6 +544,24 @@ static uint32_t apic_id(void)
     return use_x2apic ? v : v >> 24;
 }
 static void apic_eoi(void) { apic_write(APIC_EOI, 0); }
+
+/* Halts for about us microseconds (a one-shot LAPIC timer wakes us), giving the host cpu
+ * to other vcpus. Only after the timer checks: it reprograms the timer. */
+static void nap_us(uint64_t us)
+{
+    uint64_t count = lapic_khz * us / 1000;
+    if (count == 0)
+        count = 1;
+    if (count > 0xFFFFFFFFULL)
+        count = 0xFFFFFFFFULL;
+    uint64_t fl = save_cli();
+    apic_write(APIC_TIMER_DCR, 0xB); /* divide by 1 */
+    apic_write(APIC_LVT_TIMER, VEC_TIMER);
+    apic_write(APIC_TIMER_ICR, (uint32_t)count);
+    __asm__ volatile("sti; hlt; cli" ::: "memory");
+    apic_write(APIC_TIMER_ICR, 0);
+    restore_if(fl);
+}
 
 /* Sends an IPI; icr is the low ICR word (vector, delivery mode, shorthand). */
 static void apic_send(uint32_t dest, uint32_t icr)
@@ -588,6 +655,32 @@ static int cmdline_has(const char *word)
             p++;
     }
     return 0;
+}
+
+/* Value of the command-line word "<key>=<decimal>", or def without one (or if malformed). */
+static uint64_t cmdline_u64(const char *key, uint64_t def)
+{
+    for (const char *p = cmdline; *p;) {
+        while (*p == ' ')
+            p++;
+        const char *k = key;
+        const char *q = p;
+        while (*k && *q == *k)
+            q++, k++;
+        if (!*k && *q == '=' && q[1] >= '0' && q[1] <= '9') {
+            uint64_t v = 0;
+            for (q++; *q >= '0' && *q <= '9'; q++) {
+                if (v > (~0ULL - 9) / 10)
+                    return def;
+                v = v * 10 + (uint64_t)(*q - '0');
+            }
+            if (*q == ' ' || *q == 0)
+                return v;
+        }
+        while (*p && *p != ' ')
+            p++;
+    }
+    return def;
 }
 
 static int checksum_ok(const uint8_t *p, uint32_t len)
@@ -857,6 +950,11 @@ void isr_dispatch(struct frame *f)
     if (v < 32) {
         uint64_t cr2;
         __asm__ volatile("movq %%cr2, %0" : "=r"(cr2));
+        if (v == VEC_UD && (f->cs & 3) && f->rip == (uint64_t)user_yield_ud2) {
+            f->rip += 2; /* past the ud2 */
+            nap_us(DSM_NAP_US);
+            return;
+        }
         if (v == VEC_UD && use_ud2 && (f->cs & 3) && f->rip == (uint64_t)user_exit_ud2) {
             /* testos.ud2: the user's way back; drop this frame, return from enter_user. */
             __asm__ volatile("movq %0, %%rdi; jmp syscall_entry" ::"r"(f->rdi) : "rdi");
@@ -1189,6 +1287,271 @@ static void check_int3(struct percpu *c)
     say("cpu %u: int3 ok (#BP at cpl0 handled, resumed after the int3)", c->index);
 }
 
+/* ------------------------------------------------------------------------- */
+/* DSM-sensitive checks: the loops run at CPL3 (user_dsm in user.c)           */
+
+/* Where a cpu sits in the pairs (k = 2) or groups of four (k = 4) of a check. Members
+ * of one group are n / k apart, so with cpus placed on nodes in contiguous blocks a
+ * group spans as many nodes as it can. Returns 0 if this cpu is left over. */
+static int dsm_group(struct percpu *c, uint32_t k, uint32_t *group, uint32_t *role)
+{
+    uint32_t groups = ncpus / k;
+    if (!groups || c->index >= groups * k)
+        return 0;
+    *group = c->index % groups;
+    *role = c->index / groups;
+    return 1;
+}
+
+/* The cpu with the given role in this cpu's group. */
+static uint32_t dsm_member(uint32_t k, uint32_t group, uint32_t role)
+{
+    return group + role * (ncpus / k);
+}
+
+static void dsm_reset(struct percpu *c)
+{
+    uint32_t g, r;
+    if (c->index == bsp_index) {
+        struct dsm_global *d = dsm_global;
+        d->ctl.abort = 0;
+        d->counter.value = 0;
+        d->lock.next = 0;
+        d->lock.serving = 0;
+        d->rec_a.v = 0;
+        d->rec_b.v = 0;
+    }
+    if (dsm_group(c, 2, &g, &r) && r == 0) {
+        struct dsm_pair *p = &dsm_pairs[g];
+        p->mp_data.v = p->mp_flag.v = p->mp_ack.v = 0;
+        p->sb_x.v = p->sb_y.v = 0;
+        p->sb_sync.bar.count = p->sb_sync.bar.sense = 0;
+        p->pingpong.seq = 0;
+    }
+    if (dsm_group(c, 4, &g, &r) && r == 0) {
+        struct dsm_quad *q = &dsm_quads[g];
+        q->x.v = q->y.v = 0;
+        q->sync.len[0] = q->sync.len[1] = q->sync.done[0] = q->sync.done[1] = 0;
+    }
+}
+
+/* Runs one check's user-mode part on this cpu; fails with what went wrong. */
+static struct dsm_args *dsm_run(struct percpu *c, const char *name, uint64_t check,
+                                uint64_t iters, uint64_t role, uint64_t members, void *group,
+                                uint64_t *ms)
+{
+    struct dsm_args *a = (struct dsm_args *)(c->ublock + DSM_ARGS_OFFSET);
+    a->check = check;
+    a->role = role;
+    a->members = members;
+    a->iters = iters;
+    a->wait_tsc = ms_to_tsc(DSM_WAIT_MS);
+    a->yield_tsc = tsc_khz * DSM_SPIN_US / 1000;
+    a->pace_tsc = tsc_khz / 1000; /* 1 us */
+    a->use_ud2 = (uint64_t)use_ud2;
+    a->global = (uint64_t)dsm_global;
+    a->group = (uint64_t)group;
+    a->logs = 0;
+    if (check == DSM_IRIW && group)
+        a->logs = dsm_iriw_logs + (uint64_t)((struct dsm_quad *)group - dsm_quads) * 2 *
+                                      DSM_IRIW_LOG_BYTES(iters);
+    a->what = 0;
+    uint64_t t0 = rdtsc();
+    uint64_t err = enter_user((uint64_t)user_dsm, c->ublock + USTACK_SIZE - 8, (uint64_t)a);
+    uint64_t t1 = rdtsc();
+    sti();
+    *ms = tsc_to_us(t1 - t0) / 1000;
+    switch (err) {
+    case DSM_OK:
+        return a;
+    case DSM_E_TIMEOUT:
+        fail("%s: iteration %lu: no progress for %lu ms waiting for %s (expected %lu, last "
+             "saw %lu)",
+             name, a->at, DSM_WAIT_MS, a->what ? (const char *)a->what : "?", a->v1, a->v2);
+    case DSM_E_ABORT:
+        /* The cpu that stopped us reports why; give it time to do so. */
+        WAIT_UNTIL(0, 2000);
+        fail("%s: stopped at iteration %lu because another cpu of the check failed", name, a->at);
+    case DSM_E_ORDER:
+        fail("%s: lock xadd %lu returned %lu after %lu: the counter went backwards", name, a->at,
+             a->v2, a->v1);
+    case DSM_E_TORN:
+        fail("%s: acquisition %lu, ticket %lu: inside the lock the record reads a = %lu, "
+             "b = %lu, expected both %lu (a lost or torn update)",
+             name, a->at, a->v3, a->v1, a->v2, a->v3);
+    case DSM_E_MP:
+        fail("%s: message %lu: the reader saw flag = %lu but then data = %lu (stale data after "
+             "the flag: forbidden by x86-TSO)",
+             name, a->at, a->v1, a->v2);
+    case DSM_E_SB:
+        fail("%s: iteration %lu: with mfence neither cpu saw the other's store (r1 = r2 = 0: "
+             "forbidden)",
+             name, a->at);
+    case DSM_E_IRIW:
+        fail("%s: reader cpu %u saw x = %lu then y = %lu, but reader cpu %u saw y = %lu then an "
+             "older x (the writes x = %lu and y = %lu became visible in different orders: "
+             "forbidden on x86)",
+             name, dsm_member(4, c->index % dsm_nquads, 1), a->v1, a->v2,
+             dsm_member(4, c->index % dsm_nquads, 3), a->v3, a->v1, a->v3);
+    case DSM_E_STALE:
+        fail("%s: iteration %lu: a load after the barrier returned %lu, expected %lu or %lu (a "
+             "stale value)",
+             name, a->at, a->v2, a->v1 - 1, a->v1);
+    case DSM_E_SEQ:
+        fail("%s: round %lu: expected the value %lu, saw %lu (a skipped or repeated value)", name,
+             a->at, a->v1, a->v2);
+    default:
+        fail("%s: the user-mode part returned %lu (unknown check %lu?)", name, err, check);
+    }
+}
+
+static void check_counter(struct percpu *c)
+{
+    uint64_t ms;
+    nap_barrier("counter start");
+    dsm_run(c, "counter", DSM_COUNTER, iters_counter, c->index, ncpus, 0, &ms);
+    nap_barrier("counter done");
+    uint64_t v = dsm_global->counter.value, want = ncpus * iters_counter;
+    if (v != want)
+        fail("counter: the shared counter is %lu after %u cpus x %lu lock xadd, expected %lu", v,
+             ncpus, iters_counter, want);
+    ok("counter", "%lu lock xadd in %lu ms; counter = %lu = %u cpus x %lu", iters_counter, ms, v,
+       ncpus, iters_counter);
+}
+
+static void check_spinlock(struct percpu *c)
+{
+    uint64_t ms;
+    nap_barrier("spinlock start");
+    dsm_run(c, "spinlock", DSM_SPINLOCK, iters_spinlock, c->index, ncpus, 0, &ms);
+    nap_barrier("spinlock done");
+    struct dsm_global *g = dsm_global;
+    uint64_t want = ncpus * iters_spinlock;
+    if (g->rec_a.v != want || g->rec_b.v != want || g->lock.next != want ||
+        g->lock.serving != want)
+        fail("spinlock: after %u cpus x %lu acquisitions a = %lu, b = %lu, next ticket %lu, now "
+             "serving %lu; expected all %lu",
+             ncpus, iters_spinlock, g->rec_a.v, g->rec_b.v, g->lock.next, g->lock.serving, want);
+    ok("spinlock", "%lu ticket-lock acquisitions in %lu ms, never torn; a = b = %lu",
+       iters_spinlock, ms, want);
+}
+
+/* Says why this cpu sits out a pair/group check; returns 1 if it does. */
+static int dsm_sits_out(struct percpu *c, const char *name, uint32_t k)
+{
+    if (ncpus < k) {
+        if (k == 2)
+            ok(name, "skipped: 1 cpu");
+        else
+            ok(name, "skipped: needs %u cpus", k);
+        return 1;
+    }
+    if (c->index >= ncpus / k * k) {
+        ok(name, "idle: cpus are used in groups of %u, %u cpus", k, ncpus);
+        return 1;
+    }
+    return 0;
+}
+
+static void check_litmus_mp(struct percpu *c)
+{
+    uint32_t g = 0, r = 0;
+    uint64_t ms;
+    int out = dsm_sits_out(c, "litmus-mp", 2);
+    for (uint32_t turn = 0; turn < dsm_npairs || turn == 0; turn++) {
+        nap_barrier("litmus-mp turn");
+        if (out || !dsm_group(c, 2, &g, &r) || g != turn)
+            continue;
+        dsm_run(c, "litmus-mp", DSM_MP, iters_mp, r, 2, &dsm_pairs[g], &ms);
+        uint32_t other = dsm_member(2, g, 1 - r);
+        if (r == 0)
+            ok("litmus-mp", "writer to cpu %u: %lu messages (data, flag, ack on 3 pages) in %lu "
+                            "ms",
+               other, iters_mp, ms);
+        else
+            ok("litmus-mp", "reader from cpu %u: %lu messages, data never stale, in %lu ms",
+               other, iters_mp, ms);
+    }
+    nap_barrier("litmus-mp done");
+}
+
+static void check_litmus_sb(struct percpu *c)
+{
+    uint32_t g = 0, r = 0;
+    uint64_t ms;
+    int out = dsm_sits_out(c, "litmus-sb", 2);
+    for (uint32_t turn = 0; turn < dsm_npairs || turn == 0; turn++) {
+        nap_barrier("litmus-sb turn");
+        if (out || !dsm_group(c, 2, &g, &r) || g != turn)
+            continue;
+        struct dsm_args *a = dsm_run(c, "litmus-sb", DSM_SB, iters_sb, r, 2, &dsm_pairs[g], &ms);
+        /* stat[r_cpu0 * 2 + r_cpu1]: 1 = saw the other's store of that iteration. */
+        ok("litmus-sb", "with cpu %u: %lu iterations in %lu ms; r1/r2 = 0/0: 0 (forbidden), "
+                        "0/1: %lu, 1/0: %lu, 1/1: %lu",
+           dsm_member(2, g, 1 - r), iters_sb, ms, a->stat[1], a->stat[2], a->stat[3]);
+    }
+    nap_barrier("litmus-sb done");
+}
+
+static void check_litmus_iriw(struct percpu *c)
+{
+    uint32_t g = 0, r = 0;
+    uint64_t ms;
+    nap_barrier("litmus-iriw start");
+    if (!dsm_sits_out(c, "litmus-iriw", 4)) {
+        dsm_group(c, 4, &g, &r);
+        struct dsm_args *a =
+            dsm_run(c, "litmus-iriw", DSM_IRIW, iters_iriw, r, 4, &dsm_quads[g], &ms);
+        uint32_t w0 = dsm_member(4, g, 0), r1 = dsm_member(4, g, 1), w2 = dsm_member(4, g, 2),
+                 r3 = dsm_member(4, g, 3);
+        if (r == 0 || r == 2)
+            ok("litmus-iriw", "writer of %c (writers %u %u, readers %u %u): %lu writes in %lu ms",
+               r == 0 ? 'x' : 'y', w0, w2, r1, r3, iters_iriw, ms);
+        else if (r == 1)
+            ok("litmus-iriw", "reader x,y (writers %u %u, readers %u %u): %lu samples, %lu "
+                              "distinct, in %lu ms; x ahead of y in %lu, the other reader saw y "
+                              "ahead of x in %lu; no two samples disagree on the write order",
+               w0, w2, r1, r3, a->stat[0], a->stat[1], ms, a->stat[2], a->stat[3]);
+        else
+            ok("litmus-iriw", "reader y,x (writers %u %u, readers %u %u): %lu samples, %lu "
+                              "distinct, in %lu ms (checked by cpu %u)",
+               w0, w2, r1, r3, a->stat[0], a->stat[1], ms, r1);
+    }
+    nap_barrier("litmus-iriw done");
+}
+
+static void check_pingpong(struct percpu *c)
+{
+    uint32_t g = 0, r = 0;
+    uint64_t ms;
+    int out = dsm_sits_out(c, "pingpong", 2);
+    for (uint32_t turn = 0; turn < dsm_npairs || turn == 0; turn++) {
+        nap_barrier("pingpong turn");
+        if (out || !dsm_group(c, 2, &g, &r) || g != turn)
+            continue;
+        dsm_run(c, "pingpong", DSM_PINGPONG, iters_pingpong, r, 2, &dsm_pairs[g], &ms);
+        ok("pingpong", "with cpu %u: %lu round trips on one word in %lu ms, saw every value",
+           dsm_member(2, g, 1 - r), iters_pingpong, ms);
+    }
+    nap_barrier("pingpong done");
+    uint64_t want = 2 * iters_pingpong;
+    if (ncpus >= 2 && dsm_group(c, 2, &g, &r) && dsm_pairs[g].pingpong.seq != want)
+        fail("pingpong: the shared word ends at %lu, expected %lu", dsm_pairs[g].pingpong.seq,
+             want);
+}
+
+static void check_dsm(struct percpu *c)
+{
+    nap_barrier("dsm reset");
+    dsm_reset(c);
+    check_counter(c);
+    check_spinlock(c);
+    check_litmus_mp(c);
+    check_litmus_sb(c);
+    check_litmus_iriw(c);
+    check_pingpong(c);
+}
+
 static void run_checks(struct percpu *c)
 {
     sti();
@@ -1205,6 +1568,7 @@ static void run_checks(struct percpu *c)
     check_ioapic_uart(c);
     check_int3(c);
     check_user(c);
+    check_dsm(c);
     barrier("checks done");
     if (c->spurious_cnt)
         say("cpu %u: note: %u spurious interrupts", c->index, c->spurious_cnt);
@@ -1263,7 +1627,16 @@ static void setup_memory(const struct hvm_start_info *si)
         fail("memory: the image does not fit its layout");
     uint64_t kend = DYN_START + ncpus * KBLOCK_SIZE;
     uint64_t ustart = (kend + LARGE_PAGE - 1) & ~(LARGE_PAGE - 1);
-    uint64_t uend = (ustart + ncpus * UBLOCK_SIZE + LARGE_PAGE - 1) & ~(LARGE_PAGE - 1);
+    /* The DSM checks' shared pages follow the user blocks. */
+    uint64_t dsm = (ustart + ncpus * UBLOCK_SIZE + DSM_PAGE_SIZE - 1) & ~(DSM_PAGE_SIZE - 1);
+    dsm_npairs = ncpus / 2;
+    dsm_nquads = ncpus / 4;
+    dsm_global = (struct dsm_global *)dsm;
+    dsm_pairs = (struct dsm_pair *)(dsm + sizeof(struct dsm_global));
+    dsm_quads = (struct dsm_quad *)((uint64_t)dsm_pairs + dsm_npairs * sizeof(struct dsm_pair));
+    dsm_iriw_logs = (uint64_t)dsm_quads + dsm_nquads * sizeof(struct dsm_quad);
+    uint64_t dsm_end = dsm_iriw_logs + dsm_nquads * 2 * DSM_IRIW_LOG_BYTES(iters_iriw);
+    uint64_t uend = (dsm_end + LARGE_PAGE - 1) & ~(LARGE_PAGE - 1);
     if (!ram_ok(si, KERNEL_LOAD_ADDR, uend))
         fail("memory: testos needs RAM at 0x%lx-0x%lx for %u cpus", KERNEL_LOAD_ADDR, uend, ncpus);
     for (uint32_t i = 0; i < ncpus; i++) {
@@ -1400,6 +1773,24 @@ void kmain(void)
     fail_requested = cmdline_has("testos.fail");
     use_ud2 = cmdline_has("testos.ud2");
     bench_mode = cmdline_has("testos.bench");
+    watchdog_ms = cmdline_u64("testos.watchdog", WATCHDOG_MS / 1000) * 1000;
+    if (watchdog_ms == 0)
+        watchdog_ms = WATCHDOG_MS;
+    {
+        uint64_t all = cmdline_u64("testos.iters", 0);
+        uint64_t *const iters[] = {&iters_counter, &iters_sb, &iters_mp, &iters_spinlock,
+                                   &iters_iriw, &iters_pingpong};
+        const char *const keys[] = {"testos.iters.counter", "testos.iters.litmus-sb",
+                                    "testos.iters.litmus-mp", "testos.iters.spinlock",
+                                    "testos.iters.litmus-iriw", "testos.iters.pingpong"};
+        for (int i = 0; i < 6; i++) {
+            *iters[i] = cmdline_u64(keys[i], all ? all : *iters[i]);
+            if (*iters[i] == 0)
+                *iters[i] = 1;
+        }
+        if (iters_iriw > 0x7FFFFFFFULL) /* its log holds 32-bit values */
+            iters_iriw = 0x7FFFFFFFULL;
+    }
 
     parse_acpi(si);
 
@@ -1419,7 +1810,7 @@ void kmain(void)
     setup_memory(si);
     cpu_init(bsp_index);
     setup_timing();
-    watchdog_tsc = rdtsc() + ms_to_tsc(WATCHDOG_MS);
+    watchdog_tsc = rdtsc() + ms_to_tsc(watchdog_ms);
     ioapic_init();
 
     say("cpus=%u apic=%s tsc_khz=%lu", ncpus, use_x2apic ? "x2apic" : "xapic", tsc_khz);

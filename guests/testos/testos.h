@@ -37,6 +37,112 @@ struct user_args {
 
 void user_main(struct user_args *args);
 extern char user_exit_ud2[];
+/* The ud2 with which CPL3 code asks the kernel to halt briefly (a yield). */
+extern char user_yield_ud2[];
+
+/*
+ * DSM-sensitive checks (counter, spinlock, litmus-*, pingpong): shared variables in
+ * user-accessible memory, laid out page by page on purpose. A future multi-node dvmm
+ * keeps RAM coherent per 4 KiB page, so "which variables share a page" decides which
+ * page ownership transfers a check causes. Every member below that is wrapped in a
+ * DSM_PAGE struct sits alone on its own page.
+ */
+#define DSM_PAGE_SIZE 4096
+#define DSM_PAGE __attribute__((aligned(DSM_PAGE_SIZE)))
+
+enum dsm_check {
+    DSM_COUNTER = 1,
+    DSM_SPINLOCK,
+    DSM_MP,
+    DSM_SB,
+    DSM_IRIW,
+    DSM_PINGPONG,
+};
+
+/* Why a DSM check's user-mode part stopped (the value user_dsm returns). */
+enum dsm_error {
+    DSM_OK = 0,
+    DSM_E_TIMEOUT,   /* a wait saw no progress: what, expected v1, last seen v2 */
+    DSM_E_ABORT,     /* another cpu of the check failed first */
+    DSM_E_ORDER,     /* lock xadd returned a smaller value than before: v1 then v2 */
+    DSM_E_TORN,      /* spinlock: inside the lock a = v1, b = v2, ticket v3 */
+    DSM_E_MP,        /* litmus-mp: flag = v1 but data = v2 */
+    DSM_E_SB,        /* litmus-sb: iteration v1: both loads missed the other store */
+    DSM_E_IRIW,      /* litmus-iriw: reader 1 saw x >= v1, y = v2; reader 2 y >= v3, x < v1 */
+    DSM_E_STALE,     /* a load after a barrier returned v2, outside [v1 - 1, v1] */
+    DSM_E_SEQ,       /* pingpong/mp: expected v1, saw v2 */
+    DSM_E_BADCHECK,  /* unknown check number */
+};
+
+/* A sense-reversing spin barrier (count and sense share a page). */
+struct spin_barrier {
+    volatile uint64_t count;
+    volatile uint64_t sense;
+};
+
+/* Shared by all cpus. */
+struct dsm_global {
+    /* Set by the first cpu whose user-mode part fails, so partners stop waiting. */
+    struct { volatile uint64_t abort; } DSM_PAGE ctl;
+    /* counter: every cpu's lock xadd hits this page. */
+    struct { volatile uint64_t value; } DSM_PAGE counter;
+    /* spinlock: the ticket lock's two words on one page ... */
+    struct { volatile uint64_t next, serving; } DSM_PAGE lock;
+    /* ... and the record it protects, one word per page (a stale copy of either shows). */
+    struct { volatile uint64_t v; } DSM_PAGE rec_a;
+    struct { volatile uint64_t v; } DSM_PAGE rec_b;
+};
+
+/* Shared by the two cpus of a pair (litmus-mp, litmus-sb, pingpong). */
+struct dsm_pair {
+    struct { volatile uint64_t v; } DSM_PAGE mp_data; /* writer -> reader */
+    struct { volatile uint64_t v; } DSM_PAGE mp_flag; /* writer -> reader */
+    struct { volatile uint64_t v; } DSM_PAGE mp_ack;  /* reader -> writer */
+    struct { volatile uint64_t v; } DSM_PAGE sb_x;    /* written by role 0 */
+    struct { volatile uint64_t v; } DSM_PAGE sb_y;    /* written by role 1 */
+    struct {
+        struct spin_barrier bar;
+        volatile uint64_t res[2][2]; /* [role][iteration & 1]: saw the other's store */
+    } DSM_PAGE sb_sync;
+    struct { volatile uint64_t seq; } DSM_PAGE pingpong; /* both write this one word */
+};
+
+/* Shared by the four cpus of a litmus-iriw group; followed (page aligned) by the two
+ * readers' logs, DSM_IRIW_LOG_BYTES(iters) each. */
+struct dsm_quad {
+    struct { volatile uint64_t v; } DSM_PAGE x; /* written by role 0 */
+    struct { volatile uint64_t v; } DSM_PAGE y; /* written by role 2 */
+    /* Readers' log lengths (entries); a reader sets done after its last entry. */
+    struct { volatile uint64_t len[2], done[2]; } DSM_PAGE sync;
+};
+/* A reader logs each new (first, second) pair it sees: at most 2 * iters + 1 entries. */
+struct iriw_sample {
+    uint32_t first, second;
+};
+#define DSM_IRIW_LOG_BYTES(iters)                                                                  \
+    (((2 * (iters) + 2) * sizeof(struct iriw_sample) + DSM_PAGE_SIZE - 1) &                        \
+     ~(uint64_t)(DSM_PAGE_SIZE - 1))
+
+/* One cpu's orders and results for one DSM check (in its private user block). */
+struct dsm_args {
+    uint64_t check;    /* enum dsm_check */
+    uint64_t role;     /* this cpu's index within its pair or group */
+    uint64_t members;  /* cpus in the check's group (all cpus for counter/spinlock) */
+    uint64_t iters;
+    uint64_t wait_tsc; /* the longest any single wait may see no progress, in TSC ticks */
+    uint64_t yield_tsc; /* spin this long, then yield (user_yield_ud2); 0: never yield */
+    uint64_t pace_tsc;  /* litmus-iriw: writers wait this long between writes */
+    uint64_t use_ud2;
+    uint64_t global;   /* struct dsm_global * */
+    uint64_t group;    /* struct dsm_pair * or struct dsm_quad * */
+    uint64_t logs;     /* litmus-iriw: the readers' two logs (struct iriw_sample[]) */
+    /* Results: error details (see enum dsm_error) and per-check statistics. */
+    uint64_t what;     /* const char * (in the user image) naming what was awaited */
+    uint64_t at, v1, v2, v3;
+    uint64_t stat[8];
+};
+
+void user_dsm(struct dsm_args *args);
 #endif
 
 #endif

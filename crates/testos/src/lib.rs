@@ -45,7 +45,33 @@ pub const CHECKS: &[&str] = &[
     "ioapic-uart",
     "int3",
     "user",
+    "counter",
+    "spinlock",
+    "litmus-mp",
+    "litmus-sb",
+    "litmus-iriw",
+    "pingpong",
 ];
+
+/// The checks whose result depends on guest RAM being coherent between vCPUs (the
+/// distributed shared memory, once vCPUs run on several nodes), in the order they run.
+/// Each also appears in [`CHECKS`]. A check that needs more CPUs than the guest has
+/// prints `ok (skipped: ...)`; a CPU left over when CPUs are grouped prints `ok (idle: ...)`.
+pub const DSM_CHECKS: &[&str] = &[
+    "counter",
+    "spinlock",
+    "litmus-mp",
+    "litmus-sb",
+    "litmus-iriw",
+    "pingpong",
+];
+
+/// Command-line key: `testos.iters=N` sets the iteration count of every check in
+/// [`DSM_CHECKS`] (for slow multi-node runs); `testos.iters.<check>=N` sets one.
+pub const CMDLINE_ITERS: &str = "testos.iters";
+/// Command-line key: `testos.watchdog=S` sets the whole run's time limit in seconds
+/// (default 120).
+pub const CMDLINE_WATCHDOG: &str = "testos.watchdog";
 
 /// The outcome testos reported in its console output.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -253,6 +279,27 @@ mod tests {
         ))
         .unwrap();
         assert!(header.contains(&format!("#define MAX_CPUS {}", dvmm_layout::MAX_VCPUS)));
+    }
+
+    #[test]
+    fn dsm_checks_are_the_last_checks_and_the_guest_reports_them() {
+        let tail = &CHECKS[CHECKS.len() - DSM_CHECKS.len()..];
+        assert_eq!(tail, DSM_CHECKS);
+        let src = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../guests/testos/kernel.c"
+        ))
+        .unwrap();
+        for check in DSM_CHECKS {
+            assert!(
+                src.contains(&format!("ok(\"{check}\"")),
+                "kernel.c never reports {check}"
+            );
+            assert!(
+                src.contains(&format!("testos.iters.{check}")),
+                "kernel.c lacks testos.iters.{check}"
+            );
+        }
     }
 
     /// Boots the image under QEMU's TCG emulator (if installed) and expects PASS.
