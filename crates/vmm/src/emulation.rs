@@ -83,6 +83,11 @@ pub enum Fixup {
         /// Vector to deliver.
         vector: u8,
     },
+    /// `clac`/`stac`: clear or set RFLAGS.AC (SMAP), then advance RIP by 3.
+    SetAc {
+        /// The new value of AC.
+        on: bool,
+    },
     /// Compute `op` of register `src` into register `dst` (indices in kvm_regs order:
     /// rax, rcx, rdx, rbx, rsp, rbp, rsi, rdi, r8..r15) at `bits` operand size.
     BitCount {
@@ -234,6 +239,8 @@ pub fn classify(bytes: &[u8], cpl: u8) -> Option<Fixup> {
     match bytes {
         [0xcc, ..] => Some(Fixup::InjectVector { len: 1, vector: 3 }),
         [0xcd, n, ..] => Some(Fixup::InjectVector { len: 2, vector: *n }),
+        [0x0f, 0x01, 0xca, ..] => Some(Fixup::SetAc { on: false }),
+        [0x0f, 0x01, 0xcb, ..] => Some(Fixup::SetAc { on: true }),
         _ => decode_bitcount(bytes),
     }
 }
@@ -319,6 +326,17 @@ pub fn recover(
                 "int n at CPL0: injected the vector"
             })
         }
+        Some(Fixup::SetAc { on }) => {
+            const FLAG_AC: u64 = 1 << 18;
+            if on {
+                regs.rflags |= FLAG_AC;
+            } else {
+                regs.rflags &= !FLAG_AC;
+            }
+            regs.rip = regs.rip.wrapping_add(3);
+            vcpu.set_regs(&regs).map_err(|_| failure())?;
+            Ok("clac/stac at CPL0: RFLAGS.AC set in dvmm")
+        }
         Some(fix @ Fixup::BitCount { .. }) => {
             apply_bitcount(&mut regs, fix);
             vcpu.set_regs(&regs).map_err(|_| failure())?;
@@ -345,6 +363,13 @@ mod tests {
                 vector: 0x80
             })
         );
+    }
+
+    #[test]
+    fn clac_and_stac_are_recognised() {
+        assert_eq!(classify(&[0x0f, 0x01, 0xca, 0xfc], 0), Some(Fixup::SetAc { on: false }));
+        assert_eq!(classify(&[0x0f, 0x01, 0xcb], 0), Some(Fixup::SetAc { on: true }));
+        assert_eq!(classify(&[0x0f, 0x01, 0xca], 3), None);
     }
 
     #[test]
