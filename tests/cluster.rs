@@ -20,7 +20,7 @@ fn host_words() -> &'static str {
 }
 
 /// Iteration counts for the memory checks when every page transfer crosses nodes.
-const CLUSTER_ITERS: &str = "testos.iters=2000";
+const CLUSTER_ITERS: &str = "testos.iters=200 testos.watchdog=500";
 
 fn boot_cluster(nodes: u32, cpus: u32) {
     let run = dvmm(

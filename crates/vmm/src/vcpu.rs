@@ -68,6 +68,8 @@ const KVM_EXIT_X86_RDMSR: u32 = 29;
 const KVM_EXIT_X86_WRMSR: u32 = 30;
 
 const MSR_IA32_TSC: u32 = 0x10;
+/// Nice value of vCPU threads (see [`run`]).
+const VCPU_NICE: i32 = 5;
 const MSR_APIC_BASE: u32 = 0x1b;
 const MSR_TSC_DEADLINE: u32 = 0x6e0;
 
