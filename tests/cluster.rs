@@ -11,6 +11,14 @@ use common::dvmm;
 
 const LIMIT: Duration = Duration::from_secs(600);
 
+/// Clusters are run one at a time: several at once on a 2-core machine starve each
+/// other's DSM threads into timeouts that say nothing about dvmm.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn host_words() -> &'static str {
     if std::path::Path::new("/sys/module/kvm_pvm").exists() {
         dvmm_testos::CMDLINE_UD2
@@ -23,6 +31,7 @@ fn host_words() -> &'static str {
 const CLUSTER_ITERS: &str = "testos.iters=200 testos.watchdog=500";
 
 fn boot_cluster(nodes: u32, cpus: u32) {
+    let _one = exclusive();
     let run = dvmm(
         &[
             "run",
@@ -127,6 +136,7 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
 /// lost node, and leaves no process behind.
 #[test]
 fn killing_a_node_stops_the_cluster() {
+    let _one = exclusive();
     for victim in [1usize, 0] {
         let (mut child, _lines) = start_idle_cluster();
         let kids = children(child.id());
@@ -159,6 +169,7 @@ fn killing_a_node_stops_the_cluster() {
 /// error instead of running the guest.
 #[test]
 fn wrong_secret_is_rejected() {
+    let _one = exclusive();
     let dir = std::env::temp_dir().join(format!("dvmm-secret-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ports: Vec<u16> = (0..2)
@@ -260,6 +271,7 @@ impl Drop for Netns {
 /// interrupt and I/O traffic really crosses an interface.
 #[test]
 fn two_nodes_in_network_namespaces() {
+    let _one = exclusive();
     let ns = Netns::create(&format!("{}", std::process::id() % 10000));
     let dir = std::env::temp_dir().join(format!("dvmm-netns-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -14,6 +14,15 @@
 //! * The VMM's own accesses go through [`DsmEngine::access`], which pins pages: messages
 //!   that would take a pinned page away are deferred until the pin drops.
 //!
+//! * Read-ahead: a read fault that continues a forward sequential stream (the previous read
+//!   fault was on the page before, or the page lies in the stream's prefetched range) also
+//!   requests the next pages that are `Invalid` (window 8, doubling to
+//!   [`DEFAULT_READAHEAD_PAGES`] while the stream goes on, reset by a non-sequential read
+//!   fault; see [`DsmEngine::set_readahead`]). Their grants arrive pipelined and are mapped
+//!   read-only with nobody waiting, except the first page of each batch (the *marker*),
+//!   which is left unmapped: its first touch is a cheap local fault that issues the next
+//!   batch, like Linux's `PG_readahead`.
+//!
 //! One mutex serializes fault handling, message handling and pins for the whole node.
 //! That keeps actions in protocol order trivially; its cost is that unrelated pages do
 //! not proceed in parallel (and [`PageNet::send`] runs under it, so it must not block long).
@@ -36,6 +45,12 @@ pub use dvmm_dsm::{Access, Action, Msg, Node, NodeId, PageNo, PageState, SeedErr
 
 /// Size of a DSM page.
 pub const PAGE_SIZE: u64 = 4096;
+
+/// Largest read-ahead window (pages) of a new engine; see [`DsmEngine::set_readahead`].
+pub const DEFAULT_READAHEAD_PAGES: u64 = 64;
+
+/// First read-ahead window (pages) of a stream; it doubles per batch up to the maximum.
+pub const INITIAL_READAHEAD_PAGES: u64 = 8;
 
 /// Guest RAM as the engine sees it: the RAM offset space `[0, len)` (not guest-physical
 /// addresses; the caller converts), with view A (what KVM/vCPUs access; the engine
@@ -111,6 +126,18 @@ impl GuestPages {
 pub trait PageNet: Send + Sync {
     /// Send a protocol message; `data` is the 4 KiB page when `msg.has_data()`.
     fn send(&self, to: NodeId, msg: &Msg, data: Option<&[u8]>);
+
+    /// Send several messages to `to`, in order. The engine collects the messages one fault
+    /// or one incoming frame produces and hands each destination's share over here.
+    /// The default sends them one by one with [`PageNet::send`]. An implementation may
+    /// put them into one transport frame (each message's 16-byte header followed by its
+    /// payload, if any, concatenated) if the receiving side passes such frames to
+    /// [`DsmEngine::receive_frame`].
+    fn send_batch(&self, to: NodeId, msgs: &[(Msg, Option<&[u8]>)]) {
+        for (msg, data) in msgs {
+            self.send(to, msg, *data);
+        }
+    }
 }
 
 /// Errors of the DSM engine.
@@ -210,6 +237,20 @@ pub struct DsmStats {
     pub fault_wait_ns: u64,
     /// Time spent handling faults and messages under the engine lock, in nanoseconds.
     pub busy_ns: u64,
+    /// [`PageNet::send_batch`] calls with more than one message.
+    pub batches_sent: u64,
+    /// Frames given to [`DsmEngine::receive_frame`] that held more than one message.
+    pub batches_received: u64,
+    /// Read-ahead batches issued (a sequential read fault that requested more pages).
+    pub readahead_batches: u64,
+    /// Pages requested speculatively by read-ahead.
+    pub prefetched: u64,
+    /// Prefetched pages the stream went on to use: faulted on, or passed over by a later
+    /// fault of the same stream (accesses to mapped pages are invisible to userfaultfd, so
+    /// "passed over" is inferred from the stream's progress).
+    pub prefetch_used: u64,
+    /// Faults on a prefetched page whose grant had not arrived yet (read-ahead too shallow).
+    pub prefetch_late: u64,
 }
 
 const MAP_NONE: u8 = 0;
@@ -218,6 +259,28 @@ const MAP_RW: u8 = 2;
 const MAP_MASK: u8 = 3;
 /// The last fault on the page said MISSING and nothing has filled it since.
 const HOLE_HINT: u8 = 4;
+
+/// Read-ahead flag: requested speculatively, not yet counted as used.
+const RA_PREFETCHED: u8 = 1;
+/// Read-ahead flag: the batch's marker; not mapped on arrival unless a fault waits for it.
+const RA_MARKER: u8 = 2;
+
+/// One node's forward read stream (faults of all vCPUs of the node together).
+#[derive(Default)]
+struct ReadAhead {
+    /// Largest window in pages; 0 disables read-ahead.
+    max: u64,
+    /// Current window (0: no stream yet).
+    window: u64,
+    /// Page of the last read fault.
+    last: Option<PageNo>,
+    /// End (exclusive) of the pages considered for prefetching so far.
+    frontier: PageNo,
+    /// Start of the prefetched range not yet accounted as used.
+    pos: PageNo,
+    /// The current marker page, if any (at most one, so batches stay large).
+    marker: Option<PageNo>,
+}
 
 #[derive(Default, Clone, Copy)]
 struct Pin {
@@ -235,7 +298,13 @@ struct State {
     deferred: HashMap<PageNo, Deferred>,
     waiting_since: HashMap<PageNo, Instant>,
     stats: DsmStats,
-    out: Box<[u8]>,
+    /// Per page: `RA_*` flags.
+    ra_flags: Vec<u8>,
+    ra: ReadAhead,
+    /// Messages to send when the current operation ends: destination, message, offset of
+    /// the payload in `outdata`.
+    outbox: Vec<(NodeId, Msg, Option<usize>)>,
+    outdata: Vec<u8>,
 }
 
 struct Inner {
@@ -294,7 +363,13 @@ impl DsmEngine {
                 deferred: HashMap::new(),
                 waiting_since: HashMap::new(),
                 stats: DsmStats::default(),
-                out: vec![0; PAGE_SIZE as usize].into_boxed_slice(),
+                ra_flags: vec![0; npages as usize],
+                ra: ReadAhead {
+                    max: DEFAULT_READAHEAD_PAGES,
+                    ..ReadAhead::default()
+                },
+                outbox: Vec::new(),
+                outdata: Vec::new(),
             }),
             cv: Condvar::new(),
             uffd,
@@ -325,6 +400,59 @@ impl DsmEngine {
             return;
         }
         let t0 = Instant::now();
+        self.receive_locked(&mut st, from, msg, data);
+        inner.flush(&mut st);
+        st.stats.busy_ns += t0.elapsed().as_nanos() as u64;
+    }
+
+    /// A transport frame of DSM messages from another node: one or more messages, each
+    /// its 16-byte header followed by its 4 KiB payload if it has one (what a
+    /// [`PageNet::send_batch`] implementation may send). A single message is the same
+    /// frame [`PageNet::send`] sends. A malformed tail is counted and dropped; the
+    /// messages before it are delivered.
+    pub fn receive_frame(&self, from: NodeId, frame: &[u8]) {
+        let inner = &*self.inner;
+        let mut st = inner.lock();
+        if inner.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        let t0 = Instant::now();
+        let mut rest = frame;
+        let mut count = 0u64;
+        while !rest.is_empty() {
+            let (hdr, tail) = rest.split_at(rest.len().min(dvmm_dsm::WIRE_MSG_LEN));
+            let msg = match Msg::decode(hdr) {
+                Ok(m) => m,
+                Err(e) => {
+                    st.stats.bad_msgs += 1;
+                    tracing::warn!(from, error = %e, "malformed DSM frame dropped");
+                    break;
+                }
+            };
+            let (data, tail) = if msg.has_data() {
+                if tail.len() < PAGE_SIZE as usize {
+                    st.stats.bad_msgs += 1;
+                    tracing::warn!(from, ?msg, "DSM message without its 4 KiB payload dropped");
+                    break;
+                }
+                let (d, t) = tail.split_at(PAGE_SIZE as usize);
+                (Some(d), t)
+            } else {
+                (None, tail)
+            };
+            count += 1;
+            self.receive_locked(&mut st, from, msg, data);
+            rest = tail;
+        }
+        if count > 1 {
+            st.stats.batches_received += 1;
+        }
+        inner.flush(&mut st);
+        st.stats.busy_ns += t0.elapsed().as_nanos() as u64;
+    }
+
+    fn receive_locked(&self, st: &mut State, from: NodeId, msg: Msg, data: Option<&[u8]>) {
+        let inner = &*self.inner;
         st.stats.msgs_received += 1;
         let page = msg.page();
         if page >= inner.npages {
@@ -363,8 +491,7 @@ impl DsmEngine {
                 return;
             }
         }
-        inner.deliver(&mut st, from, msg, data);
-        st.stats.busy_ns += t0.elapsed().as_nanos() as u64;
+        inner.deliver(st, from, msg, data);
     }
 
     /// The VMM's own access to guest RAM (device DMA, firmware tables after start): makes
@@ -426,6 +553,7 @@ impl DsmEngine {
                     st.stats.vmm_faults += 1;
                     let actions = st.node.fault(page, access);
                     inner.exec(&mut st, actions);
+                    inner.flush(&mut st);
                     st.stats.busy_ns += t0.elapsed().as_nanos() as u64;
                     continue;
                 }
@@ -434,6 +562,21 @@ impl DsmEngine {
         }
         drop(st);
         Ok(guard)
+    }
+
+    /// Sets the largest read-ahead window in pages ([`DEFAULT_READAHEAD_PAGES`] for a new
+    /// engine); 0 turns read-ahead off. Resets the current stream.
+    pub fn set_readahead(&self, max_pages: u64) {
+        let mut st = self.inner.lock();
+        st.ra = ReadAhead {
+            max: max_pages,
+            ..ReadAhead::default()
+        };
+    }
+
+    /// The largest read-ahead window in pages (0: off).
+    pub fn readahead(&self) -> u64 {
+        self.inner.lock().ra.max
     }
 
     /// A snapshot of the engine's counters.
@@ -556,14 +699,94 @@ impl Inner {
             s.missing_faults += 1;
             st.flags[page as usize] |= HOLE_HINT;
         }
+        let ra = std::mem::take(&mut st.ra_flags[page as usize]);
+        let pending = st.node.state(page).pending();
         let actions = st.node.fault(page, access);
         if actions == [Action::WakeFaulters { page }] {
-            st.stats.spurious_faults += 1;
+            if ra & RA_MARKER == 0 {
+                st.stats.spurious_faults += 1;
+            }
         } else {
             st.waiting_since.entry(page).or_insert(t0);
         }
         self.exec(&mut st, actions);
+        if !write && st.ra.max > 0 {
+            if ra & RA_PREFETCHED != 0 && pending {
+                st.stats.prefetch_late += 1;
+            }
+            self.read_ahead(&mut st, page, ra);
+        }
+        self.flush(&mut st);
         st.stats.busy_ns += t0.elapsed().as_nanos() as u64;
+    }
+
+    /// Read-ahead after a read fault on `page` (whose read-ahead flags were `ra`).
+    fn read_ahead(&self, st: &mut State, page: PageNo, ra: u8) {
+        let r = &st.ra;
+        if r.last == Some(page) {
+            return;
+        }
+        let in_stream = ra != 0
+            || r.last
+                .is_some_and(|l| page > l && page <= r.frontier.max(l + 1));
+        if !in_stream {
+            st.ra.window = 0;
+            st.ra.last = Some(page);
+            st.ra.frontier = page + 1;
+            st.ra.pos = page + 1;
+            return;
+        }
+        let mut used = u64::from(ra & RA_PREFETCHED != 0);
+        for q in st.ra.pos.min(page)..page {
+            let f = &mut st.ra_flags[q as usize];
+            used += u64::from(*f & RA_PREFETCHED != 0);
+            *f &= !RA_PREFETCHED;
+        }
+        st.stats.prefetch_used += used;
+        let r = &mut st.ra;
+        r.window = if r.window == 0 {
+            INITIAL_READAHEAD_PAGES.min(r.max)
+        } else {
+            (r.window * 2).min(r.max)
+        };
+        r.last = Some(page);
+        r.pos = page + 1;
+        let start = r.frontier.max(page + 1);
+        let end = (page + 1 + r.window).min(self.npages);
+        r.frontier = end.max(start);
+        let half = r.window / 2;
+        let mut issued = false;
+        for q in start..end {
+            if st.node.state(q) != PageState::Invalid {
+                continue;
+            }
+            st.ra_flags[q as usize] = RA_PREFETCHED;
+            issued = true;
+            st.stats.prefetched += 1;
+            let actions = st.node.fault(q, Access::Read);
+            self.exec(st, actions);
+        }
+        if issued {
+            st.stats.readahead_batches += 1;
+        }
+        // Move the single marker half a window ahead: reaching it issues the next batch
+        // while the other half is still ahead of the reader.
+        if let Some(old) = st.ra.marker.take() {
+            st.ra_flags[old as usize] &= !RA_MARKER;
+            if st.node.state(old).readable() && st.flags[old as usize] & MAP_MASK == MAP_NONE {
+                self.map(st, old, MAP_RO);
+            }
+        }
+        let first = (page + half.max(1)).min(end);
+        let marker = (first..end).find(|&q| {
+            let s = st.node.state(q);
+            st.flags[q as usize] & MAP_MASK == MAP_NONE
+                && (s == PageState::ReadPending || s == PageState::ReadOnly)
+        });
+        if let Some(q) = marker {
+            st.ra_flags[q as usize] |= RA_MARKER;
+            st.ra.marker = Some(q);
+        }
     }
 
     /// Delivers a (validated, not deferred) message to the state machine.
@@ -602,6 +825,42 @@ impl Inner {
         self.exec(st, actions);
     }
 
+    /// Sends what the operation that is ending queued, per destination in order (per-pair
+    /// FIFO is all the protocol needs). Runs under the lock, so operations stay ordered.
+    fn flush(&self, st: &mut State) {
+        if st.outbox.is_empty() {
+            return;
+        }
+        let outbox = std::mem::take(&mut st.outbox);
+        let data = std::mem::take(&mut st.outdata);
+        let mut batch: Vec<(Msg, Option<&[u8]>)> = Vec::with_capacity(outbox.len());
+        let mut done = vec![false; outbox.len()];
+        for i in 0..outbox.len() {
+            if done[i] {
+                continue;
+            }
+            let to = outbox[i].0;
+            batch.clear();
+            for (j, &(dest, msg, at)) in outbox.iter().enumerate().skip(i) {
+                if dest == to {
+                    done[j] = true;
+                    let payload = at.and_then(|o| data.get(o..o + PAGE_SIZE as usize));
+                    batch.push((msg, payload));
+                }
+            }
+            if batch.len() > 1 {
+                st.stats.batches_sent += 1;
+            }
+            self.net.send_batch(to, &batch);
+        }
+        drop(batch);
+        // Keep the allocations for the next operation.
+        st.outbox = outbox;
+        st.outbox.clear();
+        st.outdata = data;
+        st.outdata.clear();
+    }
+
     /// Performs protocol actions in order.
     fn exec(&self, st: &mut State, actions: Vec<Action>) {
         let mut woken: Option<PageNo> = None;
@@ -609,27 +868,29 @@ impl Inner {
             match a {
                 Action::Send { to, msg } => {
                     st.stats.msgs_sent += 1;
+                    let mut at = None;
                     if msg.has_data() {
                         let page = msg.page();
+                        let off = st.outdata.len();
+                        st.outdata.resize(off + PAGE_SIZE as usize, 0);
                         // SAFETY: pages in actions were range-checked on entry; the bytes
                         // are stable (no writable mapping here or pinned writer at this
-                        // point, per the protocol's action order).
+                        // point, per the protocol's action order), so we copy them now.
                         unsafe {
                             std::ptr::copy_nonoverlapping(
                                 self.pages.b(page),
-                                st.out.as_mut_ptr(),
+                                st.outdata.as_mut_ptr().add(off),
                                 PAGE_SIZE as usize,
                             );
                         }
                         st.stats.pages_sent += 1;
-                        self.net.send(to, &msg, Some(&st.out));
-                    } else {
-                        self.net.send(to, &msg, None);
+                        at = Some(off);
                     }
+                    st.outbox.push((to, msg, at));
                 }
                 Action::InstallReadOnly { page } => {
                     st.stats.installs_read_only += 1;
-                    if self.map(st, page, MAP_RO) {
+                    if !lazy(st, page) && self.map(st, page, MAP_RO) {
                         woken = Some(page);
                     }
                 }
@@ -652,6 +913,7 @@ impl Inner {
                         tracing::error!(page, "MADV_DONTNEED failed: {e}");
                     }
                     st.flags[page as usize] &= !MAP_MASK;
+                    st.ra_flags[page as usize] = 0;
                 }
                 Action::WakeFaulters { page } => {
                     // Lazily mapped pages (seeded ones) are readable without a mapping.
@@ -661,7 +923,7 @@ impl Inner {
                         _ => MAP_NONE,
                     };
                     let have = st.flags[page as usize] & MAP_MASK;
-                    if want > have && self.map(st, page, want) {
+                    if want > have && !lazy(st, page) && self.map(st, page, want) {
                         woken = Some(page);
                     }
                     if woken != Some(page) {
@@ -727,6 +989,12 @@ impl Inner {
             Err(e) => Err(e),
         }
     }
+}
+
+/// Whether `page` is a read-ahead marker nobody waits for: it stays unmapped (readable in
+/// the protocol) so that its first touch faults and continues the stream.
+fn lazy(st: &State, page: PageNo) -> bool {
+    st.ra_flags[page as usize] & RA_MARKER != 0 && !st.waiting_since.contains_key(&page)
 }
 
 fn retry(mut f: impl FnMut() -> io::Result<()>) -> io::Result<()> {
@@ -850,6 +1118,7 @@ impl Drop for PinGuard<'_> {
                 }
             }
         }
+        inner.flush(&mut st);
         inner.cv.notify_all();
     }
 }

@@ -1,11 +1,15 @@
-//! Helpers for tests and benchmarks: guest RAM as a memfd mapped twice, and an
-//! in-process [`PageNet`] that connects several engines in one process.
+//! Helpers for tests and benchmarks: guest RAM as a memfd mapped twice, an in-process
+//! [`PageNet`] that connects several engines in one process, and [`UffdFloor`], the bare
+//! userfaultfd round trip that bounds what the engine can reach.
 
 use std::io;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use crate::{DsmEngine, DsmError, GuestPages, Msg, Node, NodeId, PageNet, PageNo};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use crate::{sys, DsmEngine, DsmError, GuestPages, Msg, Node, NodeId, PageNet, PageNo};
 
 /// A memfd of `len` bytes mapped twice (view A and view B), unmapped on drop.
 pub struct TestRam {
@@ -210,5 +214,90 @@ impl Drop for Cluster {
             e.stop();
         }
         self.engines.clear();
+    }
+}
+
+/// The floor of a local fault: a [`TestRam`] whose view A is registered with a bare
+/// userfaultfd, and a handler thread that resolves every fault with one `UFFDIO_COPY` of
+/// a 4 KiB page (no protocol, no locks). [`UffdFloor::touch`] faults one page.
+pub struct UffdFloor {
+    ram: TestRam,
+    uffd: Arc<sys::Uffd>,
+    stop: Arc<sys::EventFd>,
+    stopped: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UffdFloor {
+    /// `pages` pages of fresh RAM (holes), registered, with the handler thread running.
+    pub fn new(pages: usize) -> io::Result<UffdFloor> {
+        let ram = TestRam::new(pages * crate::PAGE_SIZE as usize)?;
+        let uffd = Arc::new(sys::Uffd::open()?);
+        uffd.register(ram.view_a() as u64, ram.len() as u64)?;
+        let stop = Arc::new(sys::EventFd::new()?);
+        let stopped = Arc::new(AtomicBool::new(false));
+        let src = vec![0x5au8; crate::PAGE_SIZE as usize];
+        let (u, e, s) = (Arc::clone(&uffd), Arc::clone(&stop), Arc::clone(&stopped));
+        let thread = std::thread::Builder::new()
+            .name("uffd-floor".into())
+            .spawn(move || {
+                let mut buf = [sys::UffdMsg::default(); 16];
+                while !s.load(Ordering::Acquire) {
+                    if sys::poll2(u.raw(), e.raw()).is_err() {
+                        return;
+                    }
+                    let Ok(n) = u.read_events(&mut buf) else {
+                        return;
+                    };
+                    for m in &buf[..n] {
+                        if m.event == sys::EVENT_PAGEFAULT {
+                            let addr = m.address & !(crate::PAGE_SIZE - 1);
+                            if let Err(err) = u.copy_page(addr, src.as_ptr(), false) {
+                                tracing::error!("floor: UFFDIO_COPY failed: {err}");
+                            }
+                        }
+                    }
+                }
+            })?;
+        Ok(UffdFloor {
+            ram,
+            uffd,
+            stop,
+            stopped,
+            thread: Some(thread),
+        })
+    }
+
+    /// Number of pages.
+    pub fn pages(&self) -> usize {
+        self.ram.len() / crate::PAGE_SIZE as usize
+    }
+
+    /// Reads the first byte of page `page` of view A (faulting it in the first time).
+    /// Returns `None` if `page` is out of range.
+    pub fn touch(&self, page: usize) -> Option<u8> {
+        if page >= self.pages() {
+            return None;
+        }
+        let p = self
+            .ram
+            .view_a()
+            .wrapping_add(page * crate::PAGE_SIZE as usize);
+        // SAFETY: `p` is inside view A, which lives as long as `self`; the handler thread
+        // resolves the fault.
+        Some(unsafe { std::ptr::read_volatile(p) })
+    }
+}
+
+impl Drop for UffdFloor {
+    fn drop(&mut self) {
+        self.stopped.store(true, Ordering::Release);
+        self.stop.signal();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = self
+            .uffd
+            .unregister(self.ram.view_a() as u64, self.ram.len() as u64);
     }
 }

@@ -367,8 +367,14 @@ mod tests {
 
     #[test]
     fn clac_and_stac_are_recognised() {
-        assert_eq!(classify(&[0x0f, 0x01, 0xca, 0xfc], 0), Some(Fixup::SetAc { on: false }));
-        assert_eq!(classify(&[0x0f, 0x01, 0xcb], 0), Some(Fixup::SetAc { on: true }));
+        assert_eq!(
+            classify(&[0x0f, 0x01, 0xca, 0xfc], 0),
+            Some(Fixup::SetAc { on: false })
+        );
+        assert_eq!(
+            classify(&[0x0f, 0x01, 0xcb], 0),
+            Some(Fixup::SetAc { on: true })
+        );
         assert_eq!(classify(&[0x0f, 0x01, 0xca], 3), None);
     }
 

@@ -138,10 +138,30 @@ struct DsmNet(Arc<NodeLink>);
 
 impl PageNet for DsmNet {
     fn send(&self, to: u16, msg: &DsmMsg, data: Option<&[u8]>) {
-        let hdr = msg.encode();
-        match data {
-            Some(d) => self.0.send_dsm(to, &[&hdr, d]),
-            None => self.0.send_dsm(to, &[&hdr]),
+        self.send_batch(to, &[(*msg, data)]);
+    }
+
+    /// Packs consecutive messages to one node into as few frames as the transport's
+    /// payload limit allows (header, then the 4 KiB page for messages with data).
+    fn send_batch(&self, to: u16, msgs: &[(DsmMsg, Option<&[u8]>)]) {
+        let headers: Vec<[u8; WIRE_MSG_LEN]> = msgs.iter().map(|(m, _)| m.encode()).collect();
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(msgs.len() * 2);
+        let mut size = 0;
+        for ((_, data), hdr) in msgs.iter().zip(&headers) {
+            let len = WIRE_MSG_LEN + data.map_or(0, <[u8]>::len);
+            if size + len > dvmm_transport::MAX_PAYLOAD && !parts.is_empty() {
+                self.0.send_dsm(to, &parts);
+                parts.clear();
+                size = 0;
+            }
+            parts.push(hdr);
+            if let Some(d) = data {
+                parts.push(d);
+            }
+            size += len;
+        }
+        if !parts.is_empty() {
+            self.0.send_dsm(to, &parts);
         }
     }
 }
@@ -225,28 +245,9 @@ impl Dispatch {
     }
 
     fn dsm_msg(&self, from: u16, payload: &[u8]) {
-        let (hdr, rest) = payload.split_at(payload.len().min(WIRE_MSG_LEN));
-        let msg = match DsmMsg::decode(hdr) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::warn!(from, error = %e, "malformed DSM message dropped");
-                return;
-            }
-        };
-        let data = match (msg.has_data(), rest.len()) {
-            (true, n) if n == PAGE_SIZE as usize => Some(rest),
-            (false, 0) => None,
-            (_, n) => {
-                tracing::warn!(
-                    from,
-                    ?msg,
-                    bytes = n,
-                    "DSM message with a wrong payload dropped"
-                );
-                return;
-            }
-        };
-        self.dsm.receive(from, msg, data);
+        // One or more DSM messages, each a header and, if it carries data, its page;
+        // the engine validates and counts malformed ones.
+        self.dsm.receive_frame(from, payload);
     }
 
     fn control_msg(&self, from: u16, msg: ControlMsg) {

@@ -195,6 +195,13 @@ pub fn run(
     boot: Option<CpuBootState>,
 ) {
     let index = handle.index;
+    // A guest spinning on a lock or a flag must not starve the threads that serve it
+    // (DSM faults, node messages, timers): vCPU threads run at a lower priority.
+    // SAFETY: gettid/setpriority on the calling thread; failure only costs performance.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, VCPU_NICE);
+    }
     let mut stats = ExitStats::default();
     let result = run_loop(&mut vcpu, &handle, &env, boot, &mut stats);
     handle.kicker.unbind();
