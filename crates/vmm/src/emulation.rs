@@ -83,6 +83,13 @@ pub enum Fixup {
         /// Vector to deliver.
         vector: u8,
     },
+    /// An instruction with no architectural effect here: advance RIP by `len`. (`fwait`:
+    /// waits for pending x87 exceptions, of which an emulated-kernel guest has none
+    /// outstanding at this point — the FPU state is saved with `fxsave` before.)
+    Skip {
+        /// Instruction length.
+        len: u8,
+    },
     /// `clac`/`stac`: clear or set RFLAGS.AC (SMAP), then advance RIP by 3.
     SetAc {
         /// The new value of AC.
@@ -239,6 +246,7 @@ pub fn classify(bytes: &[u8], cpl: u8) -> Option<Fixup> {
     match bytes {
         [0xcc, ..] => Some(Fixup::InjectVector { len: 1, vector: 3 }),
         [0xcd, n, ..] => Some(Fixup::InjectVector { len: 2, vector: *n }),
+        [0x9b, ..] => Some(Fixup::Skip { len: 1 }),
         [0x0f, 0x01, 0xca, ..] => Some(Fixup::SetAc { on: false }),
         [0x0f, 0x01, 0xcb, ..] => Some(Fixup::SetAc { on: true }),
         _ => decode_bitcount(bytes),
@@ -326,6 +334,11 @@ pub fn recover(
                 "int n at CPL0: injected the vector"
             })
         }
+        Some(Fixup::Skip { len }) => {
+            regs.rip = regs.rip.wrapping_add(u64::from(len));
+            vcpu.set_regs(&regs).map_err(|_| failure())?;
+            Ok("fwait at CPL0: skipped")
+        }
         Some(Fixup::SetAc { on }) => {
             const FLAG_AC: u64 = 1 << 18;
             if on {
@@ -363,6 +376,11 @@ mod tests {
                 vector: 0x80
             })
         );
+    }
+
+    #[test]
+    fn fwait_is_skipped() {
+        assert_eq!(classify(&[0x9b, 0x65], 0), Some(Fixup::Skip { len: 1 }));
     }
 
     #[test]
