@@ -82,7 +82,7 @@
 #define WATCHDOG_MS 120000ULL
 #define BARRIER_TIMEOUT_MS 30000ULL
 #define IRQ_TIMEOUT_MS 2000ULL
-#define AP_TIMEOUT_MS 5000ULL
+#define AP_TIMEOUT_MS 30000ULL
 
 /* DSM-sensitive checks: default iterations per cpu (testos.iters=N, testos.iters.<check>=N). */
 #define DSM_ITERS_COUNTER 100000ULL
@@ -125,7 +125,7 @@ struct percpu {
     volatile uint64_t timer_first_tsc;
     volatile uint32_t bp_cnt;
     volatile uint64_t bp_rip;
-};
+} __attribute__((aligned(4096))); /* one page per CPU: no false sharing between nodes */
 
 _Static_assert(__builtin_offsetof(struct percpu, ksp) == PERCPU_KSP, "PERCPU_KSP");
 _Static_assert(__builtin_offsetof(struct percpu, tss) == PERCPU_TSS, "PERCPU_TSS");

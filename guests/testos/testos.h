@@ -11,7 +11,7 @@
 #define SEL_TSS0 0x38
 
 /* Most CPUs testos handles: dvmm's MAX_VCPUS (APIC ids 0..=253). */
-#define MAX_CPUS 254
+#define MAX_CPUS 128 /* per-CPU data is page-aligned; 128 pages fit below 2 MiB */
 #define BOOT_STACK_SIZE 16384
 
 /* Offsets into struct percpu used by boot.S. */
