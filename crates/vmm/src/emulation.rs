@@ -90,6 +90,15 @@ pub enum Fixup {
         /// Instruction length.
         len: u8,
     },
+    /// `ldmxcsr m32` (`load`) or `stmxcsr m32`: move MXCSR from/to guest memory.
+    Mxcsr {
+        /// Instruction length.
+        len: u8,
+        /// ldmxcsr (else stmxcsr).
+        load: bool,
+        /// The memory operand.
+        mem: MemOperand,
+    },
     /// `clac`/`stac`: clear or set RFLAGS.AC (SMAP), then advance RIP by 3.
     SetAc {
         /// The new value of AC.
@@ -109,6 +118,131 @@ pub enum Fixup {
         /// Operand size: 16, 32 or 64.
         bits: u8,
     },
+}
+
+/// A 64-bit-mode memory operand: `seg:[base + index * scale + disp]` (RIP-relative when
+/// `rip_relative`; registers are kvm_regs indices).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemOperand {
+    /// Base register.
+    pub base: Option<u8>,
+    /// Index register and scale.
+    pub index: Option<(u8, u8)>,
+    /// Displacement.
+    pub disp: i64,
+    /// Relative to the next instruction's RIP.
+    pub rip_relative: bool,
+    /// 0x64 (FS) or 0x65 (GS) override.
+    pub seg: Option<u8>,
+}
+
+/// Decodes a ModRM memory operand at `bytes[0]` (the ModRM byte) with REX bits `rex`.
+/// Returns the operand and the number of bytes it took (ModRM, SIB, displacement).
+fn decode_mem(bytes: &[u8], rex: u8, seg: Option<u8>) -> Option<(MemOperand, usize)> {
+    let modrm = *bytes.first()?;
+    let md = modrm >> 6;
+    if md == 3 {
+        return None;
+    }
+    let rm = modrm & 7;
+    let mut n = 1;
+    let mut op = MemOperand {
+        base: None,
+        index: None,
+        disp: 0,
+        rip_relative: false,
+        seg,
+    };
+    if rm == 4 {
+        let sib = *bytes.get(1)?;
+        n = 2;
+        let scale = 1u8 << (sib >> 6);
+        let idx = ((sib >> 3) & 7) | ((rex & 2) << 2);
+        if idx != 4 {
+            op.index = Some((idx, scale));
+        }
+        let b = sib & 7;
+        if b == 5 && md == 0 {
+            let d = bytes.get(2..6)?;
+            op.disp = i64::from(i32::from_le_bytes([d[0], d[1], d[2], d[3]]));
+            return Some((op, 6));
+        }
+        op.base = Some(b | ((rex & 1) << 3));
+    } else if rm == 5 && md == 0 {
+        let d = bytes.get(1..5)?;
+        op.disp = i64::from(i32::from_le_bytes([d[0], d[1], d[2], d[3]]));
+        op.rip_relative = true;
+        return Some((op, 5));
+    } else {
+        op.base = Some(rm | ((rex & 1) << 3));
+    }
+    match md {
+        1 => {
+            op.disp = i64::from(*bytes.get(n)? as i8);
+            n += 1;
+        }
+        2 => {
+            let d = bytes.get(n..n + 4)?;
+            op.disp = i64::from(i32::from_le_bytes([d[0], d[1], d[2], d[3]]));
+            n += 4;
+        }
+        _ => {}
+    }
+    Some((op, n))
+}
+
+/// Decodes `[seg] [REX] 0F AE /2|/3` (ldmxcsr/stmxcsr) with a memory operand.
+fn decode_mxcsr(bytes: &[u8]) -> Option<Fixup> {
+    let mut i = 0;
+    let mut seg = None;
+    if let Some(&b @ (0x64 | 0x65)) = bytes.first() {
+        seg = Some(b);
+        i = 1;
+    }
+    let mut rex = 0;
+    if let Some(&b @ 0x40..=0x4f) = bytes.get(i) {
+        rex = b;
+        i += 1;
+    }
+    if bytes.get(i..i + 2)? != [0x0f, 0xae] {
+        return None;
+    }
+    let modrm = *bytes.get(i + 2)?;
+    let load = match (modrm >> 3) & 7 {
+        2 => true,
+        3 => false,
+        _ => return None,
+    };
+    let (mem, n) = decode_mem(&bytes[i + 2..], rex, seg)?;
+    Some(Fixup::Mxcsr {
+        len: (i + 2 + n) as u8,
+        load,
+        mem,
+    })
+}
+
+/// The linear address of `mem` for an instruction of `len` bytes at the current RIP.
+fn linear_address(
+    mem: &MemOperand,
+    regs: &mut kvm_bindings::kvm_regs,
+    sregs: &kvm_bindings::kvm_sregs,
+    len: u8,
+) -> u64 {
+    let mut a = mem.disp as u64;
+    if mem.rip_relative {
+        a = a.wrapping_add(regs.rip.wrapping_add(u64::from(len)));
+    }
+    if let Some(b) = mem.base {
+        a = a.wrapping_add(*reg_mut(regs, b));
+    }
+    if let Some((i, scale)) = mem.index {
+        a = a.wrapping_add(reg_mut(regs, i).wrapping_mul(u64::from(scale)));
+    }
+    match mem.seg {
+        Some(0x64) => a.wrapping_add(sregs.fs.base),
+        Some(0x65) => a.wrapping_add(sregs.gs.base),
+        _ => a,
+    }
 }
 
 /// Decodes `F3 [66] [REX] 0F B8|BC|BD /r` with a register source (`mod` = 11).
@@ -247,6 +381,7 @@ pub fn classify(bytes: &[u8], cpl: u8) -> Option<Fixup> {
         [0xcc, ..] => Some(Fixup::InjectVector { len: 1, vector: 3 }),
         [0xcd, n, ..] => Some(Fixup::InjectVector { len: 2, vector: *n }),
         [0x9b, ..] => Some(Fixup::Skip { len: 1 }),
+        _ if decode_mxcsr(bytes).is_some() => decode_mxcsr(bytes),
         [0x0f, 0x01, 0xca, ..] => Some(Fixup::SetAc { on: false }),
         [0x0f, 0x01, 0xcb, ..] => Some(Fixup::SetAc { on: true }),
         _ => decode_bitcount(bytes),
@@ -334,6 +469,26 @@ pub fn recover(
                 "int n at CPL0: injected the vector"
             })
         }
+        Some(Fixup::Mxcsr { len, load, mem: op }) => {
+            let linear = linear_address(&op, &mut regs, &sregs, len);
+            let t = vcpu.translate_gva(linear).map_err(|_| failure())?;
+            // The 4 bytes must not cross a page, which Linux's aligned operands never do.
+            if t.valid == 0 || linear & 0xfff > 0xffc {
+                return Err(failure());
+            }
+            let gpa = GuestAddress(t.physical_address);
+            let mut fpu = vcpu.get_fpu().map_err(|_| failure())?;
+            if load {
+                let v: u32 = mem.read_obj(gpa).map_err(|_| failure())?;
+                fpu.mxcsr = v;
+                vcpu.set_fpu(&fpu).map_err(|_| failure())?;
+            } else {
+                mem.write_obj(fpu.mxcsr, gpa).map_err(|_| failure())?;
+            }
+            regs.rip = regs.rip.wrapping_add(u64::from(len));
+            vcpu.set_regs(&regs).map_err(|_| failure())?;
+            Ok("ldmxcsr/stmxcsr at CPL0: done in dvmm")
+        }
         Some(Fixup::Skip { len }) => {
             regs.rip = regs.rip.wrapping_add(u64::from(len));
             vcpu.set_regs(&regs).map_err(|_| failure())?;
@@ -376,6 +531,47 @@ mod tests {
                 vector: 0x80
             })
         );
+    }
+
+    #[test]
+    fn mxcsr_memory_operands_decode() {
+        // ldmxcsr [rsp+4], as in Linux's kernel_fpu_begin.
+        let f = classify(&[0x0f, 0xae, 0x54, 0x24, 0x04, 0x83], 0).unwrap();
+        let Fixup::Mxcsr { len, load, mem } = f else {
+            panic!("{f:?}")
+        };
+        assert_eq!((len, load), (5, true));
+        assert_eq!(mem.base, Some(4));
+        assert_eq!(mem.disp, 4);
+        let mut regs = kvm_bindings::kvm_regs {
+            rsp: 0x8000,
+            rip: 0x1000,
+            ..Default::default()
+        };
+        let sregs = kvm_bindings::kvm_sregs::default();
+        assert_eq!(linear_address(&mem, &mut regs, &sregs, len), 0x8004);
+        // stmxcsr [rip+0x10] and stmxcsr gs:[r9*8+rax+0x100].
+        let f = classify(&[0x0f, 0xae, 0x1d, 0x10, 0, 0, 0], 0).unwrap();
+        let Fixup::Mxcsr { len, load, mem } = f else {
+            panic!("{f:?}")
+        };
+        assert_eq!((len, load), (7, false));
+        assert_eq!(linear_address(&mem, &mut regs, &sregs, len), 0x1000 + 7 + 0x10);
+        let f = classify(&[0x65, 0x42, 0x0f, 0xae, 0x9c, 0xc8, 0, 1, 0, 0], 0).unwrap();
+        let Fixup::Mxcsr { len, mem, .. } = f else {
+            panic!("{f:?}")
+        };
+        assert_eq!(len, 10);
+        let mut regs = kvm_bindings::kvm_regs {
+            rax: 0x10,
+            r9: 2,
+            ..Default::default()
+        };
+        let mut sregs = kvm_bindings::kvm_sregs::default();
+        sregs.gs.base = 0x7000_0000;
+        assert_eq!(linear_address(&mem, &mut regs, &sregs, len), 0x7000_0000 + 0x10 + 16 + 0x100);
+        // fxsave (/0) is not ours.
+        assert_eq!(classify(&[0x0f, 0xae, 0x04, 0x24], 0), None);
     }
 
     #[test]
