@@ -422,6 +422,19 @@ pub fn run_node(
             .map_err(VmmError::Thread)?;
     }
     on_console(vm.console_input(), control.clone());
+    {
+        // Once the VM is ending, stop the DSM first: vCPUs blocked on a page that a lost
+        // node held are released (unregistering the range wakes them), so they can stop.
+        let dsm = dsm.clone();
+        let control = control.clone();
+        std::thread::Builder::new()
+            .name("dsm-stop".into())
+            .spawn(move || {
+                control.wait();
+                dsm.stop();
+            })
+            .map_err(VmmError::Thread)?;
+    }
 
     if id == 0 {
         if !dispatch.wait_ready(nodes - 1) {
