@@ -321,3 +321,23 @@ fn two_nodes_in_network_namespaces() {
     assert!(out.contains("testos: cpu 1: counter ok"), "{t}");
     drop(ns);
 }
+
+/// Ctrl-C on `dvmm run --nodes 2` stops every node: exit 130, no process left behind.
+#[test]
+fn ctrl_c_stops_a_local_cluster() {
+    let _one = exclusive();
+    let (mut child, _lines) = start_idle_cluster();
+    let kids = children(child.id());
+    assert_eq!(kids.len(), 2, "expected 2 node processes, got {kids:?}");
+    // A terminal's Ctrl-C goes to the whole foreground process group; here, the parent.
+    // SAFETY: signalling the dvmm process this test started.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = wait_exit(&mut child, Duration::from_secs(8));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("stderr");
+    assert_eq!(status.code(), Some(130), "{stderr}");
+    for k in kids {
+        assert!(!alive(k), "node process {k} left behind\n{stderr}");
+    }
+}
