@@ -556,7 +556,10 @@ mod tests {
             panic!("{f:?}")
         };
         assert_eq!((len, load), (7, false));
-        assert_eq!(linear_address(&mem, &mut regs, &sregs, len), 0x1000 + 7 + 0x10);
+        assert_eq!(
+            linear_address(&mem, &mut regs, &sregs, len),
+            0x1000 + 7 + 0x10
+        );
         let f = classify(&[0x65, 0x42, 0x0f, 0xae, 0x9c, 0xc8, 0, 1, 0, 0], 0).unwrap();
         let Fixup::Mxcsr { len, mem, .. } = f else {
             panic!("{f:?}")
@@ -569,7 +572,10 @@ mod tests {
         };
         let mut sregs = kvm_bindings::kvm_sregs::default();
         sregs.gs.base = 0x7000_0000;
-        assert_eq!(linear_address(&mem, &mut regs, &sregs, len), 0x7000_0000 + 0x10 + 16 + 0x100);
+        assert_eq!(
+            linear_address(&mem, &mut regs, &sregs, len),
+            0x7000_0000 + 0x10 + 16 + 0x100
+        );
         // fxsave (/0) is not ours.
         assert_eq!(classify(&[0x0f, 0xae, 0x04, 0x24], 0), None);
     }

@@ -65,6 +65,11 @@ pub struct Placement {
     pub remote_io: Arc<dyn RemoteIo>,
 }
 
+/// Linux `X86_FEATURE_*` numbers of SIMD extensions a kernel must not use where KVM
+/// emulates its code: PCLMULQDQ 4*32+1, SSSE3 4*32+9, SSE4.1 4*32+19, SSE4.2 4*32+20,
+/// AES 4*32+25, AVX 4*32+28, AVX2 9*32+5, AVX-512F 9*32+16, SHA 9*32+29.
+const EMULATION_UNSAFE_FEATURE_BITS: &str = "129,137,147,148,153,156,293,304,317";
+
 /// Feeds console input to the guest's serial port.
 #[derive(Clone)]
 pub struct ConsoleInput {
@@ -381,6 +386,17 @@ impl Vm {
             // instead of ours, so hiding the bit is not enough: Linux must be told.
             tracing::info!("adding 'noxsave' to the kernel command line (emulated guest kernel)");
             cmdline.push_str(" noxsave");
+        }
+        if host.emulates_guest_kernel() && !cmdline.contains("clearcpuid=") {
+            // Likewise for SIMD the kernel uses in kernel_fpu_begin() sections (crypto,
+            // checksums): KVM's emulator cannot run SSSE3/SSE4/AES/PCLMUL/AVX/SHA code.
+            // Linux 6.1's clearcpuid= takes X86_FEATURE_* bit numbers (word * 32 + bit).
+            tracing::info!(
+                "adding 'clearcpuid={EMULATION_UNSAFE_FEATURE_BITS}' to the kernel command line \
+                 (emulated guest kernel)"
+            );
+            cmdline.push_str(" clearcpuid=");
+            cmdline.push_str(EMULATION_UNSAFE_FEATURE_BITS);
         }
         let spec = BootSpec {
             kernel: &cfg.kernel,
