@@ -12,14 +12,6 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-fn host_words() -> &'static str {
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        "testos.ud2"
-    } else {
-        ""
-    }
-}
-
 /// One dvmm run; returns (seconds to PASS, guest output lines).
 fn run_once(cpus: u32, extra: &str) -> (f64, Vec<String>) {
     let start = Instant::now();
@@ -33,7 +25,7 @@ fn run_once(cpus: u32, extra: &str) -> (f64, Vec<String>) {
             "--memory",
             "256M",
             "--cmdline",
-            &format!("testos {} {extra}", host_words()),
+            &format!("testos {extra}"),
         ])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())

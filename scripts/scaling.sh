@@ -5,8 +5,8 @@
 set -u
 dvmm=${1:-target/release/dvmm}
 testos=${2:-$(cargo run -q --release -p dvmm-testos --bin testos-path)}
-host=""
-[ -e /sys/module/kvm_pvm ] && host="testos.ud2"
+host=""  # testos needs no host-specific options
+
 echo "host: $(nproc) CPUs, $(uname -r), kvm_pvm=$([ -e /sys/module/kvm_pvm ] && echo yes || echo no)"
 
 run() { # label, timeout, dvmm args...

@@ -19,14 +19,6 @@ fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn host_words() -> &'static str {
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        dvmm_testos::CMDLINE_UD2
-    } else {
-        ""
-    }
-}
-
 /// Iteration counts for the memory checks when every page transfer crosses nodes.
 const CLUSTER_ITERS: &str = "testos.iters=200 testos.watchdog=500";
 
@@ -44,7 +36,7 @@ fn boot_cluster(nodes: u32, cpus: u32) {
             "--memory",
             "256M",
             "--cmdline",
-            &format!("testos {CLUSTER_ITERS} {}", host_words()),
+            &format!("testos {CLUSTER_ITERS}"),
         ],
         LIMIT,
     );
@@ -102,7 +94,7 @@ fn start_idle_cluster() -> (Child, std::io::Lines<BufReader<std::process::ChildS
             "--cpus",
             "2",
             "--cmdline",
-            &format!("testos {} {}", dvmm_testos::CMDLINE_IDLE, host_words()),
+            &format!("testos {}", dvmm_testos::CMDLINE_IDLE),
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -280,11 +272,10 @@ fn two_nodes_in_network_namespaces() {
         &file,
         format!(
             "secret = \"netns-test-secret-0123456789\"\n[guest]\nkernel = \"{}\"\n\
-             cmdline = \"testos {CLUSTER_ITERS} {}\"\n\
+             cmdline = \"testos {CLUSTER_ITERS}\"\n\
              [[node]]\naddress = \"10.231.7.1:7700\"\nvcpus = 1\nmemory = \"128M\"\n\
              [[node]]\naddress = \"10.231.7.2:7700\"\nvcpus = 1\nmemory = \"128M\"\n",
             dvmm_testos::TESTOS_ELF,
-            host_words()
         ),
     )
     .unwrap();

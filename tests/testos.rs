@@ -11,25 +11,11 @@ use common::dvmm;
 
 const LIMIT: Duration = Duration::from_secs(240);
 
-/// On hosts whose KVM is the software PVM, a `syscall` from guest user mode never
-/// reaches guest kernel mode (a host limitation, see guests/testos/README.md), so
-/// testos returns from CPL3 through a #UD there instead.
-fn host_cmdline() -> &'static str {
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        dvmm_testos::CMDLINE_UD2
-    } else {
-        ""
-    }
-}
-
 fn boot_testos(cpus: u32, extra_cmdline: &str) {
     let cpus_s = cpus.to_string();
     // Fewer ticket-lock rounds: with more vCPUs than host cores, a ticket lock hands
     // over only as fast as the host schedules the next waiter.
-    let cmdline = format!(
-        "testos testos.iters.spinlock=2000 {extra_cmdline} {}",
-        host_cmdline()
-    );
+    let cmdline = format!("testos testos.iters.spinlock=2000 {extra_cmdline}");
     let run = dvmm(
         &[
             "run",
@@ -94,7 +80,7 @@ fn testos_failure_is_a_nonzero_exit() {
             "--memory",
             "256M",
             "--cmdline",
-            &format!("testos {} {}", dvmm_testos::CMDLINE_FAIL, host_cmdline()),
+            &format!("testos {}", dvmm_testos::CMDLINE_FAIL),
         ],
         LIMIT,
     );
@@ -125,7 +111,7 @@ fn signals_stop_the_vm_cleanly() {
                 "--cpus",
                 "2",
                 "--cmdline",
-                &format!("testos {} {}", dvmm_testos::CMDLINE_IDLE, host_cmdline()),
+                &format!("testos {}", dvmm_testos::CMDLINE_IDLE),
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -284,7 +284,10 @@ mod tests {
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
             .expect("testos.h defines MAX_CPUS");
-        assert!(max <= dvmm_layout::MAX_VCPUS, "testos supports more CPUs than dvmm");
+        assert!(
+            max <= dvmm_layout::MAX_VCPUS,
+            "testos supports more CPUs than dvmm"
+        );
     }
 
     #[test]
