@@ -297,6 +297,8 @@ struct State {
     pins: HashMap<PageNo, Pin>,
     deferred: HashMap<PageNo, Deferred>,
     waiting_since: HashMap<PageNo, Instant>,
+    /// Pages just handed to waiting vCPUs, kept until the given instant (see [`HOLD`]).
+    holds: HashMap<PageNo, Instant>,
     stats: DsmStats,
     /// Per page: `RA_*` flags.
     ra_flags: Vec<u8>,
@@ -362,6 +364,7 @@ impl DsmEngine {
                 pins: HashMap::new(),
                 deferred: HashMap::new(),
                 waiting_since: HashMap::new(),
+                holds: HashMap::new(),
                 stats: DsmStats::default(),
                 ra_flags: vec![0; npages as usize],
                 ra: ReadAhead {
@@ -384,6 +387,11 @@ impl DsmEngine {
         let thread = std::thread::Builder::new()
             .name("dsm-uffd".into())
             .spawn(move || worker.fault_loop())
+            .map_err(DsmError::Thread)?;
+        let holder = Arc::clone(&inner);
+        std::thread::Builder::new()
+            .name("dsm-hold".into())
+            .spawn(move || holder.hold_loop())
             .map_err(DsmError::Thread)?;
         Ok(Arc::new(DsmEngine {
             inner,
@@ -478,7 +486,26 @@ impl DsmEngine {
             }
             (false, None) => None,
         };
-        if let Some(pin) = st.pins.get(&page).copied() {
+        let held = st
+            .holds
+            .get(&page)
+            .is_some_and(|until| Instant::now() < *until);
+        let pin = match st.pins.get(&page).copied() {
+            Some(pin) => Some(pin),
+            // A hold defers like a pin of the access the woken vCPU asked for.
+            None if held => Some(match st.node.state(page) {
+                PageState::Writable => Pin {
+                    readers: 0,
+                    writers: 1,
+                },
+                _ => Pin {
+                    readers: 1,
+                    writers: 0,
+                },
+            }),
+            None => None,
+        };
+        if let Some(pin) = pin {
             let queued = st.deferred.get(&page).is_some_and(|q| !q.is_empty());
             let is_home = st.node.home(page) == st.node.id();
             if queued || must_defer(msg, pin, is_home) {
@@ -624,6 +651,12 @@ impl Drop for DsmEngine {
 }
 
 /// Whether a message for a page pinned here must wait until the pin drops.
+/// How long a page stays with the vCPUs that waited for it before another node may take
+/// it away. Without it, a page contended by several nodes (a lock word everyone spins on)
+/// can be revoked before the vCPU that faulted it in has run a single instruction, and
+/// the holder of the lock never gets to release it.
+const HOLD: std::time::Duration = std::time::Duration::from_micros(200);
+
 fn must_defer(msg: Msg, pin: Pin, is_home: bool) -> bool {
     if is_home {
         // The home handles its own copy inside the state machine: any request or reply
@@ -671,6 +704,61 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// The hold thread: ends holds when they expire (see [`HOLD`]).
+    fn hold_loop(&self) {
+        let mut st = self.lock();
+        loop {
+            if self.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            st = match self.release_holds(st) {
+                (st, Some(wait)) => {
+                    self.cv
+                        .wait_timeout(st, wait)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
+                }
+                (st, None) => self.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
+            };
+        }
+    }
+
+    /// Ends expired holds, delivering the messages they deferred (unless a pin still
+    /// defers them). Returns how long to sleep before the next expiry (None: no hold).
+    fn release_holds<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+    ) -> (MutexGuard<'a, State>, Option<std::time::Duration>) {
+        if st.holds.is_empty() {
+            return (st, None);
+        }
+        let now = Instant::now();
+        let expired: Vec<PageNo> = st
+            .holds
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for page in expired {
+            st.holds.remove(&page);
+            if st.pins.contains_key(&page) {
+                continue;
+            }
+            if let Some(queue) = st.deferred.remove(&page) {
+                for (from, msg, data) in queue {
+                    self.deliver(&mut st, from, msg, data.as_deref());
+                }
+            }
+        }
+        self.flush(&mut st);
+        let next = st
+            .holds
+            .values()
+            .min()
+            .map(|until| until.saturating_duration_since(now));
+        (st, next)
     }
 
     fn on_fault(&self, address: u64, flags: u64) {
@@ -935,6 +1023,7 @@ impl Inner {
                     if let Some(t) = st.waiting_since.remove(&page) {
                         st.stats.faults_resolved += 1;
                         st.stats.fault_wait_ns += t.elapsed().as_nanos() as u64;
+                        st.holds.insert(page, Instant::now() + HOLD);
                     }
                     self.cv.notify_all();
                 }
