@@ -11,8 +11,8 @@
 
 use std::fmt;
 
+use crate::guest_access::GuestAccess;
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// `KVM_INTERNAL_ERROR_EMULATION`.
 pub const SUBERROR_EMULATION: u32 = 1;
@@ -390,7 +390,7 @@ pub fn classify(bytes: &[u8], cpl: u8) -> Option<Fixup> {
 
 fn instruction_bytes(
     vcpu: &VcpuFd,
-    mem: &GuestMemoryMmap,
+    mem: &dyn GuestAccess,
     linear_rip: u64,
     err: &InternalError,
 ) -> Vec<u8> {
@@ -399,10 +399,7 @@ fn instruction_bytes(
             let mut buf = [0u8; 15];
             // Read up to the end of the page, then the rest if it is contiguous in RAM.
             let n = (0x1000 - (t.physical_address & 0xfff)).min(15) as usize;
-            if mem
-                .read_slice(&mut buf[..n], GuestAddress(t.physical_address))
-                .is_ok()
-            {
+            if mem.read(t.physical_address, &mut buf[..n]).is_ok() {
                 return buf[..n].to_vec();
             }
         }
@@ -424,7 +421,7 @@ fn instruction_bytes(
 /// (returns a short description), or returns why it cannot.
 pub fn recover(
     vcpu: &VcpuFd,
-    mem: &GuestMemoryMmap,
+    mem: &dyn GuestAccess,
     err: &InternalError,
 ) -> Result<&'static str, EmulationFailure> {
     let regs = vcpu.get_regs();
@@ -476,14 +473,16 @@ pub fn recover(
             if t.valid == 0 || linear & 0xfff > 0xffc {
                 return Err(failure());
             }
-            let gpa = GuestAddress(t.physical_address);
+            let gpa = t.physical_address;
             let mut fpu = vcpu.get_fpu().map_err(|_| failure())?;
             if load {
-                let v: u32 = mem.read_obj(gpa).map_err(|_| failure())?;
-                fpu.mxcsr = v;
+                let mut v = [0u8; 4];
+                mem.read(gpa, &mut v).map_err(|_| failure())?;
+                fpu.mxcsr = u32::from_le_bytes(v);
                 vcpu.set_fpu(&fpu).map_err(|_| failure())?;
             } else {
-                mem.write_obj(fpu.mxcsr, gpa).map_err(|_| failure())?;
+                mem.write(gpa, &fpu.mxcsr.to_le_bytes())
+                    .map_err(|_| failure())?;
             }
             regs.rip = regs.rip.wrapping_add(u64::from(len));
             vcpu.set_regs(&regs).map_err(|_| failure())?;

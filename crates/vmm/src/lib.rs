@@ -10,6 +10,7 @@
 pub mod control;
 pub mod cpuid;
 pub mod emulation;
+pub mod guest_access;
 pub mod host;
 pub mod interrupts;
 pub mod kick;

@@ -166,6 +166,44 @@ impl PageNet for DsmNet {
     }
 }
 
+/// The VMM's guest-memory accesses on a cluster node: through the DSM, page by page.
+struct DsmAccess {
+    dsm: Arc<DsmEngine>,
+    memory: u64,
+}
+
+impl DsmAccess {
+    fn with<T>(
+        &self,
+        gpa: u64,
+        len: usize,
+        access: dvmm_dsm::Access,
+        f: impl FnOnce(&dvmm_dsm_uffd::PinGuard<'_>, u64) -> Result<T, dvmm_dsm_uffd::DsmError>,
+    ) -> Result<T, String> {
+        let offset = dvmm_layout::gpa_to_ram_offset(gpa, self.memory)
+            .ok_or_else(|| format!("guest address {gpa:#x} is not RAM"))?;
+        let guard = self
+            .dsm
+            .access(offset, len as u64, access)
+            .map_err(|e| e.to_string())?;
+        f(&guard, offset).map_err(|e| e.to_string())
+    }
+}
+
+impl crate::guest_access::GuestAccess for DsmAccess {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.with(gpa, buf.len(), dvmm_dsm::Access::Read, |g, off| {
+            g.read(off, buf)
+        })
+    }
+
+    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), String> {
+        self.with(gpa, buf.len(), dvmm_dsm::Access::Write, |g, off| {
+            g.write(off, buf)
+        })
+    }
+}
+
 /// Home node of each page: node `i` is home of its contiguous block of RAM offsets.
 fn home_table(shares: &[(u32, u64)]) -> Vec<(u64, u16)> {
     let mut end = 0;
@@ -402,6 +440,10 @@ pub fn run_node(
     tracing::info!(node = id, shared = shared.len(), "starting the DSM");
     let dsm = DsmEngine::start(dsm_node, pages, Arc::new(DsmNet(link.clone())), &shared)
         .map_err(|e| VmmError::Cluster(format!("DSM: {e}")))?;
+    vm.use_dsm(Arc::new(DsmAccess {
+        dsm: dsm.clone(),
+        memory: ram.size(),
+    }));
     let _ = link.control.set(control.clone());
     let (pio, mmio) = vm.buses();
     let dispatch = Arc::new(Dispatch {

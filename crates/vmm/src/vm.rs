@@ -462,6 +462,7 @@ impl Vm {
             pio,
             mmio,
             ram: ram.clone(),
+            guest: crate::guest_access::GuestMemoryPath::new(ram.clone()),
             clock,
             control: control.clone(),
             remote_io: placement.as_ref().map(|p| p.remote_io.clone()),
@@ -491,6 +492,11 @@ impl Vm {
     /// The port and MMIO buses (handles sharing the device maps).
     pub fn buses(&self) -> (Bus, Bus) {
         (self.env.pio.clone(), self.env.mmio.clone())
+    }
+
+    /// Routes the VMM's own guest-memory accesses through `dsm` (cluster nodes).
+    pub fn use_dsm(&self, dsm: Arc<dyn crate::guest_access::GuestAccess>) {
+        self.env.guest.use_dsm(dsm);
     }
 
     /// Guest RAM.
