@@ -65,10 +65,12 @@ pub struct Placement {
     pub remote_io: Arc<dyn RemoteIo>,
 }
 
-/// Linux `X86_FEATURE_*` numbers of SIMD extensions a kernel must not use where KVM
-/// emulates its code: PCLMULQDQ 4*32+1, SSSE3 4*32+9, SSE4.1 4*32+19, SSE4.2 4*32+20,
-/// AES 4*32+25, AVX 4*32+28, AVX2 9*32+5, AVX-512F 9*32+16, SHA 9*32+29.
-const EMULATION_UNSAFE_FEATURE_BITS: &str = "129,137,147,148,153,156,293,304,317";
+/// Linux `X86_FEATURE_*` numbers of extensions a kernel must not use where KVM emulates
+/// its code: PCLMULQDQ 4*32+1, SSSE3 4*32+9, SSE4.1 4*32+19, SSE4.2 4*32+20, AES 4*32+25,
+/// AVX 4*32+28, AVX2 9*32+5, AVX-512F 9*32+16, SHA 9*32+29 (the emulator cannot run
+/// them), and POPCNT 4*32+23, SMAP 9*32+20 (dvmm can complete popcnt and clac/stac, but
+/// at one VM exit each, on hot paths such as every user-memory access).
+const EMULATION_UNSAFE_FEATURE_BITS: &str = "129,137,147,148,151,153,156,293,304,308,317";
 
 /// Feeds console input to the guest's serial port.
 #[derive(Clone)]
@@ -389,7 +391,8 @@ impl Vm {
         }
         if host.emulates_guest_kernel() && !cmdline.contains("clearcpuid=") {
             // Likewise for SIMD the kernel uses in kernel_fpu_begin() sections (crypto,
-            // checksums): KVM's emulator cannot run SSSE3/SSE4/AES/PCLMUL/AVX/SHA code.
+            // checksums): KVM's emulator cannot run SSSE3/SSE4/AES/PCLMUL/AVX/SHA code;
+            // and for POPCNT/SMAP, which would cost an exit on hot paths.
             // Linux 6.1's clearcpuid= takes X86_FEATURE_* bit numbers (word * 32 + bit).
             tracing::info!(
                 "adding 'clearcpuid={EMULATION_UNSAFE_FEATURE_BITS}' to the kernel command line \
