@@ -69,8 +69,9 @@ pub struct Placement {
 /// its code: PCLMULQDQ 4*32+1, SSSE3 4*32+9, SSE4.1 4*32+19, SSE4.2 4*32+20, AES 4*32+25,
 /// AVX 4*32+28, AVX2 9*32+5, AVX-512F 9*32+16, SHA 9*32+29 (the emulator cannot run
 /// them), and POPCNT 4*32+23, SMAP 9*32+20 (dvmm can complete popcnt and clac/stac, but
-/// at one VM exit each, on hot paths such as every user-memory access).
-const EMULATION_UNSAFE_FEATURE_BITS: &str = "129,137,147,148,151,153,156,293,304,308,317";
+/// at one VM exit each, on hot paths such as every user-memory access), and MWAIT 4*32+3
+/// (KVM treats `mwait` as a no-op, so an idle guest would spin instead of halting).
+const EMULATION_UNSAFE_FEATURE_BITS: &str = "129,131,137,147,148,151,153,156,293,304,308,317";
 
 /// Feeds console input to the guest's serial port.
 #[derive(Clone)]
