@@ -84,23 +84,7 @@ fn alive(pid: u32) -> bool {
 
 /// Starts a 2-node cluster running testos in idle mode; returns it once the guest is up.
 fn start_idle_cluster() -> (Child, std::io::Lines<BufReader<std::process::ChildStdout>>) {
-    let mut child = Command::new(common::dvmm_bin())
-        .args([
-            "run",
-            "--kernel",
-            dvmm_testos::TESTOS_ELF,
-            "--nodes",
-            "2",
-            "--cpus",
-            "2",
-            "--cmdline",
-            &format!("testos {}", dvmm_testos::CMDLINE_IDLE),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn dvmm");
+    let mut child = common::spawn_idle(&["--nodes", "2", "--cpus", "2"]);
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let start = Instant::now();
     loop {

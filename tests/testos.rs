@@ -99,25 +99,10 @@ fn testos_failure_is_a_nonzero_exit() {
 #[test]
 fn signals_stop_the_vm_cleanly() {
     use std::io::{BufRead, BufReader};
-    use std::process::{Command, Stdio};
     use std::time::Instant;
 
     for signal in [libc::SIGINT, libc::SIGTERM] {
-        let mut child = Command::new(common::dvmm_bin())
-            .args([
-                "run",
-                "--kernel",
-                dvmm_testos::TESTOS_ELF,
-                "--cpus",
-                "2",
-                "--cmdline",
-                &format!("testos {}", dvmm_testos::CMDLINE_IDLE),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn dvmm");
+        let mut child = common::spawn_idle(&["--cpus", "2"]);
         let stdout = child.stdout.take().expect("stdout");
         let mut lines = BufReader::new(stdout).lines();
         let start = Instant::now();

@@ -77,3 +77,23 @@ pub fn dvmm(args: &[&str], limit: Duration) -> Run {
     );
     run
 }
+
+/// Starts `dvmm run` on testos in idle mode (it halts after PASS instead of powering
+/// off) with `args` added (e.g. `--cpus 2`, `--nodes 2`); stdout and stderr are piped.
+pub fn spawn_idle(args: &[&str]) -> std::process::Child {
+    let cmdline = format!("testos {}", dvmm_testos::CMDLINE_IDLE);
+    Command::new(dvmm_bin())
+        .args([
+            "run",
+            "--kernel",
+            dvmm_testos::TESTOS_ELF,
+            "--cmdline",
+            &cmdline,
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dvmm")
+}
