@@ -8,7 +8,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use dvmm_devices::IrqLine;
 use dvmm_irq::lapic::{ApicView, Lapic};
-use dvmm_irq::msg::InterruptMessage;
+use dvmm_irq::msg::{
+    DeliveryMode, DestinationMode, InterruptMessage, Shorthand, X2APIC_BROADCAST, XAPIC_BROADCAST,
+};
 use dvmm_irq::{ioapic::IoApic, route};
 
 use crate::kick::Kicker;
@@ -128,6 +130,18 @@ impl InterruptHub {
 
     /// Delivers `msg`, sent by the LAPIC with id `source` (None for IOAPIC/MSI).
     pub fn deliver(&self, msg: &InterruptMessage, source: Option<u32>) {
+        // The common case, a physical destination naming one APIC, needs no views: skip
+        // locking every LAPIC. (A disabled target drops the message in `accept`, just as
+        // routing would have skipped it.)
+        if msg.dest_mode == DestinationMode::Physical
+            && msg.shorthand == Shorthand::None
+            && msg.delivery != DeliveryMode::LowestPriority
+            && msg.destination != XAPIC_BROADCAST
+            && msg.destination != X2APIC_BROADCAST
+        {
+            self.send_to(msg.destination, msg);
+            return;
+        }
         let mut views = self
             .remote_views
             .lock()
@@ -139,15 +153,19 @@ impl InterruptHub {
             }
         }
         for idx in route::targets(msg, source, &views) {
-            let apic_id = idx as u32;
-            if apic_id >= self.total {
-                continue;
-            }
-            match (self.local(apic_id), &self.remote) {
-                (Some(_), _) => self.deliver_local(apic_id, msg),
-                (None, Some(remote)) => remote.send_irq(apic_id, msg),
-                (None, None) => {}
-            }
+            self.send_to(idx as u32, msg);
+        }
+    }
+
+    /// Delivers an already-routed `msg` to APIC `apic_id`, here or on its node.
+    fn send_to(&self, apic_id: u32, msg: &InterruptMessage) {
+        if apic_id >= self.total {
+            return;
+        }
+        match (self.local(apic_id), &self.remote) {
+            (Some(_), _) => self.deliver_local(apic_id, msg),
+            (None, Some(remote)) => remote.send_irq(apic_id, msg),
+            (None, None) => {}
         }
     }
 
