@@ -23,6 +23,10 @@ fn exclusive() -> std::sync::MutexGuard<'static, ()> {
 const CLUSTER_ITERS: &str = "testos.iters=200 testos.watchdog=500";
 
 fn boot_cluster(nodes: u32, cpus: u32) {
+    boot_cluster_with(nodes, cpus, CLUSTER_ITERS);
+}
+
+fn boot_cluster_with(nodes: u32, cpus: u32, iters: &str) {
     let _one = exclusive();
     let run = dvmm(
         &[
@@ -36,7 +40,7 @@ fn boot_cluster(nodes: u32, cpus: u32) {
             "--memory",
             "256M",
             "--cmdline",
-            &format!("testos {CLUSTER_ITERS}"),
+            &format!("testos {iters}"),
         ],
         LIMIT,
     );
@@ -63,6 +67,13 @@ fn two_nodes_four_cpus() {
 #[test]
 fn four_nodes_four_cpus() {
     boot_cluster(4, 4);
+}
+
+/// One vCPU per node: every lock handoff, barrier and litmus pair crosses nodes, with
+/// 8 node processes sharing this machine's cores (fewer iterations keep it short).
+#[test]
+fn eight_nodes_eight_cpus() {
+    boot_cluster_with(8, 8, "testos.iters=50 testos.watchdog=500");
 }
 
 /// Children of `pid` (the node processes of a local cluster).

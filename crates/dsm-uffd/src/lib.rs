@@ -29,6 +29,7 @@
 
 #![deny(missing_docs)]
 
+mod hold;
 mod sys;
 pub mod testing;
 #[cfg(test)]
@@ -42,6 +43,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 pub use dvmm_dsm::{Access, Action, Msg, Node, NodeId, PageNo, PageState, SeedError};
+use hold::Hold;
 
 /// Size of a DSM page.
 pub const PAGE_SIZE: u64 = 4096;
@@ -297,8 +299,10 @@ struct State {
     pins: HashMap<PageNo, Pin>,
     deferred: HashMap<PageNo, Deferred>,
     waiting_since: HashMap<PageNo, Instant>,
-    /// Pages just handed to waiting vCPUs, kept until the given instant (see [`HOLD`]).
-    holds: HashMap<PageNo, Instant>,
+    /// Pages just handed to waiting vCPUs, kept for them a little (see [`hold`]).
+    holds: HashMap<PageNo, Hold>,
+    /// Threads waiting in a fault on the page (kernel thread ids), for its hold.
+    faulters: HashMap<PageNo, Vec<i32>>,
     stats: DsmStats,
     /// Per page: `RA_*` flags.
     ra_flags: Vec<u8>,
@@ -365,6 +369,7 @@ impl DsmEngine {
                 deferred: HashMap::new(),
                 waiting_since: HashMap::new(),
                 holds: HashMap::new(),
+                faulters: HashMap::new(),
                 stats: DsmStats::default(),
                 ra_flags: vec![0; npages as usize],
                 ra: ReadAhead {
@@ -486,10 +491,12 @@ impl DsmEngine {
             }
             (false, None) => None,
         };
-        let held = st
-            .holds
-            .get(&page)
-            .is_some_and(|until| Instant::now() < *until);
+        // A hold that is over stays in the map until the hold thread drains what it
+        // deferred, so that those messages keep their order.
+        let held = st.holds.get(&page).is_some_and(|h| {
+            h.remaining(Instant::now(), |t| in_fault(&st.faulters, t))
+                .is_some()
+        });
         let pin = match st.pins.get(&page).copied() {
             Some(pin) => Some(pin),
             // A hold defers like a pin of the access the woken vCPU asked for.
@@ -505,18 +512,28 @@ impl DsmEngine {
             }),
             None => None,
         };
-        if let Some(pin) = pin {
-            let queued = st.deferred.get(&page).is_some_and(|q| !q.is_empty());
-            let is_home = st.node.home(page) == st.node.id();
-            if queued || must_defer(msg, pin, is_home) {
-                st.stats.deferred_msgs += 1;
-                let copy = data.map(|d| d.to_vec().into_boxed_slice());
-                st.deferred
-                    .entry(page)
-                    .or_default()
-                    .push_back((from, msg, copy));
-                return;
+        let queued = st.deferred.get(&page).is_some_and(|q| !q.is_empty());
+        let is_home = st.node.home(page) == st.node.id();
+        if queued && pin.is_none() && !st.holds.contains_key(&page) {
+            // Nothing left to drain the queue later (cannot happen: a queue lives only
+            // while a pin or a hold does); deliver it now, in order.
+            if let Some(queue) = st.deferred.remove(&page) {
+                for (from, msg, data) in queue {
+                    inner.deliver(st, from, msg, data.as_deref());
+                }
             }
+        } else if queued || pin.is_some_and(|p| must_defer(msg, p, is_home)) {
+            st.stats.deferred_msgs += 1;
+            if st.pins.get(&page).is_none() {
+                // Only the hold thread will deliver it: let it look again now.
+                inner.cv.notify_all();
+            }
+            let copy = data.map(|d| d.to_vec().into_boxed_slice());
+            st.deferred
+                .entry(page)
+                .or_default()
+                .push_back((from, msg, copy));
+            return;
         }
         inner.deliver(st, from, msg, data);
     }
@@ -650,13 +667,12 @@ impl Drop for DsmEngine {
     }
 }
 
-/// Whether a message for a page pinned here must wait until the pin drops.
-/// How long a page stays with the vCPUs that waited for it before another node may take
-/// it away. Without it, a page contended by several nodes (a lock word everyone spins on)
-/// can be revoked before the vCPU that faulted it in has run a single instruction, and
-/// the holder of the lock never gets to release it.
-const HOLD: std::time::Duration = std::time::Duration::from_micros(200);
+/// Whether thread `tid` waits in a fault of this engine.
+fn in_fault(faulters: &HashMap<PageNo, Vec<i32>>, tid: i32) -> bool {
+    faulters.values().any(|w| w.contains(&tid))
+}
 
+/// Whether a message for a page pinned (or held) here must wait until the pin drops.
 fn must_defer(msg: Msg, pin: Pin, is_home: bool) -> bool {
     if is_home {
         // The home handles its own copy inside the state machine: any request or reply
@@ -698,7 +714,7 @@ impl Inner {
             };
             for m in &buf[..n] {
                 if m.event == sys::EVENT_PAGEFAULT {
-                    self.on_fault(m.address, m.flags);
+                    self.on_fault(m.address, m.flags, m.ptid as i32);
                 } else {
                     tracing::debug!(event = m.event, "ignored userfaultfd event");
                 }
@@ -706,8 +722,12 @@ impl Inner {
         }
     }
 
-    /// The hold thread: ends holds when they expire (see [`HOLD`]).
+    /// The hold thread: ends holds (see [`hold`]) and delivers what they deferred.
     fn hold_loop(&self) {
+        // Holds end after tens of microseconds: the default 50 us timer slack would
+        // double them.
+        // SAFETY: prctl with integer arguments; it only changes this thread's slack.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1000 as libc::c_ulong, 0, 0, 0) };
         let mut st = self.lock();
         loop {
             if self.stopped.load(Ordering::Acquire) {
@@ -725,8 +745,8 @@ impl Inner {
         }
     }
 
-    /// Ends expired holds, delivering the messages they deferred (unless a pin still
-    /// defers them). Returns how long to sleep before the next expiry (None: no hold).
+    /// Ends holds that are over, delivering the messages they deferred (unless a pin
+    /// still defers them). Returns how long to sleep before the next look (None: no hold).
     fn release_holds<'a>(
         &'a self,
         mut st: MutexGuard<'a, State>,
@@ -735,13 +755,23 @@ impl Inner {
             return (st, None);
         }
         let now = Instant::now();
-        let expired: Vec<PageNo> = st
-            .holds
-            .iter()
-            .filter(|(_, until)| **until <= now)
-            .map(|(p, _)| *p)
-            .collect();
-        for page in expired {
+        let mut over = Vec::new();
+        let mut next: Option<std::time::Duration> = None;
+        for (&page, h) in &st.holds {
+            let wait = if st.deferred.get(&page).is_some_and(|q| !q.is_empty()) {
+                // Somebody waits for this page: look at its threads again soon.
+                h.remaining(now, |t| in_fault(&st.faulters, t))
+            } else {
+                h.deadline()
+                    .checked_duration_since(now)
+                    .filter(|d| !d.is_zero())
+            };
+            match wait {
+                None => over.push(page),
+                Some(w) => next = Some(next.map_or(w, |n| n.min(w))),
+            }
+        }
+        for page in over {
             st.holds.remove(&page);
             if st.pins.contains_key(&page) {
                 continue;
@@ -753,15 +783,10 @@ impl Inner {
             }
         }
         self.flush(&mut st);
-        let next = st
-            .holds
-            .values()
-            .min()
-            .map(|until| until.saturating_duration_since(now));
         (st, next)
     }
 
-    fn on_fault(&self, address: u64, flags: u64) {
+    fn on_fault(&self, address: u64, flags: u64, tid: i32) {
         let base = self.pages.view_a as u64;
         let page = address.wrapping_sub(base) / PAGE_SIZE;
         let mut st = self.lock();
@@ -796,6 +821,12 @@ impl Inner {
             }
         } else {
             st.waiting_since.entry(page).or_insert(t0);
+            if tid > 0 {
+                let waiting = st.faulters.entry(page).or_default();
+                if !waiting.contains(&tid) {
+                    waiting.push(tid);
+                }
+            }
         }
         self.exec(&mut st, actions);
         if !write && st.ra.max > 0 {
@@ -1023,7 +1054,8 @@ impl Inner {
                     if let Some(t) = st.waiting_since.remove(&page) {
                         st.stats.faults_resolved += 1;
                         st.stats.fault_wait_ns += t.elapsed().as_nanos() as u64;
-                        st.holds.insert(page, Instant::now() + HOLD);
+                        let tids = st.faulters.remove(&page).unwrap_or_default();
+                        st.holds.insert(page, Hold::new(Instant::now(), &tids));
                     }
                     self.cv.notify_all();
                 }

@@ -73,6 +73,7 @@ const USERFAULTFD_IOC_NEW: u64 = UFFDIO << 8;
 
 const FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
 const FEATURE_MISSING_SHMEM: u64 = 1 << 5;
+const FEATURE_THREAD_ID: u64 = 1 << 8;
 const FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 const FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 
@@ -103,7 +104,9 @@ pub struct UffdMsg {
     reserved3: u32,
     pub flags: u64,
     pub address: u64,
-    reserved4: u64,
+    /// The faulting thread's id (`UFFD_FEATURE_THREAD_ID`).
+    pub ptid: u32,
+    reserved4: u32,
 }
 
 pub const PAGE: u64 = 4096;
@@ -152,6 +155,7 @@ impl Uffd {
         let mut api = UffdioApi {
             api: UFFD_API,
             features: FEATURE_PAGEFAULT_FLAG_WP
+                | FEATURE_THREAD_ID
                 | FEATURE_MISSING_SHMEM
                 | FEATURE_MINOR_SHMEM
                 | FEATURE_WP_HUGETLBFS_SHMEM,

@@ -293,7 +293,8 @@ impl Inner {
         // Ignore errors: the socket may already be closed.
         let _ = peer.stream.shutdown(Shutdown::Both);
         if first && !self.stop.load(Ordering::Acquire) {
-            warn!(node = peer.node, reason, "transport: peer lost");
+            // The owner of the event decides how loud a loss is (at shutdown it is expected).
+            debug!(node = peer.node, reason, "transport: peer lost");
             let _ = self.events.send(Event::PeerLost {
                 node: peer.node,
                 reason: reason.to_string(),
