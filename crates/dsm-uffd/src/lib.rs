@@ -524,7 +524,7 @@ impl DsmEngine {
             }
         } else if queued || pin.is_some_and(|p| must_defer(msg, p, is_home)) {
             st.stats.deferred_msgs += 1;
-            if st.pins.get(&page).is_none() {
+            if !st.pins.contains_key(&page) {
                 // Only the hold thread will deliver it: let it look again now.
                 inner.cv.notify_all();
             }
