@@ -91,6 +91,8 @@
 #define DSM_ITERS_SB 100000ULL
 #define DSM_ITERS_IRIW 50000ULL
 #define DSM_ITERS_PINGPONG 20000ULL
+#define DSM_ITERS_DMA 8ULL /* requests per cpu */
+#define DSM_MAX_DMA 32ULL /* testos.iters=N caps the dma check here */
 /* The longest any single user-mode wait may go without progress. */
 #define DSM_WAIT_MS 10000ULL
 #define DSM_ARGS_OFFSET 256UL
@@ -193,13 +195,14 @@ static uint32_t dsm_npairs, dsm_nquads;
 static uint64_t dsm_iriw_logs; /* per quad, two logs of DSM_IRIW_LOG_BYTES(iters_iriw) */
 static uint64_t iters_counter = DSM_ITERS_COUNTER, iters_spinlock = DSM_ITERS_SPINLOCK,
                 iters_mp = DSM_ITERS_MP, iters_sb = DSM_ITERS_SB, iters_iriw = DSM_ITERS_IRIW,
-                iters_pingpong = DSM_ITERS_PINGPONG;
+                iters_pingpong = DSM_ITERS_PINGPONG, iters_dma = DSM_ITERS_DMA;
 
 /* ------------------------------------------------------------------------- */
 /* CPU primitives                                                             */
 
 static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
 static inline void outw(uint16_t port, uint16_t v) { __asm__ volatile("outw %0, %1" ::"a"(v), "Nd"(port)); }
+static inline void outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" ::"a"(v), "Nd"(port)); }
 static inline uint8_t inb(uint16_t port)
 {
     uint8_t v;
@@ -1551,6 +1554,96 @@ static void check_pingpong(struct percpu *c)
              want);
 }
 
+/* dma: dvmm's DMA test engine (port DMA_TEST_PORT, on node 0 in a cluster) reads a
+ * buffer this cpu just wrote and writes its complement to another, by DMA through the
+ * VMM. Each cpu in turn, iters_dma requests of 6000 bytes that cross page boundaries,
+ * with a fresh pattern each time: a device that read a stale copy of the source, or whose
+ * writes this cpu does not see, fails the checksum or the comparison. */
+#define DMA_TEST_PORT 0x520
+#define DMA_TEST_ID 0x31414D44u /* "DMA1" */
+#define DMA_LEN 6000u
+struct dma_desc {
+    uint64_t src, dst;
+    uint32_t len, status, checksum, reserved;
+};
+static uint8_t dma_src[8192] __attribute__((aligned(4096)));
+static uint8_t dma_dst[8192] __attribute__((aligned(4096)));
+static struct dma_desc dma_desc_page[4096 / sizeof(struct dma_desc)] __attribute__((aligned(4096)));
+
+/* The engine's checksum (dvmm_devices::dma_test::checksum), len a multiple of 8. */
+static uint32_t dma_checksum(const volatile uint64_t *p, uint32_t len)
+{
+    uint64_t h = 0xcbf29ce484222325ULL;
+    for (uint32_t i = 0; i < len / 8; i++)
+        h = (((h << 5) | (h >> 59)) ^ p[i]) * 0x100000001b3ULL;
+    return (uint32_t)(h ^ (h >> 32));
+}
+
+static void check_dma(struct percpu *c)
+{
+    if (inl(DMA_TEST_PORT + 0xC) != DMA_TEST_ID) {
+        ok("dma", "skipped: no dvmm DMA test engine at port 0x%x", DMA_TEST_PORT);
+        return;
+    }
+    /* 8-byte aligned, each crossing a page boundary; word-wise work keeps this cpu's
+     * (possibly emulated) kernel code short. */
+    volatile uint64_t *src = (volatile uint64_t *)(dma_src + 96),
+                      *dst = (volatile uint64_t *)(dma_dst + 1000);
+    volatile struct dma_desc *d = &dma_desc_page[1];
+    for (uint32_t turn = 0; turn < ncpus; turn++) {
+        nap_barrier("dma turn");
+        if (turn != c->index)
+            continue;
+        uint64_t t0 = rdtsc();
+        for (uint64_t k = 0; k < iters_dma; k++) {
+            uint64_t x = 0x9E3779B97F4A7C15ULL * (c->index + 1) + k * 0xD1B54A32D192ED03ULL;
+            for (uint32_t i = 0; i < DMA_LEN / 8; i++) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                src[i] = x;
+                dst[i] = x; /* anything but the answer */
+            }
+            d->src = (uint64_t)src;
+            d->dst = (uint64_t)dst;
+            d->len = DMA_LEN;
+            d->checksum = 0;
+            d->status = 0;
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+            outl(DMA_TEST_PORT + 0, (uint32_t)(uint64_t)d);
+            outl(DMA_TEST_PORT + 4, (uint32_t)((uint64_t)d >> 32));
+            outl(DMA_TEST_PORT + 8, 1);
+            uint64_t end = rdtsc() + ms_to_tsc(watchdog_ms);
+            while (__atomic_load_n(&d->status, __ATOMIC_ACQUIRE) == 0) {
+                if (rdtsc() > end)
+                    fail("dma: request %lu never completed (register status %u)", k,
+                         inl(DMA_TEST_PORT + 8));
+                check_failed();
+                nap_us(DSM_NAP_US);
+            }
+            uint32_t reg = inl(DMA_TEST_PORT + 8);
+            if (d->status != 1 || reg != 2)
+                fail("dma: request %lu failed: descriptor status %u, register status %u", k,
+                     d->status, reg);
+            uint32_t want = dma_checksum(src, DMA_LEN);
+            if (d->checksum != want)
+                fail("dma: request %lu: the device read other bytes than this cpu wrote "
+                     "(checksum 0x%x, expected 0x%x)",
+                     k, d->checksum, want);
+            for (uint32_t i = 0; i < DMA_LEN / 8; i++) {
+                uint64_t expect = ~src[i], got = dst[i];
+                if (got != expect)
+                    fail("dma: request %lu: word %u of the destination is 0x%lx, expected 0x%lx",
+                         k, i, got, expect);
+            }
+        }
+        ok("dma", "%lu requests of %u bytes across pages in %lu ms: device read this cpu's "
+                  "data, this cpu saw the device's writes",
+           iters_dma, DMA_LEN, tsc_to_us(rdtsc() - t0) / 1000);
+    }
+    nap_barrier("dma done");
+}
+
 static void check_dsm(struct percpu *c)
 {
     nap_barrier("dsm reset");
@@ -1561,6 +1654,7 @@ static void check_dsm(struct percpu *c)
     check_litmus_sb(c);
     check_litmus_iriw(c);
     check_pingpong(c);
+    check_dma(c);
 }
 
 static void run_checks(struct percpu *c)
@@ -1789,13 +1883,18 @@ void kmain(void)
         watchdog_ms = WATCHDOG_MS;
     {
         uint64_t all = cmdline_u64("testos.iters", 0);
-        uint64_t *const iters[] = {&iters_counter, &iters_sb, &iters_mp, &iters_spinlock,
-                                   &iters_iriw, &iters_pingpong};
-        const char *const keys[] = {"testos.iters.counter", "testos.iters.litmus-sb",
-                                    "testos.iters.litmus-mp", "testos.iters.spinlock",
-                                    "testos.iters.litmus-iriw", "testos.iters.pingpong"};
-        for (int i = 0; i < 6; i++) {
-            *iters[i] = cmdline_u64(keys[i], all ? all : *iters[i]);
+        uint64_t *const iters[] = {&iters_counter, &iters_sb,       &iters_mp, &iters_spinlock,
+                                   &iters_iriw,    &iters_pingpong, &iters_dma};
+        const char *const keys[] = {"testos.iters.counter",     "testos.iters.litmus-sb",
+                                    "testos.iters.litmus-mp",   "testos.iters.spinlock",
+                                    "testos.iters.litmus-iriw", "testos.iters.pingpong",
+                                    "testos.iters.dma"};
+        if (all > DSM_MAX_DMA)
+            iters_dma = DSM_MAX_DMA;
+        else if (all)
+            iters_dma = all;
+        for (int i = 0; i < 7; i++) {
+            *iters[i] = cmdline_u64(keys[i], all && i != 6 ? all : *iters[i]);
             if (*iters[i] == 0)
                 *iters[i] = 1;
         }

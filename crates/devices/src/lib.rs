@@ -13,6 +13,7 @@
 
 pub mod acpi_pm;
 pub mod bus;
+pub mod dma_test;
 pub mod i8042;
 pub mod pic;
 pub mod pvpanic;
@@ -22,6 +23,7 @@ pub mod sink;
 
 pub use acpi_pm::{AcpiPm, ResetPort};
 pub use bus::{Bus, BusDevice, BusError};
+pub use dma_test::{DmaMemory, DmaTest};
 pub use i8042::I8042;
 pub use pic::Pic;
 pub use pvpanic::PvPanic;
@@ -125,6 +127,18 @@ mod fuzz_tests {
         ]
     }
 
+    /// Guest memory that fails every access.
+    struct NoRam;
+
+    impl DmaMemory for NoRam {
+        fn read(&self, gpa: u64, _: &mut [u8]) -> Result<(), String> {
+            Err(format!("{gpa:#x}: no RAM"))
+        }
+        fn write(&self, gpa: u64, _: &[u8]) -> Result<(), String> {
+            Err(format!("{gpa:#x}: no RAM"))
+        }
+    }
+
     fn devices() -> Vec<Box<dyn BusDevice>> {
         let events: Arc<dyn VmEventSink> = Arc::new(Events::default());
         let irq: Arc<dyn IrqLine> = Arc::new(FakeIrq::default());
@@ -140,6 +154,7 @@ mod fuzz_tests {
             Box::new(AcpiPm::new(events.clone())),
             Box::new(ResetPort::new(events.clone())),
             Box::new(PvPanic::new(events)),
+            Box::new(DmaTest::new(Arc::new(NoRam))),
             Box::new(Pic::new()),
             Box::new(Sink),
         ]

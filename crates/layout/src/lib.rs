@@ -87,6 +87,8 @@ pub const COM1_PORT: u16 = 0x3F8;
 pub const COM1_IRQ: u32 = 4;
 /// pvpanic device: a guest write of bit 0 reports a guest panic.
 pub const PVPANIC_PORT: u16 = 0x505;
+/// dvmm's DMA test engine (16 bytes of 32-bit registers; `dvmm_devices::dma_test`).
+pub const DMA_TEST_PORT: u16 = 0x520;
 /// ACPI PM1a event block (status u16 at +0, enable u16 at +2).
 pub const PM1A_EVT_PORT: u16 = 0x600;
 /// ACPI PM1a control block (u16): SLP_TYP in bits 10..12, SLP_EN bit 13.

@@ -51,6 +51,7 @@ pub const CHECKS: &[&str] = &[
     "litmus-sb",
     "litmus-iriw",
     "pingpong",
+    "dma",
 ];
 
 /// The checks whose result depends on guest RAM being coherent between vCPUs (the
@@ -64,10 +65,12 @@ pub const DSM_CHECKS: &[&str] = &[
     "litmus-sb",
     "litmus-iriw",
     "pingpong",
+    "dma",
 ];
 
 /// Command-line key: `testos.iters=N` sets the iteration count of every check in
-/// [`DSM_CHECKS`] (for slow multi-node runs); `testos.iters.<check>=N` sets one.
+/// [`DSM_CHECKS`] (for slow multi-node runs; `dma` takes at most 32);
+/// `testos.iters.<check>=N` sets one.
 pub const CMDLINE_ITERS: &str = "testos.iters";
 /// Command-line key: `testos.watchdog=S` sets the whole run's time limit in seconds
 /// (default 120).

@@ -1,5 +1,5 @@
 //! The VMM's own reads and writes of guest memory (instruction fetches for emulation,
-//! operands of emulated instructions; later device DMA).
+//! operands of emulated instructions, device DMA).
 //!
 //! On one node they go straight to RAM. In a cluster they must go through the DSM, or
 //! they would read a stale copy or write a page another node owns.
@@ -71,6 +71,17 @@ impl GuestAccess for GuestMemoryPath {
             Some(d) => d.write(gpa, buf),
             None => self.local.write(gpa, buf),
         }
+    }
+}
+
+/// Device DMA takes the same path as the VMM's other accesses.
+impl dvmm_devices::DmaMemory for GuestMemoryPath {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        GuestAccess::read(self, gpa, buf)
+    }
+
+    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), String> {
+        GuestAccess::write(self, gpa, buf)
     }
 }
 

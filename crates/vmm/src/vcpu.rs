@@ -109,7 +109,7 @@ pub struct VcpuEnv {
     /// Guest RAM (the VMM's view).
     pub ram: Arc<GuestRam>,
     /// How the VMM itself reads and writes guest memory (through the DSM in a cluster).
-    pub guest: crate::guest_access::GuestMemoryPath,
+    pub guest: Arc<crate::guest_access::GuestMemoryPath>,
     /// Host time.
     pub clock: Arc<dyn Clock>,
     /// End-of-VM state.
@@ -329,7 +329,7 @@ fn run_loop(
                     suberror: internal.suberror,
                     data: internal.data[..n].to_vec(),
                 };
-                match emulation::recover(vcpu, &env.guest, &err) {
+                match emulation::recover(vcpu, &*env.guest, &err) {
                     Ok(what) => tracing::debug!(vcpu = handle.index, what, "emulation gap"),
                     Err(f) => return Err(f.to_string()),
                 }

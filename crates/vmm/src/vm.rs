@@ -20,6 +20,7 @@ use dvmm_devices::pvpanic::PvPanic;
 use dvmm_devices::rtc::Rtc;
 use dvmm_devices::serial::Serial;
 use dvmm_devices::sink::Sink;
+use dvmm_devices::DmaTest;
 use dvmm_devices::VmEventSink;
 use dvmm_irq::clock::{Clock, MonotonicClock, TscMap};
 use dvmm_irq::ioapic::IoApic;
@@ -223,7 +224,7 @@ impl<D: BusDevice> BusDevice for Shifted<D> {
 }
 
 /// The devices that live on node 0: UART, PIT, RTC, i8042, ACPI PM, reset, pvpanic,
-/// PICs, and the IOAPIC's MMIO window. Returns the UART (for console input).
+/// the DMA test engine, PICs, and the IOAPIC's MMIO window. Returns the UART (for console input).
 #[allow(clippy::too_many_arguments)]
 fn attach_devices(
     pio: &mut Bus,
@@ -234,6 +235,7 @@ fn attach_devices(
     timers: &Arc<TimerService>,
     events: Arc<dyn VmEventSink>,
     console_out: Box<dyn Write + Send>,
+    guest: Arc<crate::guest_access::GuestMemoryPath>,
 ) -> Result<Arc<Mutex<Serial>>, VmmError> {
     let serial = Arc::new(Mutex::new(Serial::new(
         Arc::new(IoApicPin::new(hub.clone(), layout::COM1_IRQ as usize)),
@@ -285,6 +287,12 @@ fn attach_devices(
         PvPanic::new(events.clone()),
         u64::from(layout::PVPANIC_PORT),
         1,
+    )?;
+    add(
+        pio,
+        DmaTest::new(guest),
+        u64::from(layout::DMA_TEST_PORT),
+        dvmm_devices::dma_test::REGS_LEN,
     )?;
     add(pio, Pic::new(), u64::from(layout::PIC_MASTER_PORT), 2)?;
     add(pio, Pic::new(), u64::from(layout::PIC_SLAVE_PORT), 2)?;
@@ -442,6 +450,7 @@ impl Vm {
         let mut mmio = Bus::new();
         // Port 0x80 is only a delay: every node answers it locally.
         add(&mut pio, Sink, u64::from(layout::POST_PORT), 1)?;
+        let guest = Arc::new(crate::guest_access::GuestMemoryPath::new(ram.clone()));
         let console = if has_devices {
             let serial = attach_devices(
                 &mut pio,
@@ -452,6 +461,7 @@ impl Vm {
                 &timers,
                 events,
                 console_out,
+                guest.clone(),
             )?;
             Some(ConsoleInput {
                 serial,
@@ -466,7 +476,7 @@ impl Vm {
             pio,
             mmio,
             ram: ram.clone(),
-            guest: crate::guest_access::GuestMemoryPath::new(ram.clone()),
+            guest,
             clock,
             control: control.clone(),
             remote_io: placement.as_ref().map(|p| p.remote_io.clone()),
