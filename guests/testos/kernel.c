@@ -89,7 +89,7 @@
 #define DSM_ITERS_SPINLOCK 20000ULL
 #define DSM_ITERS_MP 100000ULL
 #define DSM_ITERS_SB 100000ULL
-#define DSM_ITERS_IRIW 50000ULL
+#define DSM_ITERS_IRIW 2000ULL
 #define DSM_ITERS_PINGPONG 20000ULL
 #define DSM_ITERS_DMA 8ULL /* requests per cpu */
 #define DSM_MAX_DMA 32ULL /* testos.iters=N caps the dma check here */
@@ -1346,6 +1346,7 @@ static void dsm_reset(struct percpu *c)
         struct dsm_quad *q = &dsm_quads[g];
         q->x.v = q->y.v = 0;
         q->sync.len[0] = q->sync.len[1] = q->sync.done[0] = q->sync.done[1] = 0;
+        q->seen[0].v[0] = q->seen[0].v[1] = q->seen[1].v[0] = q->seen[1].v[1] = 0;
     }
 }
 
@@ -1361,7 +1362,6 @@ static struct dsm_args *dsm_run(struct percpu *c, const char *name, uint64_t che
     a->iters = iters;
     a->wait_tsc = ms_to_tsc(DSM_WAIT_MS);
     a->yield_tsc = tsc_khz * DSM_SPIN_US / 1000;
-    a->pace_tsc = tsc_khz / 1000; /* 1 us */
     a->use_ud2 = (uint64_t)use_ud2;
     a->global = (uint64_t)dsm_global;
     a->group = (uint64_t)group;
@@ -1519,7 +1519,8 @@ static void check_litmus_iriw(struct percpu *c)
         uint32_t w0 = dsm_member(4, g, 0), r1 = dsm_member(4, g, 1), w2 = dsm_member(4, g, 2),
                  r3 = dsm_member(4, g, 3);
         if (r == 0 || r == 2)
-            ok("litmus-iriw", "writer of %c (writers %u %u, readers %u %u): %lu writes in %lu ms",
+            ok("litmus-iriw", "writer of %c (writers %u %u, readers %u %u): %lu writes, each "
+                              "seen by both readers, in %lu ms",
                r == 0 ? 'x' : 'y', w0, w2, r1, r3, iters_iriw, ms);
         else if (r == 1)
             ok("litmus-iriw", "reader x,y (writers %u %u, readers %u %u): %lu samples, %lu "

@@ -114,6 +114,8 @@ struct dsm_quad {
     struct { volatile uint64_t v; } DSM_PAGE y; /* written by role 2 */
     /* Readers' log lengths (entries); a reader sets done after its last entry. */
     struct { volatile uint64_t len[2], done[2]; } DSM_PAGE sync;
+    /* Per reader: the latest x and y it has seen (writers wait for both readers). */
+    struct { volatile uint64_t v[2]; } DSM_PAGE seen[2];
 };
 /* A reader logs each new (first, second) pair it sees: at most 2 * iters + 1 entries. */
 struct iriw_sample {
@@ -131,7 +133,7 @@ struct dsm_args {
     uint64_t iters;
     uint64_t wait_tsc; /* the longest any single wait may see no progress, in TSC ticks */
     uint64_t yield_tsc; /* spin this long, then yield (user_yield_ud2); 0: never yield */
-    uint64_t pace_tsc;  /* litmus-iriw: writers wait this long between writes */
+    uint64_t pace_tsc;  /* unused (was: litmus-iriw writers' pause between writes) */
     uint64_t use_ud2;
     uint64_t global;   /* struct dsm_global * */
     uint64_t group;    /* struct dsm_pair * or struct dsm_quad * */

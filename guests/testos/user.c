@@ -238,7 +238,9 @@ static uint64_t dsm_sb(struct dsm_args *a)
     return 0;
 }
 
-/* litmus-iriw: role 0 writes x = 1..iters, role 2 writes y = 1..iters (no barrier).
+/* litmus-iriw: role 0 writes x = 1..iters, role 2 writes y = 1..iters; a writer writes
+ * value i once both readers have seen i - 1 (so every write is observed: iters
+ * iterations per writer), the two writers are not synchronized with each other.
  * Role 1 samples (x then y), role 3 (y then x), each logging every new pair it sees,
  * until both writers are done; then role 1 looks for the forbidden pair of samples:
  * reader 1 saw (x = a, y = b), reader 2 saw (y = c, x = d) with c > b and d < a, i.e.
@@ -249,12 +251,13 @@ static uint64_t dsm_iriw(struct dsm_args *a)
     struct dsm_quad *q = (struct dsm_quad *)a->group;
     uint64_t n = a->iters;
     if (a->role == 0 || a->role == 2) {
-        volatile uint64_t *v = a->role == 0 ? &q->x.v : &q->y.v;
+        uint64_t w = a->role == 0 ? 0 : 1;
+        volatile uint64_t *v = w == 0 ? &q->x.v : &q->y.v;
         for (uint64_t i = 1; i <= n; i++) {
+            WAIT_FOR(a, q->seen[0].v[w] >= i - 1 && q->seen[1].v[w] >= i - 1,
+                     "both readers to see my previous write", i, i - 1,
+                     q->seen[0].v[w] < q->seen[1].v[w] ? q->seen[0].v[w] : q->seen[1].v[w]);
             *v = i;
-            uint64_t t = user_rdtsc(); /* let the readers see most values */
-            while (user_rdtsc() - t < a->pace_tsc)
-                relax();
         }
         return 0;
     }
@@ -279,6 +282,11 @@ static uint64_t dsm_iriw(struct dsm_args *a)
             log[len].first = (uint32_t)f;
             log[len].second = (uint32_t)s;
             len++;
+            /* Tell the writers (x is "first" for reader 0, "second" for reader 1). */
+            if (q->seen[me].v[me] != f)
+                q->seen[me].v[me] = f;
+            if (q->seen[me].v[1 - me] != s)
+                q->seen[me].v[1 - me] = s;
             w.t0 = 0; /* progress */
             if (f == n && s == n)
                 break;

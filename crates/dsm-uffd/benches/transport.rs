@@ -310,7 +310,7 @@ fn main() -> Res<()> {
         }
     }
     // 4 nodes, every page homed at node 0 (the writer): it invalidates 1 or 3 sharers.
-    let four = Net::new(4, 2 * n * PG, u64::MAX)?;
+    let four = Net::new(4, 3 * n * PG, u64::MAX)?;
     let floor = UffdFloor::new(n)?;
 
     // Ping-pong helper: node 1 waits for an odd value and answers with the next even one.
@@ -332,6 +332,13 @@ fn main() -> Res<()> {
     let mut w1 = Series::new("write fault (upgrade) invalidating 1 sharer");
     let mut w3 = Series::new("write fault (upgrade) invalidating 3 sharers");
     let mut pp = Series::new("page ping-pong, per round trip (2 writes)");
+    let mut w1f = Series::new("write fault, 1 sharer, with a fixed 200 us hold");
+    let mut ppf = Series::new("page ping-pong, with a fixed 200 us hold");
+    let set_hold = |hold: Option<std::time::Duration>| {
+        for e in two.engines.iter().chain(&four.engines) {
+            e.set_fixed_hold(hold);
+        }
+    };
     let inv0 = four.sum(|s| s.invalidations);
     let started = Instant::now();
     for i in 0..n {
@@ -358,18 +365,34 @@ fn main() -> Res<()> {
             series.us.push(us(t));
         }
 
-        let odd = 2 * i as u64 + 1;
-        go_tx.send(odd)?;
+        // Ping-pong, then the old fixed hold on a third set of pages and the same
+        // ping-pong page, side by side.
         let p0 = two.a(0, pp_page);
-        let t = Instant::now();
-        write(p0, odd);
-        while read(p0) != odd + 1 {
-            std::thread::yield_now();
+        let round = |series: &mut Series, k: u64| -> Res<()> {
+            let odd = 2 * k + 1;
+            go_tx.send(odd)?;
+            let t = Instant::now();
+            write(p0, odd);
+            while read(p0) != odd + 1 {
+                std::thread::yield_now();
+            }
+            series.us.push(us(t));
+            Ok(())
+        };
+        round(&mut pp, 2 * i as u64)?;
+        set_hold(Some(std::time::Duration::from_micros(200)));
+        let page = 2 * n + i;
+        for node in 0..=1 {
+            assert_eq!(read(four.a(node, page)), 0);
         }
-        pp.us.push(us(t));
+        let t = Instant::now();
+        write(four.a(0, page), 9);
+        w1f.us.push(us(t));
+        round(&mut ppf, 2 * i as u64 + 1)?;
+        set_hold(None);
     }
     let latency_s = started.elapsed().as_secs_f64();
-    assert_eq!(four.sum(|s| s.invalidations) - inv0, 4 * n as u64);
+    assert_eq!(four.sum(|s| s.invalidations) - inv0, 5 * n as u64);
 
     // Streaming: node 0 copies fresh regions owned by node 1, page by page; the modes
     // take turns run by run.
@@ -443,7 +466,7 @@ fn main() -> Res<()> {
         "| {:<52} | {:>9.1} | {:>9} | {:>6} |",
         "floor (a) + (b)", floor_sum, "", ""
     );
-    for s in [&rr, &w1, &w3, &pp] {
+    for s in [&rr, &w1, &w3, &pp, &w1f, &ppf] {
         s.print();
     }
     let med = |v: &Vec<f64>| {

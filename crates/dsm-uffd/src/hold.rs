@@ -51,6 +51,14 @@ impl Hold {
         Hold { until, threads }
     }
 
+    /// A hold of fixed length `d`, whatever the threads do (for comparisons).
+    pub fn fixed(now: Instant, d: Duration) -> Hold {
+        Hold {
+            until: now + d,
+            threads: Vec::new(),
+        }
+    }
+
     /// `None` if the hold is over at `now`, else how long to wait before looking again.
     /// `in_fault(tid)` says whether the thread waits in another fault of this engine.
     pub fn remaining(&self, now: Instant, in_fault: impl Fn(i32) -> bool) -> Option<Duration> {
@@ -236,6 +244,14 @@ mod tests {
         );
         go.send(()).ok();
         t.join().expect("join");
+    }
+
+    #[test]
+    fn a_fixed_hold_ignores_the_threads() {
+        let now = Instant::now();
+        let h = Hold::fixed(now, Duration::from_micros(300));
+        assert!(h.remaining(now + Duration::from_micros(299), |_| false).is_some());
+        assert_eq!(h.remaining(now + Duration::from_micros(300), |_| false), None);
     }
 
     #[test]

@@ -303,6 +303,8 @@ struct State {
     holds: HashMap<PageNo, Hold>,
     /// Threads waiting in a fault on the page (kernel thread ids), for its hold.
     faulters: HashMap<PageNo, Vec<i32>>,
+    /// Some: every hold lasts this long (see [`DsmEngine::set_fixed_hold`]).
+    fixed_hold: Option<std::time::Duration>,
     stats: DsmStats,
     /// Per page: `RA_*` flags.
     ra_flags: Vec<u8>,
@@ -370,6 +372,7 @@ impl DsmEngine {
                 waiting_since: HashMap::new(),
                 holds: HashMap::new(),
                 faulters: HashMap::new(),
+                fixed_hold: None,
                 stats: DsmStats::default(),
                 ra_flags: vec![0; npages as usize],
                 ra: ReadAhead {
@@ -616,6 +619,13 @@ impl DsmEngine {
             max: max_pages,
             ..ReadAhead::default()
         };
+    }
+
+    /// Replaces the hold rule (see PROTOCOL.md) by a fixed hold of `hold` for every page
+    /// handed to waiting vCPUs (`None`: back to the rule). For benchmarks that compare
+    /// the two; a fixed hold makes every contended handoff pay for it.
+    pub fn set_fixed_hold(&self, hold: Option<std::time::Duration>) {
+        self.inner.lock().fixed_hold = hold;
     }
 
     /// The largest read-ahead window in pages (0: off).
@@ -1055,7 +1065,12 @@ impl Inner {
                         st.stats.faults_resolved += 1;
                         st.stats.fault_wait_ns += t.elapsed().as_nanos() as u64;
                         let tids = st.faulters.remove(&page).unwrap_or_default();
-                        st.holds.insert(page, Hold::new(Instant::now(), &tids));
+                        let now = Instant::now();
+                        let hold = match st.fixed_hold {
+                            Some(d) => Hold::fixed(now, d),
+                            None => Hold::new(now, &tids),
+                        };
+                        st.holds.insert(page, hold);
                     }
                     self.cv.notify_all();
                 }
