@@ -187,6 +187,7 @@ static char cmdline[256];
 static volatile uint32_t ap_arrived, failed, con_lock, bar_count, bar_gen, uart_total;
 static volatile uint32_t uart_last_cpu;
 static uint64_t watchdog_ms = WATCHDOG_MS;
+static uint64_t user_ms = USER_MIN_MS; /* testos.user-ms: how long the cpl3 sieve runs */
 /* DSM checks: the shared pages (see testos.h) and the groups of cpus. */
 static struct dsm_global *dsm_global;
 static struct dsm_pair *dsm_pairs;
@@ -1252,8 +1253,8 @@ static void check_user(struct percpu *c)
     struct user_args *a = (struct user_args *)c->ublock;
     a->bitmap = c->ublock + USTACK_SIZE;
     a->limit = SIEVE_LIMIT;
-    a->min_tsc = ms_to_tsc(USER_MIN_MS);
-    a->max_rounds = 1000;
+    a->min_tsc = ms_to_tsc(user_ms);
+    a->max_rounds = 1000000;
     a->rounds = 0;
     a->use_ud2 = (uint64_t)use_ud2;
     timer_reset(c);
@@ -1880,6 +1881,9 @@ void kmain(void)
     use_ud2 = cmdline_has("testos.ud2");
     bench_mode = cmdline_has("testos.bench");
     watchdog_ms = cmdline_u64("testos.watchdog", WATCHDOG_MS / 1000) * 1000;
+    user_ms = cmdline_u64("testos.user-ms", USER_MIN_MS);
+    if (user_ms == 0)
+        user_ms = USER_MIN_MS;
     if (watchdog_ms == 0)
         watchdog_ms = WATCHDOG_MS;
     {

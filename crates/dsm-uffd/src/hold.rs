@@ -250,8 +250,13 @@ mod tests {
     fn a_fixed_hold_ignores_the_threads() {
         let now = Instant::now();
         let h = Hold::fixed(now, Duration::from_micros(300));
-        assert!(h.remaining(now + Duration::from_micros(299), |_| false).is_some());
-        assert_eq!(h.remaining(now + Duration::from_micros(300), |_| false), None);
+        assert!(h
+            .remaining(now + Duration::from_micros(299), |_| false)
+            .is_some());
+        assert_eq!(
+            h.remaining(now + Duration::from_micros(300), |_| false),
+            None
+        );
     }
 
     #[test]

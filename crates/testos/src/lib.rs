@@ -75,6 +75,9 @@ pub const CMDLINE_ITERS: &str = "testos.iters";
 /// Command-line key: `testos.watchdog=S` sets the whole run's time limit in seconds
 /// (default 120).
 pub const CMDLINE_WATCHDOG: &str = "testos.watchdog";
+/// Command-line key: `testos.user-ms=MS` runs the `user` check's CPL3 sieve for at least
+/// MS milliseconds (default 50); its `N rounds in M ms` measures a CPU's throughput.
+pub const CMDLINE_USER_MS: &str = "testos.user-ms";
 
 /// The outcome testos reported in its console output.
 #[derive(Clone, Debug, PartialEq, Eq)]
