@@ -103,6 +103,7 @@
 #define SIEVE_LIMIT 2000000ULL
 #define SIEVE_PRIMES 148933ULL
 #define USER_MIN_MS 50ULL
+#define TIMER_GAPS 64 /* tick intervals kept per cpu for timer-periodic */
 
 struct tss {
     uint32_t reserved0;
@@ -124,7 +125,9 @@ struct percpu {
     uint64_t ublock;
     volatile uint32_t fixed_cnt, bcast_cnt, self_cnt, nmi_cnt, uart_cnt, spurious_cnt;
     volatile uint32_t timer_cnt, timer_user_cnt, uart_iir;
-    volatile uint64_t timer_first_tsc;
+    volatile uint64_t timer_first_tsc, timer_last_tsc;
+    volatile uint32_t timer_ngaps;
+    uint64_t timer_gaps[TIMER_GAPS]; /* TSC between consecutive ticks */
     volatile uint32_t bp_cnt;
     volatile uint64_t bp_rip;
 } __attribute__((aligned(4096))); /* one page per CPU: no false sharing between nodes */
@@ -990,13 +993,18 @@ void isr_dispatch(struct frame *f)
     case VEC_SELF:
         c->self_cnt++;
         break;
-    case VEC_TIMER:
+    case VEC_TIMER: {
+        uint64_t now = rdtsc();
         if (!c->timer_cnt)
-            c->timer_first_tsc = rdtsc();
+            c->timer_first_tsc = now;
+        else if (c->timer_ngaps < TIMER_GAPS)
+            c->timer_gaps[c->timer_ngaps++] = now - c->timer_last_tsc;
+        c->timer_last_tsc = now;
         c->timer_cnt++;
         if (f->cs & 3)
             c->timer_user_cnt++;
         break;
+    }
     case VEC_UART:
         c->uart_iir = inb(COM1_PORT + 2);
         outb(COM1_PORT + 1, 0); /* IER: no more THR-empty interrupts */
@@ -1108,6 +1116,7 @@ static void timer_reset(struct percpu *c)
     c->timer_cnt = 0;
     c->timer_user_cnt = 0;
     c->timer_first_tsc = 0;
+    c->timer_ngaps = 0;
 }
 
 static void timer_stop(void)
@@ -1152,12 +1161,29 @@ static void check_timer_periodic(struct percpu *c)
     timer_stop();
     sti();
     uint64_t us = tsc_to_us(t1 - t0);
-    uint64_t hz10 = us ? (uint64_t)ticks * 10000000ULL / us : 0;
+    /* The rate is judged by the median interval between ticks: a host that does not run
+     * this vCPU for a while (8 vCPUs on 2 host cpus) loses ticks, as a real LAPIC does
+     * when interrupts stay masked, but cannot move the median; a timer programmed at the
+     * wrong rate moves every interval. */
+    uint32_t n = c->timer_ngaps;
+    if (n < 3)
+        fail("timer-periodic: only %u ticks in %lu us", ticks, us);
+    uint64_t *g = c->timer_gaps;
+    for (uint32_t i = 1; i < n; i++)
+        for (uint32_t j = i; j > 0 && g[j - 1] > g[j]; j--) {
+            uint64_t t = g[j];
+            g[j] = g[j - 1];
+            g[j - 1] = t;
+        }
+    uint64_t median_us = tsc_to_us(g[n / 2]);
+    uint64_t hz10 = median_us ? 10000000ULL / median_us : 0;
     if (hz10 < 750 || hz10 > 1250)
-        fail("timer-periodic: %u ticks in %lu us = %lu.%lu Hz, expected 100 Hz +-25%%", ticks, us,
-             hz10 / 10, hz10 % 10);
-    ok("timer-periodic", "%lu.%lu Hz, %u ticks in %lu ms, divide 16, initial count %u", hz10 / 10,
-       hz10 % 10, ticks, us / 1000, count);
+        fail("timer-periodic: median interval %lu us = %lu.%lu Hz over %u ticks in %lu us, "
+             "expected 100 Hz +-25%%",
+             median_us, hz10 / 10, hz10 % 10, ticks, us);
+    ok("timer-periodic", "%lu.%lu Hz (median of %u intervals), %u ticks in %lu ms, divide 16, "
+                         "initial count %u",
+       hz10 / 10, hz10 % 10, n, ticks, us / 1000, count);
 }
 
 static void check_timer_oneshot(struct percpu *c)
@@ -1666,11 +1692,11 @@ static void run_checks(struct percpu *c)
     check_ipi_fixed(c);
     check_ipi_broadcast(c);
     check_nmi(c);
-    barrier("timer-periodic start");
+    nap_barrier("timer-periodic start");
     check_timer_periodic(c);
-    barrier("timer-oneshot start");
+    nap_barrier("timer-oneshot start");
     check_timer_oneshot(c);
-    barrier("timer-tsc-deadline start");
+    nap_barrier("timer-tsc-deadline start");
     check_timer_tsc_deadline(c);
     check_ioapic_uart(c);
     check_int3(c);
