@@ -6,10 +6,11 @@
 //! holder of the lock never gets to release it. A fixed hold long enough for an
 //! oversubscribed host makes every contended handoff pay for it, so a hold ends as soon
 //! as every thread that faulted on the page has *run* for [`HOLD_RUN`] of CPU time since
-//! it was woken (read from the kernel's per-thread CPU clock), or has run and gone to
-//! sleep (done with the page; unless it sleeps in another fault of ours, e.g. for the
-//! second page of the same instruction), and at the latest after [`HOLD_MAX`]. Without
-//! thread ids (an old kernel) it lasts [`HOLD_FALLBACK`].
+//! it was woken (read from the kernel's per-thread CPU clock), or sleeps again (a woken
+//! thread is runnable until it has run, so it ran and is done with the page), and at the
+//! latest after [`HOLD_MAX`]. A thread that sleeps in another fault of ours may need both
+//! pages for one instruction: its hold lasts until [`HOLD_IN_FAULT`] after the wake.
+//! Without thread ids (an old kernel) it lasts [`HOLD_FALLBACK`].
 
 use std::time::{Duration, Instant};
 
@@ -20,6 +21,10 @@ pub const HOLD_RUN: Duration = Duration::from_micros(20);
 /// The longest a page is held for a thread that does not get to run (oversubscribed host).
 pub const HOLD_MAX: Duration = Duration::from_millis(1);
 
+/// How long after its wake a page stays held for a thread that now waits in another of
+/// our faults (the second page of a two-page access, or simply its next access).
+pub const HOLD_IN_FAULT: Duration = Duration::from_micros(200);
+
 /// The hold when the faulting threads are not known.
 pub const HOLD_FALLBACK: Duration = Duration::from_micros(200);
 
@@ -29,6 +34,8 @@ const RECHECK_MIN: Duration = Duration::from_micros(5);
 /// A page handed to the threads that waited for it.
 #[derive(Debug, Clone)]
 pub struct Hold {
+    /// When the threads were woken.
+    woken: Instant,
     /// When the hold ends whatever the threads did.
     until: Instant,
     /// Faulting threads (kernel thread ids) and their CPU time when they were woken.
@@ -48,12 +55,17 @@ impl Hold {
             } else {
                 HOLD_MAX
             };
-        Hold { until, threads }
+        Hold {
+            woken: now,
+            until,
+            threads,
+        }
     }
 
     /// A hold of fixed length `d`, whatever the threads do (for comparisons).
     pub fn fixed(now: Instant, d: Duration) -> Hold {
         Hold {
+            woken: now,
             until: now + d,
             threads: Vec::new(),
         }
@@ -76,12 +88,17 @@ impl Hold {
                 continue;
             };
             let ran = now_cpu.saturating_sub(at_wake);
-            if ran >= HOLD_RUN
-                || (!ran.is_zero() && !in_fault(tid) && thread_sleeps(tid) != Some(false))
-            {
+            if ran >= HOLD_RUN || thread_sleeps(tid) == Some(false) {
+                if ran < HOLD_RUN {
+                    need = need.max(HOLD_RUN - ran);
+                }
                 continue;
             }
-            need = need.max(HOLD_RUN.saturating_sub(ran));
+            // Asleep again (or unknown): it has run since the wake.
+            if in_fault(tid) {
+                let two_page = (self.woken + HOLD_IN_FAULT).saturating_duration_since(now);
+                need = need.max(two_page);
+            }
         }
         if need.is_zero() {
             None
@@ -209,22 +226,30 @@ mod tests {
     }
 
     #[test]
-    fn hold_of_a_thread_that_never_ran_lasts_until_the_deadline() {
+    fn a_thread_asleep_again_is_done_with_the_page() {
         let (tid, go, t) = parked_thread();
         let now = Instant::now();
         let h = Hold::new(now, &[tid]);
-        let wait = h
-            .remaining(now + Duration::from_micros(1), |_| false)
-            .expect("held");
-        assert!(wait <= HOLD_MAX);
-        assert!(h.remaining(now + HOLD_MAX / 2, |_| false).is_some());
+        assert_eq!(h.remaining(now, |_| false), None);
+        go.send(()).ok();
+        t.join().expect("join");
+    }
+
+    #[test]
+    fn a_runnable_thread_that_has_not_run_enough_keeps_it_until_the_deadline() {
+        let me = gettid();
+        let now = Instant::now();
+        let h = Hold::new(now, &[me]);
+        let wait = h.remaining(now, |_| false).expect("held");
+        assert!(
+            wait <= HOLD_RUN,
+            "look again once it may have run enough: {wait:?}"
+        );
         assert_eq!(
             h.remaining(now + HOLD_MAX, |_| false),
             None,
             "over at the deadline"
         );
-        go.send(()).ok();
-        t.join().expect("join");
     }
 
     #[test]
@@ -234,6 +259,7 @@ mod tests {
         let cpu = thread_cpu_time(tid).expect("clock");
         let now = Instant::now();
         let h = Hold {
+            woken: now,
             until: now + HOLD_MAX,
             threads: vec![(tid, cpu.saturating_sub(Duration::from_nanos(500)))],
         };
@@ -241,6 +267,11 @@ mod tests {
         assert!(
             h.remaining(now, |t| t == tid).is_some(),
             "sleeping in another of our faults: still held"
+        );
+        assert_eq!(
+            h.remaining(now + HOLD_IN_FAULT, |t| t == tid),
+            None,
+            "but not for longer than HOLD_IN_FAULT"
         );
         go.send(()).ok();
         t.join().expect("join");
