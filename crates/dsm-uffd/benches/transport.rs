@@ -401,7 +401,7 @@ fn main() -> Res<()> {
         (
             DEFAULT_READAHEAD_PAGES,
             false,
-            "read-ahead on (window 8..64)",
+            "read-ahead on (window 8..256)",
         ),
         (
             DEFAULT_READAHEAD_PAGES,

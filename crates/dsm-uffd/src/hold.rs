@@ -43,11 +43,12 @@ pub struct Hold {
 }
 
 impl Hold {
-    /// A hold for `tids` (the threads that faulted on the page), woken now.
-    pub fn new(now: Instant, tids: &[i32]) -> Hold {
-        let threads: Vec<(i32, Duration)> = tids
+    /// A hold for the threads that faulted on the page, woken now: their ids and their
+    /// CPU time while they waited (`None`: read it now).
+    pub fn new(now: Instant, faulters: &[(i32, Option<Duration>)]) -> Hold {
+        let threads: Vec<(i32, Duration)> = faulters
             .iter()
-            .filter_map(|&t| thread_cpu_time(t).map(|c| (t, c)))
+            .filter_map(|&(t, cpu)| cpu.or_else(|| thread_cpu_time(t)).map(|c| (t, c)))
             .collect();
         let until = now
             + if threads.is_empty() {
@@ -179,7 +180,7 @@ mod tests {
     fn hold_ends_once_the_thread_has_run() {
         let me = gettid();
         let now = Instant::now();
-        let h = Hold::new(now, &[me]);
+        let h = Hold::new(now, &[(me, None)]);
         assert!(
             h.remaining(Instant::now(), |_| false).is_some(),
             "held right after the wake"
@@ -229,7 +230,7 @@ mod tests {
     fn a_thread_asleep_again_is_done_with_the_page() {
         let (tid, go, t) = parked_thread();
         let now = Instant::now();
-        let h = Hold::new(now, &[tid]);
+        let h = Hold::new(now, &[(tid, None)]);
         assert_eq!(h.remaining(now, |_| false), None);
         go.send(()).ok();
         t.join().expect("join");
@@ -239,7 +240,7 @@ mod tests {
     fn a_runnable_thread_that_has_not_run_enough_keeps_it_until_the_deadline() {
         let me = gettid();
         let now = Instant::now();
-        let h = Hold::new(now, &[me]);
+        let h = Hold::new(now, &[(me, None)]);
         let wait = h.remaining(now, |_| false).expect("held");
         assert!(
             wait <= HOLD_RUN,

@@ -49,7 +49,7 @@ use hold::Hold;
 pub const PAGE_SIZE: u64 = 4096;
 
 /// Largest read-ahead window (pages) of a new engine; see [`DsmEngine::set_readahead`].
-pub const DEFAULT_READAHEAD_PAGES: u64 = 64;
+pub const DEFAULT_READAHEAD_PAGES: u64 = 256;
 
 /// First read-ahead window (pages) of a stream; it doubles per batch up to the maximum.
 pub const INITIAL_READAHEAD_PAGES: u64 = 8;
@@ -302,7 +302,10 @@ struct State {
     /// Pages just handed to waiting vCPUs, kept for them a little (see [`hold`]).
     holds: HashMap<PageNo, Hold>,
     /// Threads waiting in a fault on the page (kernel thread ids), for its hold.
-    faulters: HashMap<PageNo, Vec<i32>>,
+    /// With each thread's CPU time while it waited, read once the request is out (it
+    /// does not change while the thread sleeps; reading it after the wake would compete
+    /// with the thread's own wake-up).
+    faulters: HashMap<PageNo, Vec<(i32, Option<std::time::Duration>)>>,
     /// Some: every hold lasts this long (see [`DsmEngine::set_fixed_hold`]).
     fixed_hold: Option<std::time::Duration>,
     stats: DsmStats,
@@ -318,6 +321,8 @@ struct State {
 struct Inner {
     st: Mutex<State>,
     cv: Condvar,
+    /// Wakes the hold thread: a message was deferred behind a hold, or the engine stops.
+    hold_cv: Condvar,
     uffd: sys::Uffd,
     stop_fd: sys::EventFd,
     stopped: AtomicBool,
@@ -383,6 +388,7 @@ impl DsmEngine {
                 outdata: Vec::new(),
             }),
             cv: Condvar::new(),
+            hold_cv: Condvar::new(),
             uffd,
             stop_fd,
             stopped: AtomicBool::new(false),
@@ -529,7 +535,7 @@ impl DsmEngine {
             st.stats.deferred_msgs += 1;
             if !st.pins.contains_key(&page) {
                 // Only the hold thread will deliver it: let it look again now.
-                inner.cv.notify_all();
+                inner.hold_cv.notify_one();
             }
             let copy = data.map(|d| d.to_vec().into_boxed_slice());
             st.deferred
@@ -668,6 +674,7 @@ impl DsmEngine {
         }
         let _st = inner.lock();
         inner.cv.notify_all();
+        inner.hold_cv.notify_all();
     }
 }
 
@@ -677,9 +684,12 @@ impl Drop for DsmEngine {
     }
 }
 
+/// How many holds may pile up before the expired ones are swept.
+const HOLDS_SWEEP: usize = 256;
+
 /// Whether thread `tid` waits in a fault of this engine.
-fn in_fault(faulters: &HashMap<PageNo, Vec<i32>>, tid: i32) -> bool {
-    faulters.values().any(|w| w.contains(&tid))
+fn in_fault(faulters: &HashMap<PageNo, Vec<(i32, Option<std::time::Duration>)>>, tid: i32) -> bool {
+    faulters.values().any(|w| w.iter().any(|&(t, _)| t == tid))
 }
 
 /// Whether a message for a page pinned (or held) here must wait until the pin drops.
@@ -745,40 +755,36 @@ impl Inner {
             }
             st = match self.release_holds(st) {
                 (st, Some(wait)) => {
-                    self.cv
+                    self.hold_cv
                         .wait_timeout(st, wait)
                         .unwrap_or_else(|e| e.into_inner())
                         .0
                 }
-                (st, None) => self.cv.wait(st).unwrap_or_else(|e| e.into_inner()),
+                (st, None) => self.hold_cv.wait(st).unwrap_or_else(|e| e.into_inner()),
             };
         }
     }
 
-    /// Ends holds that are over, delivering the messages they deferred (unless a pin
-    /// still defers them). Returns how long to sleep before the next look (None: no hold).
+    /// Ends holds that are over and have deferred messages, delivering those (unless a
+    /// pin still defers them), and forgets expired holds. Returns how long to sleep
+    /// before the next look (None: until a message is deferred behind a hold). Holds
+    /// that defer nothing need no timer: they are only looked at when a message comes.
     fn release_holds<'a>(
         &'a self,
         mut st: MutexGuard<'a, State>,
     ) -> (MutexGuard<'a, State>, Option<std::time::Duration>) {
-        if st.holds.is_empty() {
-            return (st, None);
-        }
         let now = Instant::now();
         let mut over = Vec::new();
         let mut next: Option<std::time::Duration> = None;
         for (&page, h) in &st.holds {
-            let wait = if st.deferred.get(&page).is_some_and(|q| !q.is_empty()) {
+            if st.deferred.get(&page).is_some_and(|q| !q.is_empty()) {
                 // Somebody waits for this page: look at its threads again soon.
-                h.remaining(now, |t| in_fault(&st.faulters, t))
-            } else {
-                h.deadline()
-                    .checked_duration_since(now)
-                    .filter(|d| !d.is_zero())
-            };
-            match wait {
-                None => over.push(page),
-                Some(w) => next = Some(next.map_or(w, |n| n.min(w))),
+                match h.remaining(now, |t| in_fault(&st.faulters, t)) {
+                    None => over.push(page),
+                    Some(w) => next = Some(next.map_or(w, |n| n.min(w))),
+                }
+            } else if h.deadline() <= now {
+                over.push(page);
             }
         }
         for page in over {
@@ -833,8 +839,8 @@ impl Inner {
             st.waiting_since.entry(page).or_insert(t0);
             if tid > 0 {
                 let waiting = st.faulters.entry(page).or_default();
-                if !waiting.contains(&tid) {
-                    waiting.push(tid);
+                if !waiting.iter().any(|&(t, _)| t == tid) {
+                    waiting.push((tid, None));
                 }
             }
         }
@@ -846,6 +852,11 @@ impl Inner {
             self.read_ahead(&mut st, page, ra);
         }
         self.flush(&mut st);
+        if let Some(w) = st.faulters.get_mut(&page) {
+            for (t, cpu) in w.iter_mut().filter(|(t, c)| *t == tid && c.is_none()) {
+                *cpu = hold::thread_cpu_time(*t);
+            }
+        }
         st.stats.busy_ns += t0.elapsed().as_nanos() as u64;
     }
 
@@ -1070,6 +1081,12 @@ impl Inner {
                             Some(d) => Hold::fixed(now, d),
                             None => Hold::new(now, &tids),
                         };
+                        if st.holds.len() >= HOLDS_SWEEP {
+                            // Holds that deferred nothing are not timed: forget the
+                            // expired ones now and then.
+                            let (holds, deferred) = (&mut st.holds, &st.deferred);
+                            holds.retain(|p, h| h.deadline() > now || deferred.contains_key(p));
+                        }
                         st.holds.insert(page, hold);
                     }
                     self.cv.notify_all();
