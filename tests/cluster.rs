@@ -226,8 +226,13 @@ impl Netns {
             let st = Command::new("sh").arg("-c").arg(cmd).status().expect("sh");
             assert!(st.success(), "failed: {cmd}");
         };
-        let _ = Command::new("ip").args(["netns", "del", &a]).status();
-        let _ = Command::new("ip").args(["netns", "del", &b]).status();
+        // Leftovers of an interrupted run, if any (silently: usually there are none).
+        for n in [&a, &b] {
+            let _ = Command::new("ip")
+                .args(["netns", "del", n])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
         sh(&format!("ip netns add {a} && ip netns add {b}"));
         let ns = Netns {
             names: [a.clone(), b.clone()],
