@@ -44,21 +44,12 @@ fn run_once(cpus: u32, nodes: u32, ms: u64) -> f64 {
     let mut total = 0.0;
     let mut seen = 0;
     for line in text.lines().filter(|l| l.contains(": user ok (")) {
-        let field = |after: &str| -> Option<f64> {
-            let rest = &line[line.find(after)? + after.len()..];
-            rest.split_whitespace().next()?.parse().ok()
-        };
-        let rounds = line
+        let rounds_ms = line
             .split(", ")
-            .find_map(|part| {
-                part.strip_suffix(" ms")
-                    .filter(|p| p.contains(" rounds in "))
-            })
-            .and_then(|p| p.split_whitespace().next())
-            .and_then(|n| n.parse::<f64>().ok());
-        let ms = field(" rounds in ");
-        if let (Some(r), Some(m)) = (rounds, ms) {
-            total += r / (m / 1000.0);
+            .find_map(|part| part.strip_suffix(" ms")?.split_once(" rounds in "))
+            .and_then(|(r, m)| Some((r.parse::<f64>().ok()?, m.parse::<f64>().ok()?)));
+        if let Some((rounds, ms)) = rounds_ms {
+            total += rounds / (ms / 1000.0);
             seen += 1;
         }
     }

@@ -26,6 +26,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
 use crate::bus::BusDevice;
+use crate::GuestAccess;
 
 /// Value of the ID register ("DMA1").
 pub const DMA_TEST_ID: u32 = u32::from_le_bytes(*b"DMA1");
@@ -46,17 +47,9 @@ pub const REGS_LEN: u64 = 16;
 
 const PAGE: u64 = 4096;
 
-/// Guest-physical memory as a device reaches it: in a cluster, through the DSM.
-pub trait DmaMemory: Send + Sync {
-    /// Reads `buf.len()` bytes at `gpa`; the range lies within one 4 KiB page.
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String>;
-    /// Writes `buf` at `gpa`; the range lies within one 4 KiB page.
-    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), String>;
-}
-
 /// The DMA test engine (see the module documentation).
 pub struct DmaTest {
-    mem: Arc<dyn DmaMemory>,
+    mem: Arc<dyn GuestAccess>,
     desc: u64,
     status: Arc<AtomicU32>,
     worker: Option<Sender<u64>>,
@@ -64,7 +57,7 @@ pub struct DmaTest {
 
 impl DmaTest {
     /// An engine whose DMA goes through `mem`. Its thread starts with the first request.
-    pub fn new(mem: Arc<dyn DmaMemory>) -> Self {
+    pub fn new(mem: Arc<dyn GuestAccess>) -> Self {
         Self {
             mem,
             desc: 0,
@@ -139,7 +132,7 @@ fn per_page(
 /// Performs the request whose descriptor is at `desc`, all but the final status word.
 /// `Ok(status word)`: 1 if the transfer was done, 2 if it was refused (the reason is
 /// logged here); `Err`: the descriptor itself is unusable.
-fn run(mem: &dyn DmaMemory, desc: u64) -> Result<u32, String> {
+fn run(mem: &dyn GuestAccess, desc: u64) -> Result<u32, String> {
     if desc % PAGE + DESC_LEN as u64 > PAGE {
         return Err(format!("descriptor at {desc:#x} crosses a page boundary"));
     }
@@ -172,7 +165,7 @@ fn run(mem: &dyn DmaMemory, desc: u64) -> Result<u32, String> {
 }
 
 /// The worker: one request after the other.
-fn worker(mem: &dyn DmaMemory, status: &AtomicU32, requests: Receiver<u64>) {
+fn worker(mem: &dyn GuestAccess, status: &AtomicU32, requests: Receiver<u64>) {
     for desc in requests {
         match run(mem, desc) {
             Ok(word) => {
@@ -258,7 +251,7 @@ mod tests {
         }
     }
 
-    impl DmaMemory for Ram {
+    impl GuestAccess for Ram {
         fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
             let r = self.range(gpa, buf.len())?;
             buf.copy_from_slice(&self.0.lock().unwrap()[r]);

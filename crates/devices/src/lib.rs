@@ -23,7 +23,7 @@ pub mod sink;
 
 pub use acpi_pm::{AcpiPm, ResetPort};
 pub use bus::{Bus, BusDevice, BusError};
-pub use dma_test::{DmaMemory, DmaTest};
+pub use dma_test::DmaTest;
 pub use i8042::I8042;
 pub use pic::Pic;
 pub use pvpanic::PvPanic;
@@ -37,6 +37,15 @@ pub trait IrqLine: Send + Sync {
     /// Drive the line high (true) or low (false). An edge-triggered user pulses:
     /// `set_level(true); set_level(false)`.
     fn set_level(&self, high: bool);
+}
+
+/// Guest-physical memory as the VMM and its devices (DMA) reach it; in a cluster, through
+/// the DSM. Implemented by the VMM.
+pub trait GuestAccess: Send + Sync {
+    /// Reads `buf.len()` bytes at `gpa`; the range lies within one 4 KiB page.
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String>;
+    /// Writes `buf` at `gpa`; the range lies within one 4 KiB page.
+    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), String>;
 }
 
 /// What a device may ask of the whole VM.
@@ -130,7 +139,7 @@ mod fuzz_tests {
     /// Guest memory that fails every access.
     struct NoRam;
 
-    impl DmaMemory for NoRam {
+    impl GuestAccess for NoRam {
         fn read(&self, gpa: u64, _: &mut [u8]) -> Result<(), String> {
             Err(format!("{gpa:#x}: no RAM"))
         }

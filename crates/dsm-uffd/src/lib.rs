@@ -292,6 +292,10 @@ struct Pin {
 
 type Deferred = VecDeque<(NodeId, Msg, Option<Box<[u8]>>)>;
 
+/// Per page: the threads waiting in a fault on it (kernel thread ids) and, once read,
+/// each one's CPU time while it waited.
+type Faulters = HashMap<PageNo, Vec<(i32, Option<std::time::Duration>)>>;
+
 struct State {
     node: Node,
     /// Per page: view A mapping (`MAP_*`) and `HOLE_HINT`.
@@ -305,7 +309,7 @@ struct State {
     /// With each thread's CPU time while it waited, read once the request is out (it
     /// does not change while the thread sleeps; reading it after the wake would compete
     /// with the thread's own wake-up).
-    faulters: HashMap<PageNo, Vec<(i32, Option<std::time::Duration>)>>,
+    faulters: Faulters,
     /// Some: every hold lasts this long (see [`DsmEngine::set_fixed_hold`]).
     fixed_hold: Option<std::time::Duration>,
     stats: DsmStats,
@@ -526,11 +530,7 @@ impl DsmEngine {
         if queued && pin.is_none() && !st.holds.contains_key(&page) {
             // Nothing left to drain the queue later (cannot happen: a queue lives only
             // while a pin or a hold does); deliver it now, in order.
-            if let Some(queue) = st.deferred.remove(&page) {
-                for (from, msg, data) in queue {
-                    inner.deliver(st, from, msg, data.as_deref());
-                }
-            }
+            inner.drain_deferred(st, page);
         } else if queued || pin.is_some_and(|p| must_defer(msg, p, is_home)) {
             st.stats.deferred_msgs += 1;
             if !st.pins.contains_key(&page) {
@@ -688,7 +688,7 @@ impl Drop for DsmEngine {
 const HOLDS_SWEEP: usize = 256;
 
 /// Whether thread `tid` waits in a fault of this engine.
-fn in_fault(faulters: &HashMap<PageNo, Vec<(i32, Option<std::time::Duration>)>>, tid: i32) -> bool {
+fn in_fault(faulters: &Faulters, tid: i32) -> bool {
     faulters.values().any(|w| w.iter().any(|&(t, _)| t == tid))
 }
 
@@ -792,11 +792,7 @@ impl Inner {
             if st.pins.contains_key(&page) {
                 continue;
             }
-            if let Some(queue) = st.deferred.remove(&page) {
-                for (from, msg, data) in queue {
-                    self.deliver(&mut st, from, msg, data.as_deref());
-                }
-            }
+            self.drain_deferred(&mut st, page);
         }
         self.flush(&mut st);
         (st, next)
@@ -926,6 +922,15 @@ impl Inner {
         if let Some(q) = marker {
             st.ra_flags[q as usize] |= RA_MARKER;
             st.ra.marker = Some(q);
+        }
+    }
+
+    /// Delivers, in arrival order, the messages deferred for `page`.
+    fn drain_deferred(&self, st: &mut State, page: PageNo) {
+        if let Some(queue) = st.deferred.remove(&page) {
+            for (from, msg, data) in queue {
+                self.deliver(st, from, msg, data.as_deref());
+            }
         }
     }
 
@@ -1265,11 +1270,7 @@ impl Drop for PinGuard<'_> {
                 continue;
             }
             st.pins.remove(&page);
-            if let Some(queue) = st.deferred.remove(&page) {
-                for (from, msg, data) in queue {
-                    inner.deliver(&mut st, from, msg, data.as_deref());
-                }
-            }
+            inner.drain_deferred(&mut st, page);
         }
         inner.flush(&mut st);
         inner.cv.notify_all();

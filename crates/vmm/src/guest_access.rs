@@ -10,13 +10,9 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::memory::GuestRam;
 
-/// Access to guest-physical memory on behalf of the VMM.
-pub trait GuestAccess: Send + Sync {
-    /// Reads `buf.len()` bytes at `gpa` (within one page).
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String>;
-    /// Writes `buf` at `gpa` (within one page).
-    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), String>;
-}
+/// Access to guest-physical memory on behalf of the VMM (defined with the devices, whose
+/// DMA takes the same path).
+pub use dvmm_devices::GuestAccess;
 
 /// Direct access to this node's RAM (single-node VMs).
 pub struct LocalAccess(pub Arc<GuestRam>);
@@ -71,17 +67,6 @@ impl GuestAccess for GuestMemoryPath {
             Some(d) => d.write(gpa, buf),
             None => self.local.write(gpa, buf),
         }
-    }
-}
-
-/// Device DMA takes the same path as the VMM's other accesses.
-impl dvmm_devices::DmaMemory for GuestMemoryPath {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
-        GuestAccess::read(self, gpa, buf)
-    }
-
-    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), String> {
-        GuestAccess::write(self, gpa, buf)
     }
 }
 
