@@ -123,7 +123,10 @@ trampoline_end:
 
 /* ------------------------------------------------------------------------- */
 /* Interrupt stubs: 16 bytes each, vector n at isr_stubs + 16 * n.            */
-        .text
+/* Like Linux's entry text, the entry code (interrupt stubs, the system-call and
+ * int $0x80 entries, enter_user) has a section of its own, padded with int3 to a
+ * page boundary (linker.ld).                                                 */
+        .section .entry.text, "ax"
         .code64
         .balign 16
         .globl isr_stubs
@@ -214,10 +217,33 @@ enter_user:
         xorl %r15d, %r15d
         iretq
 
-/* syscall from CPL3 (IF cleared by FMASK): switch back to the kernel stack saved
- * by enter_user and return from it with rax = user rdi. */
+/* syscall from CPL3 (IF cleared by FMASK), by number in RAX:
+ * - SYS_ECHO: RAX = RDI + 1, R8/R9/R10 = SS/CS/RFLAGS as found here, RDX clobbered;
+ *   back by sysretq (RFLAGS are read on the kernel stack below enter_user's frame);
+ * - SYS_EXIT: switch back to the kernel stack saved by enter_user and return from it
+ *   with rax = user rdi;
+ * - anything else counts in PERCPU_SYS_BAD and returns (user code that jumped here
+ *   itself, if the VMM wrongly made that a kernel entry). */
         .globl syscall_entry
 syscall_entry:
+        cmpq $SYS_ECHO, %rax
+        je 1f
+        testq %rax, %rax
+        jz syscall_exit
+        incq %gs:PERCPU_SYS_BAD
+        sysretq
+1:      incq %gs:PERCPU_SYS_ECHO
+        leaq 1(%rdi), %rax
+        movq %ss, %r8
+        movq %cs, %r9
+        movq %rsp, %rdx
+        movq %gs:PERCPU_KSP, %rsp
+        pushfq
+        popq %r10
+        movq %rdx, %rsp
+        sysretq
+        .globl syscall_exit
+syscall_exit:
         movq %gs:PERCPU_KSP, %rsp
         movq %rdi, %rax
         popq %r15
@@ -227,6 +253,13 @@ syscall_entry:
         popq %rbp
         popq %rbx
         ret
+
+/* int $0x80 from CPL3 (a DPL3 interrupt gate): RAX = RDI + 0x80, back by iretq. */
+        .globl int80_entry
+int80_entry:
+        incq %gs:PERCPU_INT80
+        leaq 0x80(%rdi), %rax
+        iretq
 
 /* ------------------------------------------------------------------------- */
         .data

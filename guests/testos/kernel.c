@@ -44,6 +44,9 @@
 #define VEC_SPURIOUS 0xFF
 #define VEC_BP 3
 #define VEC_UD 6
+#define VEC_PF 14
+#define VEC_INT80 0x80
+#define RFLAGS_IF 0x200ULL
 
 /* LAPIC registers (xAPIC MMIO offsets; x2APIC MSR = 0x800 + offset / 16). */
 #define APIC_ID 0x20
@@ -119,6 +122,10 @@ struct percpu {
     struct percpu *self; /* PERCPU_SELF: gs:0 */
     uint64_t ksp;        /* PERCPU_KSP: kernel rsp saved by enter_user */
     struct tss *tss;     /* PERCPU_TSS */
+    volatile uint64_t sys_echo_cnt; /* PERCPU_SYS_ECHO */
+    volatile uint64_t int80_cnt;    /* PERCPU_INT80 */
+    volatile uint64_t sys_bad_cnt;  /* PERCPU_SYS_BAD */
+    volatile uint32_t spoof_expected, spoof_pf;
     uint32_t index;
     uint32_t apic_id;
     uint64_t kblock;
@@ -134,6 +141,9 @@ struct percpu {
 
 _Static_assert(__builtin_offsetof(struct percpu, ksp) == PERCPU_KSP, "PERCPU_KSP");
 _Static_assert(__builtin_offsetof(struct percpu, tss) == PERCPU_TSS, "PERCPU_TSS");
+_Static_assert(__builtin_offsetof(struct percpu, sys_echo_cnt) == PERCPU_SYS_ECHO, "SYS_ECHO");
+_Static_assert(__builtin_offsetof(struct percpu, int80_cnt) == PERCPU_INT80, "INT80");
+_Static_assert(__builtin_offsetof(struct percpu, sys_bad_cnt) == PERCPU_SYS_BAD, "SYS_BAD");
 _Static_assert(sizeof(struct tss) == 104, "tss size");
 
 struct frame {
@@ -166,6 +176,7 @@ extern uint64_t pvh_start_info, ap_stack_top, ap_cpu_index;
 extern uint64_t pd_tables[], pml4[], gdt[];
 uint64_t enter_user(uint64_t rip, uint64_t rsp, uint64_t arg);
 void syscall_entry(void);
+void int80_entry(void);
 void kmain(void);
 void ap_main(uint32_t index);
 void isr_dispatch(struct frame *f);
@@ -175,7 +186,6 @@ static struct tss tss[MAX_CPUS];
 static struct idt_entry idt[256];
 static uint32_t ncpus, bsp_index;
 static int use_x2apic, have_x2apic, have_tsc_deadline, fail_requested, use_ud2, bench_mode;
-static volatile int syscall_broken;
 static volatile uint32_t pong_flag;
 static volatile uint64_t pong_tsc;
 static uint32_t bsp_apic_id;
@@ -880,18 +890,31 @@ static int ram_ok(const struct hvm_start_info *si, uint64_t start, uint64_t end)
 /* ------------------------------------------------------------------------- */
 /* Per-CPU setup                                                              */
 
+static void set_gate(int v)
+{
+    uint64_t h = v == VEC_INT80 ? (uint64_t)int80_entry : (uint64_t)isr_stubs + 16 * (uint64_t)v;
+    struct idt_entry e = {
+        .off_lo = (uint16_t)h,
+        .sel = SEL_KCODE64,
+        .ist = v == VEC_NMI ? 1 : v == 8 ? 2 : 0,
+        .type = v == VEC_INT80 ? 0xEE : 0x8E, /* int $0x80: DPL3 */
+        .off_mid = (uint16_t)(h >> 16),
+        .off_hi = (uint32_t)(h >> 32),
+        .zero = 0,
+    };
+    /* The high half first, then the low half in one 8-byte store: with every handler
+     * below 4 GiB only the low half changes, so other cpus never see half a gate. */
+    uint64_t q[2];
+    __builtin_memcpy(q, &e, sizeof q);
+    volatile uint64_t *dst = (volatile uint64_t *)&idt[v];
+    dst[1] = q[1];
+    dst[0] = q[0];
+}
+
 static void setup_idt(void)
 {
-    for (int v = 0; v < 256; v++) {
-        uint64_t h = (uint64_t)isr_stubs + 16 * (uint64_t)v;
-        idt[v].off_lo = (uint16_t)h;
-        idt[v].sel = SEL_KCODE64;
-        idt[v].ist = v == VEC_NMI ? 1 : v == 8 ? 2 : 0;
-        idt[v].type = 0x8E;
-        idt[v].off_mid = (uint16_t)(h >> 16);
-        idt[v].off_hi = (uint32_t)(h >> 32);
-        idt[v].zero = 0;
-    }
+    for (int v = 0; v < 256; v++)
+        set_gate(v);
 }
 
 static void load_idt(void)
@@ -965,20 +988,22 @@ void isr_dispatch(struct frame *f)
         }
         if (v == VEC_UD && use_ud2 && (f->cs & 3) && f->rip == (uint64_t)user_exit_ud2) {
             /* testos.ud2: the user's way back; drop this frame, return from enter_user. */
-            __asm__ volatile("movq %0, %%rdi; jmp syscall_entry" ::"r"(f->rdi) : "rdi");
+            __asm__ volatile("movq %0, %%rdi; jmp syscall_exit" ::"r"(f->rdi) : "rdi");
             __builtin_unreachable();
         }
         if (f->rip == (uint64_t)syscall_entry && (f->cs & 3)) {
-            if (cmdline_has("testos.strict-syscall"))
-                fail("user: syscall did not enter cpl0: exception %u at LSTAR with cs=0x%lx "
-                     "(the host's SYSCALL handling is broken)",
-                     (unsigned)v, f->cs);
-            /* Some hosts' KVM (software PVM) jump to LSTAR but stay in CPL3, so the
-             * first instruction there faults. The fault is our way into the kernel:
-             * finish the system call as if SYSCALL had done its job, and say so. */
-            syscall_broken = 1;
-            __asm__ volatile("movq %0, %%rdi; jmp syscall_entry" ::"r"(f->rdi) : "rdi");
-            __builtin_unreachable();
+            /* The syscall check's user jump to LSTAR: a user-mode fault, as it must be. */
+            if (v == VEC_PF && c->spoof_expected && (f->rflags & RFLAGS_IF)) {
+                c->spoof_pf++;
+                f->rip = f->rcx;
+                return;
+            }
+            /* Some hosts' KVM (software PVM) jump to LSTAR but stay at CPL3; the VMM
+             * must complete the call. testos does not paper over it. */
+            fail("syscall: a system call did not arrive at cpl0: exception %u at LSTAR with "
+                 "cs=0x%lx rflags=0x%lx (the host's SYSCALL stays at cpl3 and the VMM did not "
+                 "complete it)",
+                 (unsigned)v, f->cs, f->rflags);
         }
         fail("exception %u %s error=0x%lx rip=0x%lx cs=0x%lx rsp=0x%lx cr2=0x%lx", (unsigned)v,
              exc_names[v] ? exc_names[v] : "", f->err, f->rip, f->cs, f->rsp, cr2);
@@ -1301,10 +1326,74 @@ static void check_user(struct percpu *c)
     ok("user", "cpl3 sieve: %lu primes below %lu, %lu rounds in %lu ms, %u timer interrupts "
                "from cpl3, back by %s",
        result, SIEVE_LIMIT, a->rounds, tsc_to_us(t1 - t0) / 1000, user_ticks,
-       use_ud2          ? "ud2"
-       : syscall_broken ? "syscall (this host's SYSCALL stays in cpl3: entered the kernel "
-                          "through the #PF at LSTAR)"
-                        : "syscall");
+       use_ud2 ? "ud2" : "syscall");
+}
+
+/* System calls from user mode must arrive at CPL0 (on hosts whose SYSCALL stays at
+ * CPL3, because the VMM completes them): round trips by syscall/sysretq that check the
+ * kernel's SS, CS and RFLAGS, int $0x80 through a DPL3 gate, and a user jump to LSTAR
+ * that must stay a user-mode #PF. Then cpu 0 rewrites the #PF and #UD gates with its
+ * own handlers twice (as a kernel that reinstalls its IDT does): once followed by a
+ * fresh WRMSR(LSTAR), once by a halt; system calls must still arrive. */
+#define SYS_ARGS_OFFSET 2048UL
+#define SYS_ROUNDS 200
+
+static void sys_round(struct percpu *c, const char *phase, uint64_t rounds, int spoof)
+{
+    struct sys_args *a = (struct sys_args *)(c->ublock + SYS_ARGS_OFFSET);
+    __builtin_memset(a, 0, sizeof *a);
+    a->rounds = rounds;
+    a->lstar = (uint64_t)syscall_entry;
+    a->spoof = (uint64_t)spoof;
+    a->kss = SEL_KDATA;
+    a->kcs = SEL_KCODE64;
+    uint64_t echo0 = c->sys_echo_cnt, int800 = c->int80_cnt, bad0 = c->sys_bad_cnt;
+    c->spoof_pf = 0;
+    c->spoof_expected = spoof;
+    enter_user((uint64_t)user_syscalls, c->ublock + USTACK_SIZE - 8, (uint64_t)a);
+    c->spoof_expected = 0;
+    if (a->echo_bad)
+        fail("syscall (%s): %lu of %lu round trips wrong: rax=0x%lx ss=0x%lx cs=0x%lx "
+             "rflags=0x%lx at the kernel entry (want ss=0x%x cs=0x%x, IF clear)",
+             phase, a->echo_bad, rounds, a->last_bad_rax, a->last_bad_ss, a->last_bad_cs,
+             a->last_bad_flags, SEL_KDATA, SEL_KCODE64);
+    if (c->sys_echo_cnt - echo0 != rounds)
+        fail("syscall (%s): %lu of %lu system calls arrived at cpl0", phase,
+             c->sys_echo_cnt - echo0, rounds);
+    if (a->int80_bad || c->int80_cnt - int800 != 3)
+        fail("syscall (%s): int $0x80: %lu of 3 arrived at cpl0, %lu returned a wrong value",
+             phase, c->int80_cnt - int800, a->int80_bad);
+    if (c->sys_bad_cnt != bad0)
+        fail("syscall (%s): a user jump to LSTAR became a kernel entry", phase);
+    if (spoof && c->spoof_pf != 1)
+        fail("syscall (%s): the user jump to LSTAR raised %u user-mode #PFs, expected 1", phase,
+             c->spoof_pf);
+}
+
+static void check_syscall(struct percpu *c)
+{
+    struct sys_args *a = (struct sys_args *)(c->ublock + SYS_ARGS_OFFSET);
+    sys_round(c, "first", SYS_ROUNDS, 1);
+    uint64_t ns = tsc_to_us(a->tsc * 1000) / SYS_ROUNDS;
+    barrier("syscall rewrite 1");
+    if (c->index == 0) {
+        set_gate(VEC_PF);
+        set_gate(VEC_UD);
+        wrmsr(MSR_LSTAR, (uint64_t)syscall_entry);
+    }
+    barrier("syscall after rewrite 1");
+    sys_round(c, "after the IDT was rewritten and LSTAR written again", 20, 0);
+    barrier("syscall rewrite 2");
+    if (c->index == 0) {
+        set_gate(VEC_PF);
+        set_gate(VEC_UD);
+        nap_us(1000);
+    }
+    barrier("syscall after rewrite 2");
+    sys_round(c, "after the IDT was rewritten and a halt", 20, 1);
+    ok("syscall", "%u round trips at cpl0 (%lu.%03lu us each), int $0x80 at cpl0, a user jump "
+                  "to LSTAR stayed a user fault, after 2 IDT rewrites too",
+       SYS_ROUNDS, ns / 1000, ns % 1000);
 }
 
 /* int3 in kernel mode: a trap whose handler returns to the next instruction. (On hosts
@@ -1701,6 +1790,7 @@ static void run_checks(struct percpu *c)
     check_ioapic_uart(c);
     check_int3(c);
     check_user(c);
+    check_syscall(c);
     check_dsm(c);
     barrier("checks done");
     if (c->spurious_cnt)

@@ -17,6 +17,13 @@
 /* Offsets into struct percpu used by boot.S. */
 #define PERCPU_KSP 8
 #define PERCPU_TSS 16
+#define PERCPU_SYS_ECHO 24 /* system calls that arrived at CPL0 (SYS_ECHO) */
+#define PERCPU_INT80 32    /* int $0x80 that arrived at CPL0 */
+#define PERCPU_SYS_BAD 40  /* kernel entries at LSTAR with an unknown number */
+
+/* System-call numbers (RAX) understood by syscall_entry. */
+#define SYS_EXIT 0 /* leave user mode: enter_user() returns RDI */
+#define SYS_ECHO 1 /* RAX = RDI + 1, R8 = SS, R9 = CS, R10 = RFLAGS at entry; RDX clobbered */
 
 /* Where the AP real-mode trampoline is copied (SIPI vector 0x01). */
 #define TRAMPOLINE_ADDR 0x1000
@@ -36,6 +43,22 @@ struct user_args {
 };
 
 void user_main(struct user_args *args);
+
+/* The syscall check's user-mode part (user_syscalls): system-call round trips, int
+ * $0x80, and a jump to LSTAR that must stay a user-mode fault. */
+struct sys_args {
+    uint64_t rounds;     /* SYS_ECHO round trips */
+    uint64_t lstar;      /* where the spoof jumps */
+    uint64_t spoof;      /* jump to LSTAR once */
+    uint64_t kss, kcs;   /* the SS and CS the kernel entry must see */
+    /* Results. */
+    uint64_t echo_bad;   /* round trips whose RAX, SS, CS or RFLAGS were wrong */
+    uint64_t last_bad_rax, last_bad_ss, last_bad_cs, last_bad_flags;
+    uint64_t int80_bad;  /* int $0x80 whose RAX was wrong */
+    uint64_t tsc;        /* TSC ticks for the round trips */
+};
+void user_syscalls(struct sys_args *args);
+extern char user_spoof_back[];
 extern char user_exit_ud2[];
 /* The ud2 with which CPL3 code asks the kernel to halt briefly (a yield). */
 extern char user_yield_ud2[];

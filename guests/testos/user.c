@@ -17,7 +17,7 @@ static __attribute__((noinline, noreturn)) void user_exit(uint64_t result, uint6
     if (use_ud2)
         __asm__ volatile(".globl user_exit_ud2\nuser_exit_ud2: ud2" ::"D"(result) : "memory");
     else
-        __asm__ volatile("syscall" ::"D"(result) : "rcx", "r11", "memory");
+        __asm__ volatile("syscall" ::"a"(SYS_EXIT), "D"(result) : "rcx", "r11", "memory");
     for (;;)
         __asm__ volatile("pause");
 }
@@ -370,4 +370,51 @@ void user_dsm(struct dsm_args *a)
         break;
     }
     user_exit(r, a->use_ud2);
+}
+
+/* The syscall check's user part (see check_syscall in kernel.c). */
+void user_syscalls(struct sys_args *a)
+{
+    uint64_t t0 = user_rdtsc();
+    for (uint64_t i = 0; i < a->rounds; i++) {
+        uint64_t rax = SYS_ECHO, ss, cs, fl;
+        register uint64_t r8 __asm__("r8");
+        register uint64_t r9 __asm__("r9");
+        register uint64_t r10 __asm__("r10");
+        __asm__ volatile("syscall"
+                         : "+a"(rax), "=r"(r8), "=r"(r9), "=r"(r10)
+                         : "D"(i)
+                         : "rcx", "rdx", "r11", "memory");
+        ss = r8 & 0xffff;
+        cs = r9 & 0xffff;
+        fl = r10;
+        if (rax != i + 1 || ss != a->kss || cs != a->kcs || (fl & 0x200)) {
+            a->echo_bad++;
+            a->last_bad_rax = rax;
+            a->last_bad_ss = ss;
+            a->last_bad_cs = cs;
+            a->last_bad_flags = fl;
+        }
+    }
+    a->tsc = user_rdtsc() - t0;
+    for (uint64_t i = 0; i < 3; i++) {
+        uint64_t rax;
+        __asm__ volatile("int $0x80" : "=a"(rax) : "D"(i) : "memory");
+        if (rax != i + 0x80)
+            a->int80_bad++;
+    }
+    if (a->spoof) {
+        /* Jump to LSTAR as user code: must fault in user mode (IF stays set). The kernel's
+         * #PF handler resumes at user_spoof_back (our RCX). */
+        __asm__ volatile("leaq user_spoof_back(%%rip), %%rcx\n\t"
+                         "movq $0x202, %%r11\n\t"
+                         "movq $0x5f00f, %%rax\n\t"
+                         "jmp *%0\n\t"
+                         ".globl user_spoof_back\n"
+                         "user_spoof_back:"
+                         :
+                         : "r"(a->lstar)
+                         : "rax", "rcx", "r11", "memory");
+    }
+    user_exit(0, 0);
 }

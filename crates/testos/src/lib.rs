@@ -24,8 +24,8 @@ pub const FAIL_PREFIX: &str = "testos: FAIL";
 pub const CMDLINE_XAPIC: &str = "xapic";
 /// Command-line word that makes one check fail on purpose (to test the failure path).
 pub const CMDLINE_FAIL: &str = "testos.fail";
-/// Command-line word that makes CPL3 code return through a `ud2` (#UD) instead of
-/// `syscall` (our PVM-based KVM hosts do not switch to CPL0 on a guest `syscall`).
+/// Command-line word that makes the `user` and DSM checks' CPL3 code return through a
+/// `ud2` (#UD) instead of `syscall` (the `syscall` check still uses `syscall`).
 pub const CMDLINE_UD2: &str = "testos.ud2";
 /// Command-line word: after PASS, halt forever instead of powering off (for tests of
 /// stopping a VM from outside).
@@ -45,6 +45,7 @@ pub const CHECKS: &[&str] = &[
     "ioapic-uart",
     "int3",
     "user",
+    "syscall",
     "counter",
     "spinlock",
     "litmus-mp",

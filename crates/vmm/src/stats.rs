@@ -17,9 +17,11 @@ pub enum ExitKind {
     Kick,
     /// Instruction the host's KVM could not emulate.
     Emulation,
+    /// A user-mode `int n` that dvmm completed (hosts that turn it into #UD).
+    SyscallCompletion,
 }
 
-const KINDS: [ExitKind; 7] = [
+const KINDS: [ExitKind; 8] = [
     ExitKind::Pio,
     ExitKind::Mmio,
     ExitKind::Msr,
@@ -27,6 +29,7 @@ const KINDS: [ExitKind; 7] = [
     ExitKind::IrqWindow,
     ExitKind::Kick,
     ExitKind::Emulation,
+    ExitKind::SyscallCompletion,
 ];
 
 /// Exit counters of one vCPU (owned by its thread, so plain integers).

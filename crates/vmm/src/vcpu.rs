@@ -117,6 +117,8 @@ pub struct VcpuEnv {
     /// Where unclaimed device accesses go (None on a single node: reads ~0, writes
     /// are dropped).
     pub remote_io: Option<Arc<dyn RemoteIo>>,
+    /// Completes the guest's system calls where the host's KVM leaves them at CPL3.
+    pub syscalls: Arc<crate::syscall_completion::SyscallCompletion>,
 }
 
 /// Where the vCPU is in its life.
@@ -286,6 +288,12 @@ fn run_loop(
         if std::mem::take(&mut nmi) {
             vcpu.nmi().map_err(|e| format!("KVM_NMI failed: {e}"))?;
         }
+        if env.syscalls.verify_due(env.clock.now_ns()) {
+            if let Ok(sregs) = vcpu.get_sregs() {
+                env.syscalls
+                    .verify(env.clock.now_ns(), false, &sregs, &*env.guest);
+            }
+        }
 
         match vcpu.run() {
             Ok(_) => {}
@@ -312,6 +320,10 @@ fn run_loop(
             }
             KVM_EXIT_HLT => {
                 stats.count(ExitKind::Hlt);
+                if env.syscalls.active() && syscall_hlt(vcpu, env)? {
+                    stats.count(ExitKind::SyscallCompletion);
+                    continue;
+                }
                 match halt(handle, env, run.if_flag != 0) {
                     Wake::Resume => {}
                     Wake::Nmi => nmi = true,
@@ -489,11 +501,59 @@ fn handle_mmio(run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) {
     }
 }
 
+/// A HLT exit while the system-call completion is armed: the #UD stub's exit is
+/// completed here (true); any other HLT is first an occasion to check that the
+/// completion is still in place (false: the caller halts).
+fn syscall_hlt(vcpu: &VcpuFd, env: &VcpuEnv) -> Result<bool, String> {
+    let mut regs = vcpu
+        .get_regs()
+        .map_err(|e| format!("KVM_GET_REGS failed: {e}"))?;
+    let sregs = vcpu
+        .get_sregs()
+        .map_err(|e| format!("KVM_GET_SREGS failed: {e}"))?;
+    if env.syscalls.is_ud_exit(regs.rip) {
+        if let Some(outcome) = env.syscalls.complete_ud(&mut regs, &sregs, &*env.guest) {
+            tracing::trace!(?outcome, "user #UD");
+            vcpu.set_regs(&regs)
+                .map_err(|e| format!("KVM_SET_REGS failed: {e}"))?;
+            return Ok(true);
+        }
+    }
+    env.syscalls
+        .verify(env.clock.now_ns(), true, &sregs, &*env.guest);
+    Ok(false)
+}
+
+/// The guest writes a system-call MSR (STAR, LSTAR, CSTAR, FMASK), which the MSR filter
+/// sends us only where dvmm completes system calls: perform it, then let the completion
+/// see it.
+fn syscall_msr_write(vcpu: &VcpuFd, index: u32, data: u64, env: &VcpuEnv) -> bool {
+    let Ok(msrs) = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    }]) else {
+        return false;
+    };
+    if !matches!(vcpu.set_msrs(&msrs), Ok(1)) {
+        // What KVM itself would have done with a value it refuses: #GP.
+        return false;
+    }
+    if let Ok(sregs) = vcpu.get_sregs() {
+        env.syscalls.msr_written(index, data, &sregs, &*env.guest);
+    }
+    true
+}
+
 fn handle_msr(vcpu: &VcpuFd, run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) {
     // SAFETY: exit_reason is an MSR exit, so `msr` is the valid union member.
     let msr = unsafe { &mut run.__bindgen_anon_1.msr };
     let now = env.clock.now_ns();
     let write = run.exit_reason == KVM_EXIT_X86_WRMSR;
+    if write && crate::syscall_completion::is_syscall_msr(msr.index) {
+        msr.error = u8::from(!syscall_msr_write(vcpu, msr.index, msr.data, env));
+        return;
+    }
     if !is_lapic_msr(msr.index) {
         // An MSR KVM does not know: what real hardware does for an unknown MSR.
         tracing::debug!(

@@ -35,6 +35,7 @@ use crate::cpuid;
 use crate::host::HostKvm;
 use crate::interrupts::{InterruptHub, IoApicMmio, IoApicPin, RemoteInterrupts, VcpuHandle};
 use crate::memory::GuestRam;
+use crate::syscall_completion::{self, HostSyscall, SyscallCompletion};
 use crate::timers::{PitPorts, TimerService};
 use crate::vcpu::{self, RemoteIo, VcpuEnv};
 use crate::VmmError;
@@ -149,7 +150,9 @@ fn align_clocks(vm: &VmFd, vcpus: &[VcpuFd]) {
 ///
 /// KVM never filters the x2APIC range 0x800-0x8ff; without an in-kernel LAPIC it
 /// treats those accesses as invalid, so the INVAL reason is what routes them to us.
-fn route_msrs_to_userspace(vm: &VmFd) -> Result<(), VmmError> {
+/// With `syscall_msrs`, the guest's writes of STAR/LSTAR/CSTAR/FMASK exit too (for the
+/// system-call completion, see [`crate::syscall_completion`]).
+fn route_msrs_to_userspace(vm: &VmFd, syscall_msrs: bool) -> Result<(), VmmError> {
     let cap = kvm_enable_cap {
         cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
         args: [
@@ -170,7 +173,7 @@ fn route_msrs_to_userspace(vm: &VmFd) -> Result<(), VmmError> {
     let deny_one = [0u8; 1];
     let deny_x2apic = [0u8; 32];
     let rw = MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE;
-    let ranges = [
+    let mut ranges = vec![
         MsrFilterRange {
             flags: rw,
             base: 0x1b,
@@ -190,10 +193,47 @@ fn route_msrs_to_userspace(vm: &VmFd) -> Result<(), VmmError> {
             bitmap: &deny_x2apic,
         },
     ];
+    if syscall_msrs {
+        ranges.push(MsrFilterRange {
+            flags: MsrFilterRangeFlags::WRITE,
+            base: crate::syscall_completion::MSR_STAR,
+            msr_count: 4,
+            bitmap: &deny_one,
+        });
+    }
     vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
         .map_err(kvm_err(
             "installing the LAPIC MSR filter (KVM_X86_SET_MSR_FILTER)",
         ))
+}
+
+/// What this host does with system calls from guest user mode: probed once per process
+/// with a tiny VM, said in one log line where dvmm has to complete them.
+fn host_syscall() -> HostSyscall {
+    static PROBED: std::sync::OnceLock<HostSyscall> = std::sync::OnceLock::new();
+    *PROBED.get_or_init(|| match syscall_completion::probe() {
+        Ok((h, took)) => {
+            if h.needs_completion() {
+                tracing::info!(
+                    "this host's KVM leaves SYSCALL from guest user mode at CPL3{} (probe VM, \
+                     {:.1} ms): dvmm completes the guest's system calls",
+                    if h.int_n_raises_ud {
+                        " and turns int $0x80 into #UD"
+                    } else {
+                        ""
+                    },
+                    took.as_secs_f64() * 1e3
+                );
+            } else {
+                tracing::debug!(?h, ?took, "SYSCALL from guest user mode works on this host");
+            }
+            h
+        }
+        Err(e) => {
+            tracing::warn!("cannot probe this host's SYSCALL behaviour ({e}); assuming it works");
+            HostSyscall::default()
+        }
+    })
 }
 
 fn add(bus: &mut Bus, dev: impl BusDevice + 'static, base: u64, len: u64) -> Result<(), VmmError> {
@@ -353,7 +393,8 @@ impl Vm {
             unsafe { vm.set_user_memory_region(region) }
                 .map_err(kvm_err("registering guest RAM"))?;
         }
-        route_msrs_to_userspace(&vm)?;
+        let syscalls = Arc::new(SyscallCompletion::new(host_syscall()));
+        route_msrs_to_userspace(&vm, syscalls.active())?;
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -480,6 +521,7 @@ impl Vm {
             clock,
             control: control.clone(),
             remote_io: placement.as_ref().map(|p| p.remote_io.clone()),
+            syscalls,
         });
         Ok(Vm {
             vcpus,
