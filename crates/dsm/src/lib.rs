@@ -486,6 +486,36 @@ impl Node {
         })
     }
 
+    /// Whether delivering `msg` from `from` may take this node's own copy of the page
+    /// away: at a non-home node an invalidation or revoke; at the home a write request
+    /// from another node that starts at once, or a reply that may end the transaction
+    /// in progress while another node's write request waits behind it. For layers that
+    /// must prepare before the copy goes (see `dvmm-dsm-uffd`'s `LocalDerived`); it
+    /// over-approximates and changes nothing.
+    pub fn may_take_copy_away(&self, from: NodeId, msg: Msg) -> bool {
+        let page = msg.page();
+        if self.home(page) != self.id {
+            return matches!(msg, Msg::Invalidate { .. } | Msg::Revoke { .. });
+        }
+        let e = self.dir.get(&page);
+        let remote_write_queued = || {
+            e.is_some_and(|e| {
+                e.queue
+                    .iter()
+                    .any(|&(n, a)| n != self.id && a == Access::Write)
+            })
+        };
+        match msg {
+            Msg::WriteReq { .. } => {
+                from != self.id && e.is_none_or(|e| e.txn.is_none() && e.queue.is_empty())
+            }
+            Msg::InvalidateAck { .. } | Msg::RevokeAck { .. } | Msg::FetchReply { .. } => {
+                remote_write_queued()
+            }
+            _ => false,
+        }
+    }
+
     /// Number of protocol errors (ignored messages) seen so far.
     pub fn protocol_errors(&self) -> u64 {
         self.error_count

@@ -78,6 +78,9 @@ pub enum Property {
     Deadlock,
     /// A state from which no final state is reachable.
     Liveness,
+    /// A message took a node's copy away although `Node::may_take_copy_away` said it
+    /// would not (layers that prepare for that would be caught unprepared).
+    UnannouncedTakeAway,
     /// The model is bigger than `max_states`.
     StateLimit,
     /// The configuration is unusable (no nodes, or too many pages for the model).
@@ -220,7 +223,16 @@ impl Model {
                     let i = self.bi(to, p);
                     w.buf[i] = val;
                 }
+                let announced = w.nodes[to as usize].may_take_copy_away(from, msg);
                 let actions = w.nodes[to as usize].receive(from, msg);
+                if !announced && actions.contains(&Action::Invalidate { page: p }) {
+                    return fail(
+                        Property::UnannouncedTakeAway,
+                        format!(
+                            "{msg:?} from node {from} invalidated node {to}'s copy unannounced"
+                        ),
+                    );
+                }
                 self.apply_actions(&mut w, to, actions)?;
             }
         }
