@@ -124,6 +124,50 @@ impl GuestPages {
     }
 }
 
+/// Whoever else on this node derives state from guest pages and must drop it when the
+/// DSM takes a page away. On hosts whose KVM shadows the guest's page tables (no EPT/NPT)
+/// that is KVM itself: it assumes it sees every write to a page table it shadows, and a
+/// write made on another node is not one it sees.
+///
+/// Dropping may have to wait for the users of the derived state (KVM's vCPUs), and those
+/// may wait in a fault for this engine. So a message that would take such a page away
+/// is deferred (like a pinned page's) while the engine asks them to [`quiesce`] and goes
+/// on serving faults; once they are [`quiesced`], the message is delivered, the page
+/// invalidated, the state dropped, and only then do the operation's messages leave and
+/// the users [`resume`].
+///
+/// [`quiesce`]: LocalDerived::quiesce
+/// [`quiesced`]: LocalDerived::quiesced
+/// [`resume`]: LocalDerived::resume
+pub trait LocalDerived: Send + Sync {
+    /// Whether derived state may hang on `contents`, the bytes this node has of `page`,
+    /// so that it must be dropped when the page is taken away from this node.
+    fn derives_from(&self, page: PageNo, contents: &[u8]) -> bool;
+    /// Asks the users of the derived state to stop where they hold nothing (does not
+    /// block; called again while they have not).
+    fn quiesce(&self);
+    /// Whether every user has stopped.
+    fn quiesced(&self) -> bool;
+    /// Whether every user that has not stopped waits in a fault (`waiting(tid)`: the
+    /// kernel thread `tid` waits in one of the engine's faults), so that it cannot stop
+    /// before the engine serves it.
+    fn blocked_in_faults(&self, waiting: &dyn Fn(i32) -> bool) -> bool;
+    /// Lets the users go on.
+    fn resume(&self);
+    /// Drops the derived state if the users are quiesced (returns false, dropping
+    /// nothing, if not: the engine then keeps them quiescing and asks again).
+    fn drop_derived(&self) -> bool;
+}
+
+/// How long the engine waits for [`LocalDerived::quiesce`] before it delivers anyway (a
+/// user that cannot stop is stuck on something else; waiting longer would hang the guest).
+const QUIESCE_GIVE_UP: std::time::Duration = std::time::Duration::from_millis(200);
+/// How long a drop that could not be made (users not quiesced) is retried before the
+/// engine lets the users go on without it.
+const DROP_GIVE_UP: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often the hold thread looks at a quiesce in progress.
+const QUIESCE_POLL: std::time::Duration = std::time::Duration::from_micros(50);
+
 /// How the engine talks to other nodes (the node runtime implements it over dvmm-transport).
 pub trait PageNet: Send + Sync {
     /// Send a protocol message; `data` is the 4 KiB page when `msg.has_data()`.
@@ -217,6 +261,21 @@ pub struct DsmStats {
     pub pages_received: u64,
     /// Grants received (or made locally by the home) saying "zero page, no payload".
     pub zero_grants: u64,
+    /// Times derived local state (KVM's shadow page tables) was dropped.
+    pub derived_drops: u64,
+    /// Times the users of derived state were asked to quiesce.
+    pub quiesces: u64,
+    /// Quiesces given up after [`QUIESCE_GIVE_UP`] (the message was delivered anyway).
+    pub quiesce_timeouts: u64,
+    /// Quiesces cut short because the users left waited in faults (delivered at once,
+    /// the drop made once they stopped).
+    pub quiesce_blocked: u64,
+    /// Drops made after the pages had left (see `quiesce_blocked`).
+    pub late_drops: u64,
+    /// Drops abandoned after [`DROP_GIVE_UP`].
+    pub drops_abandoned: u64,
+    /// Time spent quiesced or waiting for it.
+    pub quiesce_ns: u64,
     /// Pages mapped read-only.
     pub installs_read_only: u64,
     /// Pages mapped writable.
@@ -320,6 +379,18 @@ struct State {
     /// the payload in `outdata`.
     outbox: Vec<(NodeId, Msg, Option<usize>)>,
     outdata: Vec<u8>,
+    /// Guest faults per page that needed the protocol (reads, writes): the hot pages.
+    hot: HashMap<PageNo, [u32; 2]>,
+    /// An invalidation in the current operation needs [`LocalDerived::drop_derived`].
+    drop_derived: bool,
+    /// Pages whose deferred messages wait for [`LocalDerived::quiesced`].
+    quiesce_pages: std::collections::BTreeSet<PageNo>,
+    /// When the current quiesce was asked for.
+    quiesce_since: Option<Instant>,
+    /// Deliver without quiescing (the quiesce was given up).
+    quiesce_forced: bool,
+    /// A drop is owed: an invalidation happened while the users were not quiesced.
+    drop_owed: bool,
 }
 
 struct Inner {
@@ -334,6 +405,7 @@ struct Inner {
     npages: u64,
     net: Arc<dyn PageNet>,
     zero: sys::ZeroPage,
+    derived: Option<Arc<dyn LocalDerived>>,
 }
 
 /// One node's DSM engine (see the crate documentation).
@@ -349,10 +421,22 @@ impl DsmEngine {
     /// ReadOnly everywhere, written=true at their home with copyset = all nodes. They are
     /// mapped lazily, on the first fault, without any message.
     pub fn start(
+        node: Node,
+        pages: GuestPages,
+        net: Arc<dyn PageNet>,
+        shared: &[PageNo],
+    ) -> Result<Arc<DsmEngine>, DsmError> {
+        DsmEngine::start_with(node, pages, net, shared, None)
+    }
+
+    /// [`DsmEngine::start`], with `derived` told of every invalidation (see
+    /// [`LocalDerived`]).
+    pub fn start_with(
         mut node: Node,
         pages: GuestPages,
         net: Arc<dyn PageNet>,
         shared: &[PageNo],
+        derived: Option<Arc<dyn LocalDerived>>,
     ) -> Result<Arc<DsmEngine>, DsmError> {
         pages.validate()?;
         let npages = pages.len / PAGE_SIZE;
@@ -390,6 +474,12 @@ impl DsmEngine {
                 },
                 outbox: Vec::new(),
                 outdata: Vec::new(),
+                hot: HashMap::new(),
+                drop_derived: false,
+                quiesce_pages: Default::default(),
+                quiesce_since: None,
+                quiesce_forced: false,
+                drop_owed: false,
             }),
             cv: Condvar::new(),
             hold_cv: Condvar::new(),
@@ -400,6 +490,7 @@ impl DsmEngine {
             npages,
             net,
             zero,
+            derived,
         });
         let worker = Arc::clone(&inner);
         let thread = std::thread::Builder::new()
@@ -527,7 +618,21 @@ impl DsmEngine {
         };
         let queued = st.deferred.get(&page).is_some_and(|q| !q.is_empty());
         let is_home = st.node.home(page) == st.node.id();
-        if queued && pin.is_none() && !st.holds.contains_key(&page) {
+        if !queued && inner.needs_quiesce(st, from, msg) {
+            st.stats.deferred_msgs += 1;
+            st.deferred.entry(page).or_default().push_back((
+                from,
+                msg,
+                data.map(|d| d.to_vec().into_boxed_slice()),
+            ));
+            inner.start_quiesce(st, page);
+            return;
+        }
+        if queued
+            && pin.is_none()
+            && !st.holds.contains_key(&page)
+            && !st.quiesce_pages.contains(&page)
+        {
             // Nothing left to drain the queue later (cannot happen: a queue lives only
             // while a pin or a hold does); deliver it now, in order.
             inner.drain_deferred(st, page);
@@ -637,6 +742,17 @@ impl DsmEngine {
     /// The largest read-ahead window in pages (0: off).
     pub fn readahead(&self) -> u64 {
         self.inner.lock().ra.max
+    }
+
+    /// The `n` pages whose guest faults needed the protocol most often: (page, read
+    /// faults, write faults), most first.
+    pub fn hot_pages(&self, n: usize) -> Vec<(PageNo, u32, u32)> {
+        let st = self.inner.lock();
+        let mut v: Vec<(PageNo, u32, u32)> =
+            st.hot.iter().map(|(p, [r, w])| (*p, *r, *w)).collect();
+        v.sort_by_key(|&(p, r, w)| (std::cmp::Reverse(u64::from(r) + u64::from(w)), p));
+        v.truncate(n);
+        v
     }
 
     /// A snapshot of the engine's counters.
@@ -773,9 +889,9 @@ impl Inner {
         &'a self,
         mut st: MutexGuard<'a, State>,
     ) -> (MutexGuard<'a, State>, Option<std::time::Duration>) {
+        let mut next = self.release_quiesce(&mut st);
         let now = Instant::now();
         let mut over = Vec::new();
-        let mut next: Option<std::time::Duration> = None;
         for (&page, h) in &st.holds {
             if st.deferred.get(&page).is_some_and(|q| !q.is_empty()) {
                 // Somebody waits for this page: look at its threads again soon.
@@ -789,12 +905,16 @@ impl Inner {
         }
         for page in over {
             st.holds.remove(&page);
-            if st.pins.contains_key(&page) {
+            if st.pins.contains_key(&page) || st.quiesce_pages.contains(&page) {
                 continue;
             }
             self.drain_deferred(&mut st, page);
         }
         self.flush(&mut st);
+        if st.quiesce_since.is_some() {
+            // A drain above may have started one (its wake-up was for this thread).
+            next = Some(next.map_or(QUIESCE_POLL, |n| n.min(QUIESCE_POLL)));
+        }
         (st, next)
     }
 
@@ -832,6 +952,8 @@ impl Inner {
                 st.stats.spurious_faults += 1;
             }
         } else {
+            let h = st.hot.entry(page).or_default();
+            h[usize::from(write)] = h[usize::from(write)].saturating_add(1);
             st.waiting_since.entry(page).or_insert(t0);
             if tid > 0 {
                 let waiting = st.faulters.entry(page).or_default();
@@ -925,13 +1047,130 @@ impl Inner {
         }
     }
 
-    /// Delivers, in arrival order, the messages deferred for `page`.
+    /// Delivers, in arrival order, the messages deferred for `page`; stops (keeping the
+    /// rest in order) at one that must wait for a quiesce.
     fn drain_deferred(&self, st: &mut State, page: PageNo) {
-        if let Some(queue) = st.deferred.remove(&page) {
-            for (from, msg, data) in queue {
-                self.deliver(st, from, msg, data.as_deref());
+        let Some(mut queue) = st.deferred.remove(&page) else {
+            return;
+        };
+        while let Some((from, msg, data)) = queue.pop_front() {
+            if self.needs_quiesce(st, from, msg) {
+                queue.push_front((from, msg, data));
+                st.deferred.insert(page, queue);
+                self.start_quiesce(st, page);
+                return;
+            }
+            self.deliver(st, from, msg, data.as_deref());
+        }
+    }
+
+    /// Whether `msg` may take away a page that derived state hangs on while its users
+    /// have not quiesced (see [`LocalDerived`]).
+    fn needs_quiesce(&self, st: &State, from: NodeId, msg: Msg) -> bool {
+        let Some(d) = &self.derived else {
+            return false;
+        };
+        if st.quiesce_forced {
+            return false;
+        }
+        let page = msg.page();
+        if !st.node.state(page).readable() {
+            return false;
+        }
+        let takes_away = st.node.may_take_copy_away(from, msg);
+        if !takes_away || d.quiesced() {
+            return false;
+        }
+        // SAFETY: `page < npages` (checked on entry); 4 KiB of view B, read only.
+        let contents =
+            unsafe { std::slice::from_raw_parts(self.pages.b(page), PAGE_SIZE as usize) };
+        d.derives_from(page, contents)
+    }
+
+    /// Adds `page` to the pages waiting for a quiesce, asking for one if none is under way.
+    fn start_quiesce(&self, st: &mut State, page: PageNo) {
+        st.quiesce_pages.insert(page);
+        if st.quiesce_since.is_none() {
+            st.quiesce_since = Some(Instant::now());
+            st.stats.quiesces += 1;
+            if let Some(d) = &self.derived {
+                d.quiesce();
             }
         }
+        self.hold_cv.notify_one();
+    }
+
+    /// Delivers what waits for a quiesce once the users have quiesced (or at once when
+    /// those left wait in faults, or after [`QUIESCE_GIVE_UP`]), makes a drop that is
+    /// owed once they have, then lets them go on. Returns when to look again while a
+    /// quiesce is under way.
+    fn release_quiesce(&self, st: &mut State) -> Option<std::time::Duration> {
+        let (Some(since), Some(d)) = (st.quiesce_since, self.derived.clone()) else {
+            return None;
+        };
+        let ready = d.quiesced();
+        if !st.quiesce_pages.is_empty() {
+            let blocked = !ready && d.blocked_in_faults(&|t| in_fault(&st.faulters, t));
+            let timed_out = since.elapsed() >= QUIESCE_GIVE_UP;
+            if !ready && !blocked && !timed_out {
+                d.quiesce();
+                return Some(QUIESCE_POLL);
+            }
+            if !ready {
+                if blocked {
+                    st.stats.quiesce_blocked += 1;
+                } else {
+                    st.stats.quiesce_timeouts += 1;
+                    tracing::warn!(
+                        pages = st.quiesce_pages.len(),
+                        "DSM: this node's vCPUs did not quiesce within {QUIESCE_GIVE_UP:?}; \
+                         taking the pages away first, dropping the state derived from them \
+                         once they do"
+                    );
+                }
+                st.quiesce_forced = true;
+            }
+            let now = Instant::now();
+            let pages = std::mem::take(&mut st.quiesce_pages);
+            for page in pages {
+                let held = st
+                    .holds
+                    .get(&page)
+                    .is_some_and(|h| h.remaining(now, |t| in_fault(&st.faulters, t)).is_some());
+                if st.pins.contains_key(&page) || held {
+                    // Waits for its pin or hold as well; delivered on a later look.
+                    st.quiesce_pages.insert(page);
+                    continue;
+                }
+                self.drain_deferred(st, page);
+            }
+            self.flush(st);
+            st.quiesce_forced = false;
+            if !st.quiesce_pages.is_empty() {
+                return Some(QUIESCE_POLL);
+            }
+        }
+        if st.drop_owed {
+            if d.quiesced() && d.drop_derived() {
+                st.drop_owed = false;
+                st.stats.late_drops += 1;
+                st.stats.derived_drops += 1;
+            } else if since.elapsed() < DROP_GIVE_UP {
+                d.quiesce();
+                return Some(QUIESCE_POLL);
+            } else {
+                st.drop_owed = false;
+                st.stats.drops_abandoned += 1;
+                tracing::warn!(
+                    "DSM: this node's vCPUs did not quiesce within {DROP_GIVE_UP:?}; KVM's \
+                     state derived from pages taken away was not dropped"
+                );
+            }
+        }
+        st.quiesce_since = None;
+        st.stats.quiesce_ns += since.elapsed().as_nanos() as u64;
+        d.resume();
+        None
     }
 
     /// Delivers a (validated, not deferred) message to the state machine.
@@ -973,6 +1212,22 @@ impl Inner {
     /// Sends what the operation that is ending queued, per destination in order (per-pair
     /// FIFO is all the protocol needs). Runs under the lock, so operations stay ordered.
     fn flush(&self, st: &mut State) {
+        if std::mem::take(&mut st.drop_derived) {
+            if let Some(d) = &self.derived {
+                if d.drop_derived() {
+                    st.stats.derived_drops += 1;
+                } else {
+                    // Owed: made as soon as the users are quiesced (they stay asked to).
+                    st.drop_owed = true;
+                    if st.quiesce_since.is_none() {
+                        st.quiesce_since = Some(Instant::now());
+                        st.stats.quiesces += 1;
+                        d.quiesce();
+                        self.hold_cv.notify_one();
+                    }
+                }
+            }
+        }
         if st.outbox.is_empty() {
             return;
         }
@@ -1059,6 +1314,16 @@ impl Inner {
                     }
                     st.flags[page as usize] &= !MAP_MASK;
                     st.ra_flags[page as usize] = 0;
+                    if let Some(d) = &self.derived {
+                        // SAFETY: `page < npages` (checked on entry): 4 KiB of view B that
+                        // nothing writes now (unmapped in view A, not pinned).
+                        let old = unsafe {
+                            std::slice::from_raw_parts(self.pages.b(page), PAGE_SIZE as usize)
+                        };
+                        if d.derives_from(page, old) {
+                            st.drop_derived = true;
+                        }
+                    }
                 }
                 Action::WakeFaulters { page } => {
                     // Lazily mapped pages (seeded ones) are readable without a mapping.

@@ -157,6 +157,19 @@ impl Cluster {
         shared: &[PageNo],
         init: impl Fn(&TestRam),
     ) -> Result<Cluster, DsmError> {
+        Cluster::with_derived(n, len, pages_per_home, shared, init, |_| None)
+    }
+
+    /// [`Cluster::new`], with node `i`'s engine told of invalidations through
+    /// `derived(i)` (see [`crate::LocalDerived`]).
+    pub fn with_derived(
+        n: u16,
+        len: usize,
+        pages_per_home: u64,
+        shared: &[PageNo],
+        init: impl Fn(&TestRam),
+        derived: impl Fn(u16) -> Option<Arc<dyn crate::LocalDerived>>,
+    ) -> Result<Cluster, DsmError> {
         let slots: Slots = Arc::new((0..n).map(|_| OnceLock::new()).collect());
         let mut senders: Vec<Vec<Option<Mutex<Sender<Packet>>>>> =
             (0..n).map(|_| (0..n).map(|_| None).collect()).collect();
@@ -194,7 +207,7 @@ impl Cluster {
                 ((p / pages_per_home) % u64::from(n)) as NodeId
             });
             let net = Arc::new(LoopNet { from: id, links });
-            let engine = DsmEngine::start(node, ram.pages(), net, shared)?;
+            let engine = DsmEngine::start_with(node, ram.pages(), net, shared, derived(id))?;
             let _ = slots[usize::from(id)].set(Arc::downgrade(&engine));
             engines.push(engine);
             rams.push(ram);

@@ -1,5 +1,8 @@
 //! Engine tests: plain threads touching view A stand in for vCPUs.
 
+// Nodes, threads and pages are numbers that index several tables at once.
+#![allow(clippy::needless_range_loop)]
+
 use super::*;
 use crate::testing::Cluster;
 use std::sync::atomic::{AtomicBool, AtomicU64};
@@ -10,6 +13,15 @@ const PG: usize = PAGE_SIZE as usize;
 const BLOCK: u64 = 4;
 const RAM: usize = 64 * PG;
 const DEADLINE: Duration = Duration::from_secs(120);
+
+/// Tests whose assertions count faults (read-ahead) and the one that keeps two threads
+/// busy run one at a time: on a 2-core host the busy one delays the others' fault
+/// handling enough to change the counts.
+static CPU_HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn cpu_heavy() -> std::sync::MutexGuard<'static, ()> {
+    CPU_HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn cluster(n: u16) -> Cluster {
     Cluster::new(n, RAM, BLOCK, &[], |_| {}).unwrap()
@@ -386,6 +398,7 @@ fn stream_and_check(c: &Cluster, node: usize, pages: u64) {
 
 #[test]
 fn streaming_16_mib_with_readahead_reads_right_data_with_few_faults() {
+    let _one = cpu_heavy();
     const LEN: usize = 16 << 20;
     let pages = (LEN / PG) as u64;
     let c = remote_stream_cluster(LEN);
@@ -415,6 +428,7 @@ fn streaming_16_mib_with_readahead_reads_right_data_with_few_faults() {
 
 #[test]
 fn streaming_without_readahead_faults_once_per_page() {
+    let _one = cpu_heavy();
     const LEN: usize = 1 << 20;
     let pages = (LEN / PG) as u64;
     let c = remote_stream_cluster(LEN);
@@ -428,6 +442,7 @@ fn streaming_without_readahead_faults_once_per_page() {
 
 #[test]
 fn strided_and_backward_reads_do_not_prefetch() {
+    let _one = cpu_heavy();
     let c = cluster(2);
     let pages = (RAM / PG) as u64;
     for p in (0..pages).step_by(3) {
@@ -444,6 +459,7 @@ fn strided_and_backward_reads_do_not_prefetch() {
 
 #[test]
 fn readahead_window_grows_and_resets() {
+    let _one = cpu_heavy();
     let c = cluster(2);
     // Two sequential faults: the second issues a batch of INITIAL_READAHEAD_PAGES.
     read_u64(c.a(0, 10 * PG));
@@ -468,5 +484,272 @@ fn readahead_window_grows_and_resets() {
     write_u64(c.a(0, 12 * PG), 3);
     write_u64(c.a(0, 13 * PG), 4);
     assert_eq!(read_u64(c.a(1, 13 * PG)), 4);
+    assert_clean(&c);
+}
+
+/// Random reads and writes from every node over pages shared by all, with the VMM's own
+/// pinned accesses mixed in: no write is ever lost and no read goes back in time.
+/// Each writer owns one word (slot) of every page and only ever increments it, so a
+/// writer that reads its own slot back must see its last value (else a write was lost),
+/// and every reader must see each slot never decrease (else it read a stale copy).
+#[test]
+fn random_sharing_loses_no_write_and_reads_nothing_stale() {
+    const NODES: usize = 3;
+    const THREADS: usize = 2; // per node
+    const PAGES: usize = 24;
+    const OPS: u64 = 6_000;
+    let c = cluster(NODES as u16);
+    let writers = NODES * THREADS;
+    let start = std::sync::Barrier::new(writers);
+    let stop = AtomicBool::new(false);
+    let counts: Vec<Vec<AtomicU64>> = (0..writers)
+        .map(|_| (0..PAGES).map(|_| AtomicU64::new(0)).collect())
+        .collect();
+    std::thread::scope(|s| {
+        for n in 0..NODES {
+            for t in 0..THREADS {
+                let me = n * THREADS + t;
+                let base = Ptr(c.a(n, 0));
+                let (start, stop, counts, engine) = (&start, &stop, &counts, &c.engines[n]);
+                s.spawn(move || {
+                    let base = base;
+                    let mut seen = vec![vec![0u64; writers]; PAGES];
+                    // xorshift: a different, reproducible sequence per thread.
+                    let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ ((me as u64 + 1) * 0x1234_5678);
+                    let mut rnd = || {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        x
+                    };
+                    start.wait();
+                    for op in 0..OPS {
+                        let r = rnd();
+                        let page = (r % PAGES as u64) as usize;
+                        let slot_of = |w: usize| base.0.wrapping_add(page * PG + w * 8);
+                        match (r >> 32) % 10 {
+                            // Write my slot, through view A (a vCPU) or pinned (the VMM).
+                            0..=2 | 9 => {
+                                let mine = counts[me][page].load(Ordering::Relaxed);
+                                let v = if (r >> 32) % 10 == 9 {
+                                    let off = (page * PG + me * 8) as u64;
+                                    let g = engine.access(off, 8, Access::Write).unwrap();
+                                    let mut b = [0u8; 8];
+                                    g.read(off, &mut b).unwrap();
+                                    g.write(off, &(mine + 1).to_le_bytes()).unwrap();
+                                    u64::from_le_bytes(b)
+                                } else {
+                                    let v = read_u64(slot_of(me));
+                                    write_u64(slot_of(me), mine + 1);
+                                    v
+                                };
+                                assert_eq!(v, mine, "thread {me}: my write to page {page} was lost (op {op})");
+                                counts[me][page].store(mine + 1, Ordering::Relaxed);
+                                seen[page][me] = mine + 1;
+                            }
+                            // Read every slot of the page.
+                            _ => {
+                                for w in 0..writers {
+                                    let v = read_u64(slot_of(w));
+                                    assert!(
+                                        v >= seen[page][w],
+                                        "thread {me}: page {page} slot {w} went back from {} to {v} (op {op})",
+                                        seen[page][w]
+                                    );
+                                    seen[page][w] = v;
+                                }
+                            }
+                        }
+                        if op % 64 == 0 {
+                            std::thread::yield_now();
+                        }
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    for n in 0..NODES {
+        for page in 0..PAGES {
+            for w in 0..writers {
+                let want = counts[w][page].load(Ordering::Relaxed);
+                assert_eq!(
+                    read_u64(c.a(n, page * PG + w * 8)),
+                    want,
+                    "node {n} page {page} slot {w}"
+                );
+            }
+        }
+    }
+    assert_clean(&c);
+}
+
+/// Stands in for KVM: "derives" from pages that start with [`DERIVED_MAGIC`], and its
+/// "vCPU" is a thread that parks when asked to quiesce (unless `stubborn`).
+struct FakeDerived {
+    asked: AtomicBool,
+    parked: AtomicBool,
+    stubborn: bool,
+    drops: AtomicU64,
+    /// Drops asked for while the user was not parked.
+    refused_drops: AtomicU64,
+    /// The user thread's kernel thread id.
+    tid: std::sync::atomic::AtomicI32,
+    /// The user thread has ended.
+    stubborn_exit: AtomicBool,
+}
+
+const DERIVED_MAGIC: u64 = 0x7061_6765_7461_626c;
+
+impl FakeDerived {
+    fn new(stubborn: bool) -> Arc<FakeDerived> {
+        Arc::new(FakeDerived {
+            asked: AtomicBool::new(false),
+            parked: AtomicBool::new(false),
+            stubborn,
+            drops: AtomicU64::new(0),
+            refused_drops: AtomicU64::new(0),
+            tid: std::sync::atomic::AtomicI32::new(0),
+            stubborn_exit: AtomicBool::new(false),
+        })
+    }
+
+    /// The user's side: parks while a quiesce is asked for.
+    fn checkpoint(&self) {
+        if self.stubborn || self.stubborn_exit.load(Ordering::SeqCst) {
+            return;
+        }
+        // Like dvmm's run gate: not parked before looking, so that a quiesce that sees
+        // the thread parked knows it will look again before touching memory.
+        loop {
+            self.parked.store(false, Ordering::SeqCst);
+            if !self.asked.load(Ordering::SeqCst) {
+                return;
+            }
+            self.parked.store(true, Ordering::SeqCst);
+            while self.asked.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_micros(20));
+            }
+        }
+    }
+}
+
+impl LocalDerived for FakeDerived {
+    fn derives_from(&self, _page: PageNo, contents: &[u8]) -> bool {
+        contents[..8] == DERIVED_MAGIC.to_le_bytes()
+    }
+    fn quiesce(&self) {
+        self.asked.store(true, Ordering::SeqCst);
+    }
+    fn quiesced(&self) -> bool {
+        self.asked.load(Ordering::SeqCst) && self.parked.load(Ordering::SeqCst)
+    }
+    fn blocked_in_faults(&self, waiting: &dyn Fn(i32) -> bool) -> bool {
+        waiting(self.tid.load(Ordering::SeqCst))
+    }
+    fn resume(&self) {
+        self.asked.store(false, Ordering::SeqCst);
+    }
+    fn drop_derived(&self) -> bool {
+        if !self.quiesced() {
+            self.refused_drops.fetch_add(1, Ordering::SeqCst);
+            return false;
+        }
+        self.drops.fetch_add(1, Ordering::SeqCst);
+        true
+    }
+}
+
+/// A page that derived state hangs on is taken from a node only while that node's users
+/// are parked, and the state is dropped then; the users' other faults are served
+/// meanwhile (a reader of a second page keeps going), and no write is lost.
+#[test]
+fn derived_pages_leave_only_while_their_users_are_quiesced() {
+    let _one = cpu_heavy();
+    let fakes = [FakeDerived::new(false), FakeDerived::new(false)];
+    let c = Cluster::with_derived(
+        2,
+        RAM,
+        BLOCK,
+        &[],
+        |_| {},
+        |i| Some(fakes[usize::from(i)].clone() as Arc<dyn LocalDerived>),
+    )
+    .unwrap();
+    // Page 0 (home node 0) starts with the magic: a "page table".
+    let table = Ptr(c.a(0, 0));
+    write_u64(table.0, DERIVED_MAGIC);
+    const ROUNDS: u64 = 200;
+    std::thread::scope(|s| {
+        for n in 0..2usize {
+            let (fake, p, other) = (&fakes[n], Ptr(c.a(n, 0)), Ptr(c.a(n, 16 * PG)));
+            s.spawn(move || {
+                let (p, other) = (p, other);
+                // SAFETY: gettid has no preconditions.
+                fake.tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+                let counter = atomic(p.0.wrapping_add(8));
+                let mut done = 0;
+                while done < ROUNDS {
+                    fake.checkpoint();
+                    // Round-robin: node n bumps when the counter's parity is n.
+                    let v = counter.load(Ordering::SeqCst);
+                    if v % 2 == n as u64 {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        done += 1;
+                    }
+                    fake.checkpoint();
+                    let _ = read_u64(other.0);
+                    std::thread::yield_now();
+                }
+                // Gone: as quiet as a parked thread (a vCPU thread that ended).
+                fake.parked.store(true, Ordering::SeqCst);
+                fake.stubborn_exit.store(true, Ordering::SeqCst);
+            });
+        }
+    });
+    let v = read_u64(c.a(0, 8));
+    assert_eq!(v, 2 * ROUNDS, "a write was lost");
+    for (i, f) in fakes.iter().enumerate() {
+        // Every invalidation of the page gets its drop, made quiesced: at once, or late
+        // (when the users waited in faults, or did not stop in time).
+        spin_until("the owed drops", || {
+            let s = c.engines[i].stats();
+            s.derived_drops == s.invalidations
+        });
+        let s = c.engines[i].stats();
+        assert!(s.derived_drops > 0 && s.quiesces > 0, "node {i}: {s:?}");
+        assert_eq!(
+            f.drops.load(Ordering::SeqCst),
+            s.derived_drops,
+            "node {i}: {s:?}"
+        );
+        assert_eq!(s.drops_abandoned, 0, "node {i}: {s:?}");
+    }
+    assert_clean(&c);
+}
+
+/// Users that never quiesce cost a delay, not a hang: the page is taken away after
+/// the give-up time, counted.
+#[test]
+fn a_user_that_never_quiesces_delays_but_does_not_hang() {
+    let fakes = [FakeDerived::new(true), FakeDerived::new(true)];
+    let c = Cluster::with_derived(
+        2,
+        RAM,
+        BLOCK,
+        &[],
+        |_| {},
+        |i| Some(fakes[usize::from(i)].clone() as Arc<dyn LocalDerived>),
+    )
+    .unwrap();
+    write_u64(c.a(0, 0), DERIVED_MAGIC);
+    // Node 1 reads the page, then node 0 writes it: node 1 must give it up.
+    assert_eq!(read_u64(c.a(1, 0)), DERIVED_MAGIC);
+    write_u64(c.a(0, 8), 42);
+    assert_eq!(read_u64(c.a(1, 8)), 42);
+    let s = c.engines[1].stats();
+    assert_eq!(s.quiesce_timeouts, 1, "{s:?}");
     assert_clean(&c);
 }
