@@ -17,6 +17,9 @@ pub const PAGE_SIZE: u64 = 4096;
 pub const MMIO_HOLE_START: u64 = 0xC000_0000;
 /// First address above the 32-bit MMIO hole.
 pub const HIGH_RAM_START: u64 = 0x1_0000_0000;
+/// A guest-physical page in the MMIO hole that no device uses: where the VMM briefly
+/// adds and removes a memory slot to make KVM drop its shadow page tables.
+pub const SCRATCH_SLOT_ADDR: u64 = 0xFEB0_0000;
 /// The IOAPIC's MMIO register window (4 KiB).
 pub const IOAPIC_ADDR: u64 = 0xFEC0_0000;
 /// The local APIC's xAPIC MMIO page (per vCPU, same address on each).

@@ -12,13 +12,26 @@ pub struct HostKvm {
     pub hardware_virtualization: bool,
     /// KVM is the software "PVM" flavour (guest kernel code is emulated).
     pub pvm: bool,
+    /// KVM shadows the guest's page tables (no EPT/NPT): PVM, or EPT/NPT turned off.
+    pub shadow_paging: bool,
 }
 
 impl HostKvm {
     /// Probes /proc/cpuinfo and /sys/module.
     pub fn detect() -> HostKvm {
         let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        HostKvm::from_parts(&flags, Path::new("/sys/module/kvm_pvm").exists())
+        let param = |p: &str| {
+            std::fs::read_to_string(p)
+                .ok()
+                .map(|v| matches!(v.trim(), "N" | "0"))
+        };
+        // kvm_intel.ept / kvm_amd.npt: "N"/"0" when two-dimensional paging is off.
+        let tdp_off = param("/sys/module/kvm_intel/parameters/ept")
+            .or_else(|| param("/sys/module/kvm_amd/parameters/npt"))
+            .unwrap_or(false);
+        let mut h = HostKvm::from_parts(&flags, Path::new("/sys/module/kvm_pvm").exists());
+        h.shadow_paging |= tdp_off;
+        h
     }
 
     fn from_parts(cpuinfo: &str, pvm_module: bool) -> HostKvm {
@@ -29,6 +42,7 @@ impl HostKvm {
         HostKvm {
             hardware_virtualization: hw,
             pvm: pvm_module || !hw,
+            shadow_paging: pvm_module || !hw,
         }
     }
 
