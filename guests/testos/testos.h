@@ -58,6 +58,7 @@ struct sys_args {
     uint64_t tsc;        /* TSC ticks for the round trips */
 };
 void user_syscalls(struct sys_args *args);
+void user_peek(volatile uint64_t *p);
 extern char user_spoof_back[];
 extern char user_exit_ud2[];
 /* The ud2 with which CPL3 code asks the kernel to halt briefly (a yield). */

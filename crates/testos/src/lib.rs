@@ -52,6 +52,9 @@ pub const CHECKS: &[&str] = &[
     "litmus-sb",
     "litmus-iriw",
     "pingpong",
+    "kernel-shared",
+    "kernel-stream",
+    "pagetable",
     "dma",
 ];
 
@@ -66,6 +69,9 @@ pub const DSM_CHECKS: &[&str] = &[
     "litmus-sb",
     "litmus-iriw",
     "pingpong",
+    "kernel-shared",
+    "kernel-stream",
+    "pagetable",
     "dma",
 ];
 
