@@ -96,7 +96,14 @@ impl Drop for TempDir {
     }
 }
 
-fn spawn_node(file: &std::path::Path, id: usize) -> Result<Child> {
+/// Where node `id` writes its part of the profile `output`.
+fn node_profile(output: &std::path::Path, id: usize) -> PathBuf {
+    let mut p = output.as_os_str().to_owned();
+    p.push(format!(".node{id}"));
+    PathBuf::from(p)
+}
+
+fn spawn_node(file: &std::path::Path, id: usize, args: &RunArgs) -> Result<Child> {
     let exe = std::env::current_exe().context("cannot find the dvmm executable")?;
     let mut cmd = Command::new(exe);
     cmd.arg("node")
@@ -104,6 +111,15 @@ fn spawn_node(file: &std::path::Path, id: usize) -> Result<Child> {
         .arg(file)
         .arg("--id")
         .arg(id.to_string());
+    if let Some(out) = &args.profile.profile {
+        cmd.arg("--profile")
+            .arg(node_profile(out, id))
+            .arg("--profile-interval")
+            .arg(args.profile.profile_interval.to_string());
+        if let Some(map) = &args.profile.system_map {
+            cmd.arg("--system-map").arg(map);
+        }
+    }
     if id != 0 {
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
     }
@@ -158,7 +174,7 @@ pub fn run_local_cluster(args: &RunArgs, set: libc::sigset_t) -> Result<u8> {
 
     let children = Arc::new(Mutex::new(Vec::new()));
     for id in 0..cluster.nodes.len() {
-        match spawn_node(&file, id) {
+        match spawn_node(&file, id, args) {
             Ok(c) => children.lock().unwrap_or_else(|e| e.into_inner()).push(c),
             Err(e) => {
                 signal(&children, libc::SIGKILL);
@@ -176,6 +192,7 @@ pub fn run_local_cluster(args: &RunArgs, set: libc::sigset_t) -> Result<u8> {
 
     let n = cluster.nodes.len();
     let mut codes: Vec<Option<i32>> = vec![None; n];
+    let mut how: Vec<String> = vec!["still running (killed)".to_string(); n];
     let mut first_end: Option<Instant> = None;
     loop {
         {
@@ -183,9 +200,15 @@ pub fn run_local_cluster(args: &RunArgs, set: libc::sigset_t) -> Result<u8> {
             for (i, c) in kids.iter_mut().enumerate() {
                 if codes[i].is_none() {
                     if let Ok(Some(st)) = c.try_wait() {
+                        use std::os::unix::process::ExitStatusExt;
                         let code = st.code().unwrap_or(1);
+                        how[i] = match (st.code(), st.signal()) {
+                            (Some(c), _) => format!("exit {c}"),
+                            (None, Some(sig)) => format!("killed by signal {sig}"),
+                            _ => "ended".to_string(),
+                        };
                         if code != 0 && i != 0 {
-                            tracing::warn!(node = i, code, "node ended");
+                            tracing::warn!(node = i, "node ended: {}", how[i]);
                         }
                         codes[i] = Some(code);
                         first_end.get_or_insert_with(Instant::now);
@@ -210,7 +233,18 @@ pub fn run_local_cluster(args: &RunArgs, set: libc::sigset_t) -> Result<u8> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    if let Some(out) = &args.profile.profile {
+        merge_profiles(out, n);
+    }
     let code = codes[0].unwrap_or(1);
+    if codes.iter().any(|c| *c != Some(0)) {
+        let all: Vec<String> = how
+            .iter()
+            .enumerate()
+            .map(|(i, h)| format!("node {i}: {h}"))
+            .collect();
+        eprintln!("dvmm: nodes ended: {}", all.join(", "));
+    }
     if code == 0 {
         if let Some((i, c)) = codes
             .iter()
@@ -222,6 +256,30 @@ pub fn run_local_cluster(args: &RunArgs, set: libc::sigset_t) -> Result<u8> {
         }
     }
     Ok(u8::try_from(code).unwrap_or(1))
+}
+
+/// Adds up the nodes' profiles into one for the whole guest.
+fn merge_profiles(output: &std::path::Path, nodes: usize) {
+    let reports: Vec<String> = (0..nodes)
+        .filter_map(|i| std::fs::read_to_string(node_profile(output, i)).ok())
+        .collect();
+    if reports.len() != nodes {
+        tracing::warn!(
+            "only {} of {nodes} nodes wrote a profile; {} covers those",
+            reports.len(),
+            output.display()
+        );
+    }
+    let rows = dvmm_vmm::profile::merge_reports(&reports);
+    let title = format!(
+        "dvmm guest profile: all {nodes} nodes (per node: {}.nodeN)",
+        output.display()
+    );
+    match dvmm_vmm::profile::write_report(output, &dvmm_vmm::profile::format_report(&title, &rows))
+    {
+        Ok(()) => tracing::info!(path = %output.display(), "guest profile of the cluster written"),
+        Err(e) => tracing::error!("{e}"),
+    }
 }
 
 #[cfg(test)]

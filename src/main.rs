@@ -53,6 +53,35 @@ struct RunArgs {
     /// Authenticate node-to-node traffic but do not encrypt it (trusted fabrics only).
     #[arg(long)]
     insecure_transport: bool,
+    #[command(flatten)]
+    profile: ProfileArgs,
+}
+
+/// The guest profiler's options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProfileArgs {
+    /// Sample every vCPU's RIP and write a flat profile by symbol to FILE when the VM
+    /// ends (with --nodes K: FILE for the whole guest, FILE.nodeI per node).
+    #[arg(long, value_name = "FILE")]
+    profile: Option<PathBuf>,
+    /// Milliseconds between two samples of one vCPU.
+    #[arg(long, value_name = "MS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    profile_interval: u64,
+    /// The guest kernel's System.map, to name kernel addresses in the profile.
+    #[arg(long, value_name = "FILE", requires = "profile")]
+    system_map: Option<PathBuf>,
+}
+
+impl ProfileArgs {
+    fn config(&self) -> Option<dvmm_vmm::profile::ProfileConfig> {
+        self.profile
+            .as_ref()
+            .map(|output| dvmm_vmm::profile::ProfileConfig {
+                output: output.clone(),
+                interval: std::time::Duration::from_millis(self.profile_interval),
+                system_map: self.system_map.clone(),
+            })
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -63,6 +92,8 @@ struct NodeArgs {
     /// This node's index in the cluster file (0 runs the devices and the boot vCPU).
     #[arg(long)]
     id: usize,
+    #[command(flatten)]
+    profile: ProfileArgs,
 }
 
 /// Parses sizes like `4096`, `256M`, `1G`, `512MiB`.
@@ -197,8 +228,12 @@ fn exit_code(outcome: VmOutcome) -> u8 {
             eprintln!("dvmm: guest reset: {why}");
             2
         }
-        VmOutcome::Panic => {
-            eprintln!("dvmm: the guest reported a panic (pvpanic)");
+        VmOutcome::Panic(line) => {
+            if line.is_empty() {
+                eprintln!("dvmm: the guest reported a panic (pvpanic)");
+            } else {
+                eprintln!("dvmm: the guest reported a panic (pvpanic): {line}");
+            }
             3
         }
         VmOutcome::Stopped => {
@@ -222,6 +257,7 @@ fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
         cmdline: args.cmdline,
         vcpus: args.cpus,
         memory: args.memory,
+        profile: args.profile.config(),
     };
     let vm = Vm::build(&cfg, None, Box::new(ConsoleOut))?;
     let _raw = attach_console(set, vm.console_input(), vm.control())?;
@@ -233,13 +269,16 @@ fn node(args: NodeArgs, set: libc::sigset_t) -> Result<u8> {
     let cluster = dvmm_cluster::ClusterConfig::load(&args.cluster)?;
     let mut raw = None;
     let mut attach_err = None;
-    let outcome =
-        dvmm_vmm::node::run_node(&cluster, args.id, Box::new(ConsoleOut), |input, control| {
-            match attach_console(set, input, control) {
-                Ok(r) => raw = r,
-                Err(e) => attach_err = Some(e),
-            }
-        })?;
+    let outcome = dvmm_vmm::node::run_node(
+        &cluster,
+        args.id,
+        args.profile.config(),
+        Box::new(ConsoleOut),
+        |input, control| match attach_console(set, input, control) {
+            Ok(r) => raw = r,
+            Err(e) => attach_err = Some(e),
+        },
+    )?;
     drop(raw);
     if let Some(e) = attach_err {
         return Err(e);

@@ -16,6 +16,7 @@ pub mod acpi;
 pub mod cpu;
 pub mod e820;
 mod error;
+pub mod identify;
 pub mod loader;
 pub mod payload;
 pub mod topology;

@@ -3,8 +3,9 @@
 //! The register logic is `vm_superio::Serial`'s; this adapts it to the bus and to an
 //! [`IrqLine`].
 
+use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::{Error as SerialError, NoEvents};
 use vm_superio::Trigger;
@@ -30,9 +31,59 @@ impl Trigger for IrqPulse {
 
 type Uart = vm_superio::Serial<IrqPulse, NoEvents, Box<dyn Write + Send>>;
 
+/// How much of the guest's recent console output is kept (see [`ConsoleTail`]).
+const TAIL_BYTES: usize = 8192;
+
+/// The guest's most recent console output, for messages about how the VM ended (e.g.
+/// the kernel's panic line).
+#[derive(Clone, Default)]
+pub struct ConsoleTail(Arc<Mutex<VecDeque<u8>>>);
+
+impl ConsoleTail {
+    fn push(&self, bytes: &[u8]) {
+        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        t.extend(bytes);
+        let excess = t.len().saturating_sub(TAIL_BYTES);
+        t.drain(..excess);
+    }
+
+    /// The last `n` non-empty lines (oldest first), without control characters.
+    pub fn last_lines(&self, n: usize) -> Vec<String> {
+        let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let bytes: Vec<u8> = t.iter().copied().collect();
+        drop(t);
+        let text = String::from_utf8_lossy(&bytes);
+        let lines: Vec<String> = text
+            .split(['\n', '\r'])
+            .map(|l| l.chars().filter(|c| !c.is_control()).collect::<String>())
+            .filter(|l| !l.trim().is_empty())
+            .collect();
+        lines[lines.len().saturating_sub(n)..].to_vec()
+    }
+}
+
+/// Copies what the guest writes to the real output and into a [`ConsoleTail`].
+struct TeeToTail {
+    out: Box<dyn Write + Send>,
+    tail: ConsoleTail,
+}
+
+impl Write for TeeToTail {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tail.push(buf);
+        self.out.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
 /// 16550A UART at `COM1_PORT` (8 ports) on `COM1_IRQ`.
 pub struct Serial {
     uart: Uart,
+    tail: ConsoleTail,
     /// Whether a failed write to the output has been reported (once is enough).
     output_error_logged: bool,
 }
@@ -40,10 +91,21 @@ pub struct Serial {
 impl Serial {
     /// A UART that pulses `irq` on each interrupt and writes guest output to `out`.
     pub fn new(irq: Arc<dyn IrqLine>, out: Box<dyn Write + Send>) -> Self {
+        let tail = ConsoleTail::default();
+        let tee = TeeToTail {
+            out,
+            tail: tail.clone(),
+        };
         Self {
-            uart: Uart::new(IrqPulse(irq), out),
+            uart: Uart::new(IrqPulse(irq), Box::new(tee)),
+            tail,
             output_error_logged: false,
         }
+    }
+
+    /// The guest's recent console output.
+    pub fn tail(&self) -> ConsoleTail {
+        self.tail.clone()
     }
 
     /// Queue guest input (from stdin). Returns how many bytes were accepted
@@ -150,6 +212,20 @@ mod tests {
             s.write(DATA, &[b]);
         }
         assert_eq!(*out.0.lock().unwrap(), b"hi\n");
+    }
+
+    #[test]
+    fn the_tail_keeps_the_last_lines() {
+        let (mut s, _, _) = setup();
+        let tail = s.tail();
+        for &b in b"one\r\ntwo\n\n\x1b[0mthree" {
+            s.write(DATA, &[b]);
+        }
+        assert_eq!(tail.last_lines(2), vec!["two", "[0mthree"]);
+        for _ in 0..TAIL_BYTES {
+            s.write(DATA, b"x");
+        }
+        assert_eq!(tail.last_lines(5).len(), 1, "old lines age out");
     }
 
     #[test]

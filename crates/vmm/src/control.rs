@@ -12,8 +12,9 @@ pub enum VmOutcome {
     PowerOff,
     /// The guest asked for a reset (i8042, reset register) or triple-faulted.
     Reset(String),
-    /// The guest reported a panic (pvpanic).
-    Panic,
+    /// The guest reported a panic (pvpanic); with the kernel's panic line from the
+    /// console when one was found.
+    Panic(String),
     /// Stopped from outside (Ctrl-C, SIGTERM).
     Stopped,
     /// dvmm could not go on running the guest.
@@ -67,7 +68,7 @@ impl VmEventSink for VmControl {
         self.finish(match event {
             VmEvent::PowerOff => VmOutcome::PowerOff,
             VmEvent::Reset => VmOutcome::Reset("the guest requested a reset".into()),
-            VmEvent::Panic => VmOutcome::Panic,
+            VmEvent::Panic => VmOutcome::Panic(String::new()),
         });
     }
 }

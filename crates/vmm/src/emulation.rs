@@ -664,3 +664,71 @@ mod tests {
         assert!(s.contains("VT-x"), "{s}");
     }
 }
+
+/// `-KVM_ENOSYS`: what KVM answers for a hypercall it does not implement.
+const KVM_ENOSYS: i64 = -1000;
+
+/// Is `bytes` a `vmcall` or `vmmcall` (a KVM hypercall)?
+pub fn is_hypercall(bytes: &[u8]) -> bool {
+    matches!(bytes, [0x0f, 0x01, 0xc1 | 0xd9, ..])
+}
+
+/// Hypercalls the host's KVM never completes (on emulated-kernel hosts a guest
+/// `vmcall` at CPL0 is retried forever inside `KVM_RUN`: no exit, RIP never moves).
+/// Seen only from the outside: a vCPU kicked twice at the same RIP that holds a
+/// `vmcall` is stuck there, and gets the answer KVM gives for an unknown hypercall.
+#[derive(Default)]
+pub struct StuckHypercall {
+    last_kick_rip: Option<u64>,
+    answered: std::collections::BTreeSet<u64>,
+}
+
+impl StuckHypercall {
+    /// Called when `KVM_RUN` returned because of a kick. Returns the hypercall number
+    /// if it completed one.
+    pub fn on_kick(&mut self, vcpu: &VcpuFd, mem: &dyn GuestAccess) -> Option<u64> {
+        let mut regs = vcpu.get_regs().ok()?;
+        let again = self.last_kick_rip == Some(regs.rip);
+        self.last_kick_rip = Some(regs.rip);
+        if !again {
+            return None;
+        }
+        let sregs = vcpu.get_sregs().ok()?;
+        if sregs.cs.dpl != 0 {
+            return None;
+        }
+        let paging = crate::guest_paging::Paging::from_regs(sregs.cr3, sregs.cr4);
+        let mut insn = [0u8; 3];
+        let linear = sregs.cs.base.wrapping_add(regs.rip);
+        if !crate::guest_paging::read_virt(mem, paging, linear, &mut insn) || !is_hypercall(&insn) {
+            return None;
+        }
+        let nr = regs.rax;
+        regs.rax = KVM_ENOSYS as u64;
+        regs.rip = regs.rip.wrapping_add(3);
+        vcpu.set_regs(&regs).ok()?;
+        self.last_kick_rip = None;
+        if self.answered.insert(nr) {
+            tracing::info!(
+                hypercall = nr,
+                rip = format_args!("{:#x}", regs.rip - 3),
+                "this host's KVM never completes the guest's hypercall; answered -KVM_ENOSYS \
+                 (as KVM does for one it does not implement)"
+            );
+        }
+        Some(nr)
+    }
+}
+
+#[cfg(test)]
+mod hypercall_tests {
+    use super::is_hypercall;
+
+    #[test]
+    fn vmcall_and_vmmcall() {
+        assert!(is_hypercall(&[0x0f, 0x01, 0xc1]));
+        assert!(is_hypercall(&[0x0f, 0x01, 0xd9, 0x90]));
+        assert!(!is_hypercall(&[0x0f, 0x01, 0xf8])); // swapgs
+        assert!(!is_hypercall(&[0x0f, 0x01]));
+    }
+}

@@ -4,6 +4,7 @@
 //! Lock order: a device's bus mutex, then the IOAPIC, then one LAPIC at a time. Nobody
 //! holds a LAPIC lock while taking another lock.
 
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use dvmm_devices::IrqLine;
@@ -29,6 +30,29 @@ pub struct VcpuHandle {
     pub kicker: Kicker,
     /// The routing view last published to other nodes.
     published: Mutex<Option<ApicView>>,
+    /// What the vCPU thread is doing ([`Activity`] as u8), for the profiler.
+    activity: AtomicU8,
+    /// The profiler asked for a sample of RIP at the next exit.
+    sample_requested: AtomicBool,
+    /// The vCPU thread is outside KVM and will pass the run gate before it calls into
+    /// KVM again (see [`crate::run_gate`]).
+    quiet: AtomicBool,
+    /// The vCPU thread's kernel thread id (0 until it runs).
+    tid: std::sync::atomic::AtomicI32,
+}
+
+/// What a vCPU thread is doing, as far as the profiler cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Activity {
+    /// In or around `KVM_RUN`.
+    Running = 0,
+    /// Halted in userspace, waiting for an interrupt.
+    Halted = 1,
+    /// Waiting for INIT/SIPI.
+    WaitingForSipi = 2,
+    /// Waiting for a device access forwarded to another node.
+    RemoteIo = 3,
 }
 
 impl VcpuHandle {
@@ -40,7 +64,57 @@ impl VcpuHandle {
             wake: Condvar::new(),
             kicker: Kicker::new(),
             published: Mutex::new(None),
+            activity: AtomicU8::new(Activity::Running as u8),
+            sample_requested: AtomicBool::new(false),
+            quiet: AtomicBool::new(true),
+            tid: std::sync::atomic::AtomicI32::new(0),
         }
+    }
+
+    /// Records what the vCPU thread is doing (called by that thread).
+    pub fn set_activity(&self, a: Activity) {
+        self.activity.store(a as u8, Ordering::Relaxed);
+    }
+
+    /// What the vCPU thread is doing.
+    pub fn activity(&self) -> Activity {
+        match self.activity.load(Ordering::Relaxed) {
+            1 => Activity::Halted,
+            2 => Activity::WaitingForSipi,
+            3 => Activity::RemoteIo,
+            _ => Activity::Running,
+        }
+    }
+
+    /// The vCPU thread's quiet flag (see [`crate::run_gate`]).
+    pub fn quiet_flag(&self) -> &AtomicBool {
+        &self.quiet
+    }
+
+    /// Records the calling thread as this vCPU's thread.
+    pub fn set_thread_id(&self, tid: i32) {
+        self.tid.store(tid, Ordering::SeqCst);
+    }
+
+    /// The vCPU thread's kernel thread id (0 until it runs).
+    pub fn thread_id(&self) -> i32 {
+        self.tid.load(Ordering::SeqCst)
+    }
+
+    /// Whether the vCPU thread is quiet (see [`crate::run_gate`]).
+    pub fn is_quiet(&self) -> bool {
+        self.quiet.load(Ordering::SeqCst)
+    }
+
+    /// Asks the running vCPU for a sample of its RIP (kicks it out of `KVM_RUN`).
+    pub fn request_sample(&self) {
+        self.sample_requested.store(true, Ordering::Relaxed);
+        self.kicker.kick();
+    }
+
+    /// Whether a sample was asked for (and clears the request).
+    pub fn take_sample_request(&self) -> bool {
+        self.sample_requested.swap(false, Ordering::Relaxed)
     }
 
     /// Locks the LAPIC. A poisoned lock (a panicking vCPU thread) still yields the

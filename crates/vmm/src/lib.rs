@@ -7,6 +7,7 @@
 
 #![deny(missing_docs)]
 
+pub mod cmdline;
 pub mod control;
 pub mod cpuid;
 pub mod emulation;
@@ -17,6 +18,9 @@ pub mod interrupts;
 pub mod kick;
 pub mod memory;
 pub mod node;
+pub mod profile;
+pub mod run_gate;
+pub mod shadow_mmu;
 pub mod stats;
 pub mod syscall_completion;
 pub mod timers;
@@ -49,6 +53,9 @@ pub enum VmmError {
     /// The guest could not be loaded, or the VM's shape is invalid.
     #[error(transparent)]
     Boot(#[from] dvmm_boot::BootError),
+    /// The guest profiler failed.
+    #[error(transparent)]
+    Profile(#[from] profile::ProfileError),
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),

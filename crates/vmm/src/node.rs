@@ -30,6 +30,12 @@ use crate::VmmError;
 /// How long a node waits for all peers to connect at start-up (the environment
 /// variable `DVMM_CONNECT_TIMEOUT_SECS` overrides it).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A vCPU waiting this long for a forwarded device access says so (and again after each
+/// further period) ...
+const IO_NOTE_AFTER: Duration = Duration::from_secs(5);
+/// ... and the VM fails after this long (the peer is alive, or heartbeats would have
+/// ended the VM, but does not answer: a bug, not a reason to hang).
+const IO_GIVE_UP: Duration = Duration::from_secs(60);
 /// How long the nodes wait for each other to finish building their VMs.
 const READY_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -111,6 +117,8 @@ impl RemoteIo for NodeLink {
                 data: out,
             },
         );
+        let start = Instant::now();
+        let mut next_note = IO_NOTE_AFTER;
         loop {
             match rx.recv_timeout(Duration::from_millis(100)) {
                 Ok(reply) => {
@@ -119,7 +127,29 @@ impl RemoteIo for NodeLink {
                     }
                     return;
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) if !self.stopping() => continue,
+                Err(mpsc::RecvTimeoutError::Timeout) if !self.stopping() => {
+                    let waited = start.elapsed();
+                    let what = format!(
+                        "node 0 to answer a {} {} of {addr:#x}",
+                        match space {
+                            IoSpace::Pio => "port",
+                            IoSpace::Mmio => "MMIO",
+                        },
+                        if write { "write" } else { "read" }
+                    );
+                    if waited >= IO_GIVE_UP {
+                        if let Some(c) = self.control.get() {
+                            c.finish(VmOutcome::Failed(format!(
+                                "a vCPU waited {} s for {what}; giving up",
+                                waited.as_secs()
+                            )));
+                        }
+                    } else if waited >= next_note {
+                        tracing::warn!("a vCPU has waited {} s for {what}", waited.as_secs());
+                        next_note += IO_NOTE_AFTER;
+                    }
+                    continue;
+                }
                 Err(_) => {
                     self.pending_io
                         .lock()
@@ -222,7 +252,7 @@ fn stop_msg(outcome: &VmOutcome) -> ControlMsg {
     let (code, reason) = match outcome {
         VmOutcome::PowerOff => (StopCode::PowerOff, String::new()),
         VmOutcome::Reset(r) => (StopCode::Reset, r.clone()),
-        VmOutcome::Panic => (StopCode::Panic, String::new()),
+        VmOutcome::Panic(line) => (StopCode::Panic, line.clone()),
         VmOutcome::Stopped => (StopCode::Stopped, String::new()),
         VmOutcome::Failed(r) => (StopCode::Failed, r.clone()),
     };
@@ -233,7 +263,7 @@ fn outcome_of(from: u16, code: StopCode, reason: String) -> VmOutcome {
     match code {
         StopCode::PowerOff => VmOutcome::PowerOff,
         StopCode::Reset => VmOutcome::Reset(reason),
-        StopCode::Panic => VmOutcome::Panic,
+        StopCode::Panic => VmOutcome::Panic(reason),
         StopCode::Stopped => VmOutcome::Stopped,
         StopCode::Failed => VmOutcome::Failed(format!("node {from}: {reason}")),
     }
@@ -366,6 +396,7 @@ impl Dispatch {
 pub fn run_node(
     cluster: &ClusterConfig,
     id: usize,
+    profile: Option<crate::profile::ProfileConfig>,
     console_out: Box<dyn std::io::Write + Send>,
     on_console: impl FnOnce(Option<crate::ConsoleInput>, Arc<VmControl>),
 ) -> Result<VmOutcome, VmmError> {
@@ -416,6 +447,7 @@ pub fn run_node(
         cmdline: cluster.guest.cmdline.clone(),
         vcpus: cluster.vcpus(),
         memory: cluster.memory(),
+        profile,
     };
     let shares = placement.shares.clone();
     let vm = Vm::build(&cfg, Some(placement), console_out)?;
@@ -438,8 +470,39 @@ pub fn run_node(
     });
     let shared = ram.populated_pages();
     tracing::info!(node = id, shared = shared.len(), "starting the DSM");
-    let dsm = DsmEngine::start(dsm_node, pages, Arc::new(DsmNet(link.clone())), &shared)
-        .map_err(|e| VmmError::Cluster(format!("DSM: {e}")))?;
+    let shadow = vm.shadow_page_tables()?.map(Arc::new);
+    if shadow.is_some() {
+        tracing::info!(
+            "this host's KVM shadows the guest's page tables: they are dropped whenever a \
+             page table is taken away from this node"
+        );
+    }
+    let dsm = DsmEngine::start_with(
+        dsm_node,
+        pages,
+        Arc::new(DsmNet(link.clone())),
+        &shared,
+        shadow
+            .clone()
+            .map(|s| s as Arc<dyn dvmm_dsm_uffd::LocalDerived>),
+    )
+    .map_err(|e| VmmError::Cluster(format!("DSM: {e}")))?;
+    // Diagnostics: DVMM_DSM_READAHEAD=N caps read-ahead (0: off); DVMM_DSM_HOLD_US=N
+    // makes every hold N us long.
+    if let Some(n) = std::env::var("DVMM_DSM_READAHEAD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        tracing::info!(pages = n, "DSM read-ahead capped (DVMM_DSM_READAHEAD)");
+        dsm.set_readahead(n);
+    }
+    if let Some(us) = std::env::var("DVMM_DSM_HOLD_US")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        tracing::info!(us, "fixed DSM holds (DVMM_DSM_HOLD_US)");
+        dsm.set_fixed_hold(Some(Duration::from_micros(us)));
+    }
     vm.use_dsm(Arc::new(DsmAccess {
         dsm: dsm.clone(),
         memory: ram.size(),
@@ -491,6 +554,17 @@ pub fn run_node(
     link.broadcast(&stop_msg(&outcome));
     let stats = dsm.stats();
     tracing::info!(node = id, ?stats, "DSM statistics");
+    let hot: Vec<String> = dsm
+        .hot_pages(8)
+        .into_iter()
+        .map(|(page, r, w)| {
+            let gpa = dvmm_layout::ram_offset_to_gpa(page * PAGE_SIZE);
+            format!("{gpa:#x}: {r} read + {w} write faults")
+        })
+        .collect();
+    if !hot.is_empty() {
+        tracing::info!(node = id, "hottest pages: {}", hot.join("; "));
+    }
     dsm.stop();
     drop(ram);
     // Give the stop message a moment to leave before the connections close.

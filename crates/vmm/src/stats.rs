@@ -19,9 +19,12 @@ pub enum ExitKind {
     Emulation,
     /// A user-mode `int n` that dvmm completed (hosts that turn it into #UD).
     SyscallCompletion,
+    /// An access to guest RAM that KVM's emulator left to userspace (see
+    /// `vcpu::ram_access_as_mmio`).
+    RamAsMmio,
 }
 
-const KINDS: [ExitKind; 8] = [
+const KINDS: [ExitKind; 9] = [
     ExitKind::Pio,
     ExitKind::Mmio,
     ExitKind::Msr,
@@ -30,6 +33,7 @@ const KINDS: [ExitKind; 8] = [
     ExitKind::Kick,
     ExitKind::Emulation,
     ExitKind::SyscallCompletion,
+    ExitKind::RamAsMmio,
 ];
 
 /// Exit counters of one vCPU (owned by its thread, so plain integers).

@@ -17,7 +17,8 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use crate::control::{VmControl, VmOutcome};
 use crate::emulation::{self, InternalError};
-use crate::interrupts::{InterruptHub, VcpuHandle};
+use crate::guest_access::GuestAccess;
+use crate::interrupts::{Activity, InterruptHub, VcpuHandle};
 use crate::memory::GuestRam;
 use crate::stats::{ExitKind, ExitStats};
 
@@ -119,6 +120,13 @@ pub struct VcpuEnv {
     pub remote_io: Option<Arc<dyn RemoteIo>>,
     /// Completes the guest's system calls where the host's KVM leaves them at CPL3.
     pub syscalls: Arc<crate::syscall_completion::SyscallCompletion>,
+    /// The guest profiler, when profiling.
+    pub sampler: Option<Arc<crate::profile::Sampler>>,
+    /// The host's KVM emulates guest kernel code (enables the gap handling that only
+    /// such hosts need).
+    pub emulated_kernel: bool,
+    /// Where this node's vCPU threads park while the DSM changes the VM under them.
+    pub gate: Arc<crate::run_gate::RunGate>,
 }
 
 /// Where the vCPU is in its life.
@@ -205,11 +213,22 @@ pub fn run(
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
         libc::setpriority(libc::PRIO_PROCESS, tid, VCPU_NICE);
+        handle.set_thread_id(tid as i32);
     }
     let mut stats = ExitStats::default();
-    let result = run_loop(&mut vcpu, &handle, &env, boot, &mut stats);
+    let mut profile = crate::profile::Profile::default();
+    let result = run_loop(&mut vcpu, &handle, &env, boot, &mut stats, &mut profile);
     handle.kicker.unbind();
+    if let Some(s) = &env.sampler {
+        s.collect(&profile);
+        if let Some(l) = read_msr(&vcpu, crate::syscall_completion::MSR_LSTAR) {
+            s.note_lstar(l);
+        }
+    }
     stats.report(index);
+    handle
+        .quiet_flag()
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     if let Err(reason) = result {
         env.control
             .finish(VmOutcome::Failed(format!("vCPU {index}: {reason}")));
@@ -222,6 +241,7 @@ fn run_loop(
     env: &VcpuEnv,
     boot: Option<CpuBootState>,
     stats: &mut ExitStats,
+    profile: &mut crate::profile::Profile,
 ) -> Result<(), String> {
     let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
     // SAFETY: the kvm_run mapping belongs to `vcpu`, which outlives this loop; `run`
@@ -237,6 +257,7 @@ fn run_loop(
     };
 
     let mut nmi = false;
+    let mut stuck = emulation::StuckHypercall::default();
     loop {
         handle.kicker.clear();
         if env.control.stopping() {
@@ -295,10 +316,18 @@ fn run_loop(
             }
         }
 
-        match vcpu.run() {
+        env.gate.pass(handle.quiet_flag());
+        let ran = vcpu.run().map(|_| ());
+        if handle.take_sample_request() {
+            take_sample(vcpu, profile);
+        }
+        match ran {
             Ok(_) => {}
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 stats.count(ExitKind::Kick);
+                if env.emulated_kernel && stuck.on_kick(vcpu, &*env.guest).is_some() {
+                    stats.count(ExitKind::Emulation);
+                }
                 continue;
             }
             Err(e) => return Err(format!("KVM_RUN failed: {e}")),
@@ -308,11 +337,13 @@ fn run_loop(
         match run.exit_reason {
             KVM_EXIT_IO => {
                 stats.count(ExitKind::Pio);
-                handle_io(run, env);
+                handle_io(run, handle, env);
             }
             KVM_EXIT_MMIO => {
                 stats.count(ExitKind::Mmio);
-                handle_mmio(run, handle, env);
+                if handle_mmio(run, handle, env) {
+                    stats.count(ExitKind::RamAsMmio);
+                }
             }
             KVM_EXIT_X86_RDMSR | KVM_EXIT_X86_WRMSR => {
                 stats.count(ExitKind::Msr);
@@ -372,6 +403,29 @@ fn run_loop(
     }
 }
 
+/// Counts where the vCPU is (RIP and CPL) in `profile`.
+fn take_sample(vcpu: &VcpuFd, profile: &mut crate::profile::Profile) {
+    if let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs()) {
+        profile.add(crate::profile::Sample::Guest {
+            rip: s.cs.base.wrapping_add(r.rip),
+            cpl: s.cs.dpl,
+        });
+    }
+}
+
+/// Reads one MSR of the vCPU.
+fn read_msr(vcpu: &VcpuFd, index: u32) -> Option<u64> {
+    let mut msrs = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index,
+        ..Default::default()
+    }])
+    .ok()?;
+    match vcpu.get_msrs(&mut msrs) {
+        Ok(1) => Some(msrs.as_slice()[0].data),
+        _ => None,
+    }
+}
+
 fn inject(vcpu: &VcpuFd, vector: u8) -> Result<(), String> {
     let irq = kvm_interrupt {
         irq: u32::from(vector),
@@ -390,6 +444,8 @@ fn inject(vcpu: &VcpuFd, vector: u8) -> Result<(), String> {
 
 /// Waits for a SIPI after INIT. None when the VM stops.
 fn wait_for_sipi(handle: &VcpuHandle, env: &VcpuEnv) -> Option<u8> {
+    handle.set_activity(Activity::WaitingForSipi);
+    let _running = RunningAgain::new(handle, env);
     let mut lapic = handle.lock();
     loop {
         if env.control.stopping() {
@@ -401,6 +457,26 @@ fn wait_for_sipi(handle: &VcpuHandle, env: &VcpuEnv) -> Option<u8> {
             return Some(v);
         }
         lapic = handle.wake.wait(lapic).unwrap_or_else(|e| e.into_inner());
+    }
+}
+
+/// Marks the vCPU thread quiet while it sleeps in userspace; when dropped, sets its
+/// activity back to running and passes the run gate (it may call into KVM next).
+struct RunningAgain<'a>(&'a VcpuHandle, &'a VcpuEnv);
+
+impl<'a> RunningAgain<'a> {
+    fn new(handle: &'a VcpuHandle, env: &'a VcpuEnv) -> RunningAgain<'a> {
+        handle
+            .quiet_flag()
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        RunningAgain(handle, env)
+    }
+}
+
+impl Drop for RunningAgain<'_> {
+    fn drop(&mut self) {
+        self.0.set_activity(Activity::Running);
+        self.1.gate.pass(self.0.quiet_flag());
     }
 }
 
@@ -416,6 +492,8 @@ enum Wake {
 
 /// HLT: sleeps until an interrupt the vCPU would take, an NMI or INIT.
 fn halt(handle: &VcpuHandle, env: &VcpuEnv, if_flag: bool) -> Wake {
+    handle.set_activity(Activity::Halted);
+    let _running = RunningAgain::new(handle, env);
     let mut lapic = handle.lock();
     loop {
         if env.control.stopping() {
@@ -434,7 +512,7 @@ fn halt(handle: &VcpuHandle, env: &VcpuEnv, if_flag: bool) -> Wake {
     }
 }
 
-fn handle_io(run: &mut kvm_run, env: &VcpuEnv) {
+fn handle_io(run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) {
     // SAFETY: exit_reason is KVM_EXIT_IO, so `io` is the valid union member.
     let io = unsafe { run.__bindgen_anon_1.io };
     let size = usize::from(io.size);
@@ -454,7 +532,11 @@ fn handle_io(run: &mut kvm_run, env: &VcpuEnv) {
         };
         if !done {
             match &env.remote_io {
-                Some(r) => r.io(dvmm_cluster::IoSpace::Pio, port, chunk, write),
+                Some(r) => {
+                    handle.set_activity(Activity::RemoteIo);
+                    r.io(dvmm_cluster::IoSpace::Pio, port, chunk, write);
+                    handle.set_activity(Activity::Running);
+                }
                 None if !write => chunk.fill(0xff),
                 None => {}
             }
@@ -462,7 +544,8 @@ fn handle_io(run: &mut kvm_run, env: &VcpuEnv) {
     }
 }
 
-fn handle_mmio(run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) {
+/// Returns true if the exit was really an access to RAM (see [`ram_access_as_mmio`]).
+fn handle_mmio(run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) -> bool {
     // SAFETY: exit_reason is KVM_EXIT_MMIO, so `mmio` is the valid union member.
     let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
     let len = (mmio.len as usize).min(8);
@@ -484,9 +567,13 @@ fn handle_mmio(run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) {
                 *b = v.get(i).copied().unwrap_or(0);
             }
         }
-        return;
+        return false;
     }
     let write = mmio.is_write != 0;
+    if dvmm_layout::gpa_to_ram_offset(addr, env.ram.size()).is_some() {
+        ram_access_as_mmio(addr, data, write, handle, env);
+        return true;
+    }
     let done = if write {
         env.mmio.write(addr, data)
     } else {
@@ -494,10 +581,42 @@ fn handle_mmio(run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) {
     };
     if !done {
         match &env.remote_io {
-            Some(r) => r.io(dvmm_cluster::IoSpace::Mmio, addr, data, write),
+            Some(r) => {
+                handle.set_activity(Activity::RemoteIo);
+                r.io(dvmm_cluster::IoSpace::Mmio, addr, data, write);
+                handle.set_activity(Activity::Running);
+            }
             None if !write => data.fill(0xff),
             None => {}
         }
+    }
+    false
+}
+
+/// An "MMIO" exit for an address that is guest RAM. KVM's instruction emulator turns an
+/// access to RAM that it could not complete into an MMIO exit: with userfaultfd that is
+/// a fault on a page the DSM has not granted yet whose wait was cut short by a signal
+/// (a kick). Completing it as a device access would feed the guest 0xff or drop its
+/// write; the access is done here instead, through the DSM, with exactly the bytes the
+/// instruction reads or writes.
+fn ram_access_as_mmio(addr: u64, data: &mut [u8], write: bool, handle: &VcpuHandle, env: &VcpuEnv) {
+    let r = if write {
+        env.guest.write(addr, data)
+    } else {
+        env.guest.read(addr, data)
+    };
+    tracing::trace!(
+        vcpu = handle.index,
+        addr = format_args!("{addr:#x}"),
+        write,
+        "RAM access completed for the emulator"
+    );
+    if let Err(e) = r {
+        env.control.finish(VmOutcome::Failed(format!(
+            "vCPU {}: KVM left a {} of guest RAM at {addr:#x} to dvmm, which could not do it: {e}",
+            handle.index,
+            if write { "write" } else { "read" }
+        )));
     }
 }
 

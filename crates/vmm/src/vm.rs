@@ -53,6 +53,8 @@ pub struct VmConfig {
     pub vcpus: u32,
     /// Guest RAM in bytes.
     pub memory: u64,
+    /// Sample the vCPUs and write a flat profile at the end.
+    pub profile: Option<crate::profile::ProfileConfig>,
 }
 
 /// Where this VM instance sits in a multi-node cluster.
@@ -66,14 +68,6 @@ pub struct Placement {
     /// Device accesses forwarded to node 0.
     pub remote_io: Arc<dyn RemoteIo>,
 }
-
-/// Linux `X86_FEATURE_*` numbers of extensions a kernel must not use where KVM emulates
-/// its code: PCLMULQDQ 4*32+1, SSSE3 4*32+9, SSE4.1 4*32+19, SSE4.2 4*32+20, AES 4*32+25,
-/// AVX 4*32+28, AVX2 9*32+5, AVX-512F 9*32+16, SHA 9*32+29 (the emulator cannot run
-/// them), and POPCNT 4*32+23, SMAP 9*32+20 (dvmm can complete popcnt and clac/stac, but
-/// at one VM exit each, on hot paths such as every user-memory access), and MWAIT 4*32+3
-/// (KVM treats `mwait` as a no-op, so an idle guest would spin instead of halting).
-const EMULATION_UNSAFE_FEATURE_BITS: &str = "129,131,137,147,148,151,153,156,293,304,308,317";
 
 /// Feeds console input to the guest's serial port.
 #[derive(Clone)]
@@ -115,6 +109,15 @@ pub struct Vm {
     boot: Option<dvmm_boot::cpu::CpuBootState>,
     console: Option<ConsoleInput>,
     ram: Arc<GuestRam>,
+    profiling: Option<Profiling>,
+}
+
+/// A profiled run: where the report goes and how to name what it found.
+struct Profiling {
+    config: crate::profile::ProfileConfig,
+    symbols: Option<crate::profile::SymbolTable>,
+    sampler: Arc<crate::profile::Sampler>,
+    title: String,
 }
 
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
@@ -347,6 +350,57 @@ fn attach_devices(
     Ok(serial)
 }
 
+impl Profiling {
+    fn write(&self) -> Result<(), VmmError> {
+        let (profile, lstar) = self.sampler.result();
+        let slide = crate::profile::kaslr_slide(self.symbols.as_ref(), lstar);
+        let rows = profile.by_name(self.symbols.as_ref(), slide);
+        let mut title = self.title.clone();
+        if slide != 0 {
+            title.push_str(&format!(" (KASLR slide {slide:#x})"));
+        }
+        crate::profile::write_report(
+            &self.config.output,
+            &crate::profile::format_report(&title, &rows),
+        )?;
+        tracing::info!(
+            path = %self.config.output.display(),
+            samples = profile.total(),
+            "guest profile written"
+        );
+        Ok(())
+    }
+}
+
+/// The profiler's sampler thread: every interval, a running vCPU is asked for its RIP;
+/// one that is halted or waiting is counted as such without being disturbed.
+fn spawn_sampler(
+    sampler: Arc<crate::profile::Sampler>,
+    handles: Vec<Arc<VcpuHandle>>,
+    control: Arc<VmControl>,
+) -> Result<JoinHandle<()>, VmmError> {
+    use crate::interrupts::Activity;
+    use crate::profile::Sample;
+    std::thread::Builder::new()
+        .name("profiler".into())
+        .spawn(move || {
+            let mut idle = crate::profile::Profile::default();
+            while !control.stopping() {
+                std::thread::sleep(sampler.interval);
+                for h in &handles {
+                    match h.activity() {
+                        Activity::Running => h.request_sample(),
+                        Activity::Halted => idle.add(Sample::Halted),
+                        Activity::WaitingForSipi => idle.add(Sample::WaitingForSipi),
+                        Activity::RemoteIo => idle.add(Sample::RemoteIo),
+                    }
+                }
+            }
+            sampler.collect(&idle);
+        })
+        .map_err(VmmError::Thread)
+}
+
 impl Vm {
     /// Creates the VM: memory, vCPUs, devices, and the loaded guest. With a
     /// `placement`, this is one node of a cluster: it creates only its own vCPUs, and only
@@ -368,6 +422,25 @@ impl Vm {
             .map(|n| n.vcpus.clone())
             .ok_or_else(|| VmmError::Internal(format!("no node {node} in the topology")))?;
         let total_vcpus = topology.vcpus;
+        // Read the symbols first: a bad --system-map should fail before the guest runs.
+        let profiling = match &cfg.profile {
+            Some(p) => Some(Profiling {
+                symbols: p
+                    .system_map
+                    .as_deref()
+                    .map(crate::profile::SymbolTable::load)
+                    .transpose()?,
+                sampler: Arc::new(crate::profile::Sampler::new(p.interval)),
+                title: format!(
+                    "dvmm guest profile: node {node}, vCPUs {}..{}, a sample every {:?} per vCPU",
+                    local.start,
+                    local.end.saturating_sub(1),
+                    p.interval
+                ),
+                config: p.clone(),
+            }),
+            None => None,
+        };
         let host = HostKvm::detect();
         if host.emulates_guest_kernel() {
             tracing::info!(
@@ -431,26 +504,21 @@ impl Vm {
             ref_tsc: vcpu::guest_tsc(&vcpus[0]).unwrap_or(0),
         };
 
-        let mut cmdline = cfg.cmdline.clone();
-        if host.emulates_guest_kernel() && !cmdline.split_whitespace().any(|w| w == "noxsave") {
-            // KVM's instruction emulator cannot execute xsave/xrstor at CPL0, and on this
-            // kind of host the guest sometimes reads the host's CPUID (which has XSAVE)
-            // instead of ours, so hiding the bit is not enough: Linux must be told.
-            tracing::info!("adding 'noxsave' to the kernel command line (emulated guest kernel)");
-            cmdline.push_str(" noxsave");
-        }
-        if host.emulates_guest_kernel() && !cmdline.contains("clearcpuid=") {
-            // Likewise for SIMD the kernel uses in kernel_fpu_begin() sections (crypto,
-            // checksums): KVM's emulator cannot run SSSE3/SSE4/AES/PCLMUL/AVX/SHA code;
-            // and for POPCNT/SMAP, which would cost an exit on hot paths.
-            // Linux 6.1's clearcpuid= takes X86_FEATURE_* bit numbers (word * 32 + bit).
-            tracing::info!(
-                "adding 'clearcpuid={EMULATION_UNSAFE_FEATURE_BITS}' to the kernel command line \
-                 (emulated guest kernel)"
-            );
-            cmdline.push_str(" clearcpuid=");
-            cmdline.push_str(EMULATION_UNSAFE_FEATURE_BITS);
-        }
+        let cmdline = match dvmm_boot::identify::kernel_os(&cfg.kernel) {
+            dvmm_boot::identify::KernelOs::Linux => {
+                let (c, added) =
+                    crate::cmdline::for_linux(&cfg.cmdline, host.emulates_guest_kernel());
+                for a in added {
+                    tracing::info!(
+                        "adding '{}' to the kernel command line: {}",
+                        a.option,
+                        a.reason
+                    );
+                }
+                c
+            }
+            dvmm_boot::identify::KernelOs::Other => cfg.cmdline.clone(),
+        };
         let spec = BootSpec {
             kernel: &cfg.kernel,
             initramfs: cfg.initramfs.as_deref(),
@@ -520,8 +588,16 @@ impl Vm {
             guest,
             clock,
             control: control.clone(),
-            remote_io: placement.as_ref().map(|p| p.remote_io.clone()),
+            // The node with the devices answers what none of them claims itself (as a
+            // single node does); only the others forward.
+            remote_io: placement
+                .as_ref()
+                .filter(|_| !has_devices)
+                .map(|p| p.remote_io.clone()),
             syscalls,
+            sampler: profiling.as_ref().map(|p| p.sampler.clone()),
+            emulated_kernel: host.emulates_guest_kernel(),
+            gate: Arc::new(crate::run_gate::RunGate::default()),
         });
         Ok(Vm {
             vcpus,
@@ -532,6 +608,7 @@ impl Vm {
             boot: local.contains(&0).then_some(loaded.cpu),
             console,
             ram,
+            profiling,
         })
     }
 
@@ -555,6 +632,35 @@ impl Vm {
         self.env.guest.use_dsm(dsm);
     }
 
+    /// On hosts whose KVM shadows guest page tables: what keeps those shadows correct
+    /// when the DSM takes page tables away from this node (see [`crate::shadow_mmu`]).
+    pub fn shadow_page_tables(
+        &self,
+    ) -> Result<Option<crate::shadow_mmu::ShadowPageTables>, VmmError> {
+        if !HostKvm::detect().shadow_paging {
+            return Ok(None);
+        }
+        use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd};
+        // SAFETY: the VM fd is open for as long as `self`, beyond this borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(self._vm.as_raw_fd()) }
+            .try_clone_to_owned()
+            .map_err(|e| VmmError::Internal(format!("cannot duplicate the VM fd: {e}")))?;
+        let kvm = Kvm::new().map_err(|source| VmmError::KvmUnavailable { source })?;
+        // SAFETY: `fd` is a fresh duplicate of this VM's fd, handed over to the new VmFd
+        // and used by nothing else.
+        let vm = unsafe { kvm.create_vmfd_from_rawfd(fd.into_raw_fd()) }
+            .map_err(kvm_err("duplicating the VM fd"))?;
+        let phys_end = (4u64 << 30).max(dvmm_layout::ram_offset_to_gpa(self.ram.size()));
+        crate::shadow_mmu::ShadowPageTables::new(
+            vm,
+            phys_end,
+            self.handles.clone(),
+            self.env.gate.clone(),
+        )
+        .map(Some)
+        .map_err(|e| VmmError::Internal(e.to_string()))
+    }
+
     /// Guest RAM.
     pub fn ram(&self) -> Arc<GuestRam> {
         self.ram.clone()
@@ -563,6 +669,44 @@ impl Vm {
     /// A handle to type into the guest's console.
     pub fn console_input(&self) -> Option<ConsoleInput> {
         self.console.clone()
+    }
+
+    /// Adds what the guest's console said last to how it ended: the kernel's panic line
+    /// for a panic, and a reset right after Linux's panic banner is reported as the panic
+    /// it was (`panic=-1`, see [`crate::cmdline`]).
+    fn explain(&self, outcome: VmOutcome) -> VmOutcome {
+        let Some(console) = &self.console else {
+            return outcome;
+        };
+        let tail = console
+            .serial
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .tail();
+        let lines = tail.last_lines(40);
+        let panic_line = lines
+            .iter()
+            .rev()
+            .find(|l| l.contains("Kernel panic - not syncing"))
+            .cloned();
+        match outcome {
+            VmOutcome::Panic(l) if l.is_empty() => VmOutcome::Panic(
+                panic_line
+                    .or_else(|| {
+                        lines
+                            .iter()
+                            .rev()
+                            .find(|l| l.to_ascii_lowercase().contains("panic"))
+                            .cloned()
+                    })
+                    .unwrap_or_default(),
+            ),
+            VmOutcome::Reset(why) => match panic_line {
+                Some(p) => VmOutcome::Panic(p),
+                None => VmOutcome::Reset(why),
+            },
+            other => other,
+        }
     }
 
     /// Runs the guest until it powers off, resets, panics, fails or is stopped.
@@ -599,7 +743,15 @@ impl Vm {
                 }
             }
         }
-        let outcome = self.env.control.wait();
+        let sampler_thread = match &self.profiling {
+            Some(p) => Some(spawn_sampler(
+                p.sampler.clone(),
+                self.handles.clone(),
+                self.env.control.clone(),
+            )?),
+            None => None,
+        };
+        let outcome = self.explain(self.env.control.wait());
         for h in &self.handles {
             // Taking the LAPIC lock orders this wake-up after any check the vCPU made.
             drop(h.lock());
@@ -610,6 +762,15 @@ impl Vm {
         }
         timers.stop();
         let _ = timer_thread.join();
+        if let Some(t) = sampler_thread {
+            let _ = t.join();
+        }
+        if let Some(p) = &self.profiling {
+            p.write()?;
+        }
+        if let Some(line) = self.env.syscalls.summary() {
+            tracing::info!("{line}");
+        }
         if let Some(e) = spawn_error {
             return Err(VmmError::Thread(e));
         }

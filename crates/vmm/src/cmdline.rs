@@ -1,0 +1,92 @@
+//! Options dvmm adds to a Linux guest's command line, each for a stated reason and
+//! never over the user's own choice (an option the user gave is left alone).
+//!
+//! None of them changes what the guest can do: they steer the kernel away from
+//! instructions this host's KVM cannot run (emulated-kernel hosts only), and make a
+//! kernel panic end the VM instead of hanging it.
+
+/// Linux `X86_FEATURE_*` numbers of extensions a kernel must not use where KVM emulates
+/// its code: PCLMULQDQ 4*32+1, SSSE3 4*32+9, SSE4.1 4*32+19, SSE4.2 4*32+20, AES 4*32+25,
+/// AVX 4*32+28, AVX2 9*32+5, AVX-512F 9*32+16, SHA 9*32+29 (the emulator cannot run
+/// them), and POPCNT 4*32+23, SMAP 9*32+20 (dvmm can complete popcnt and clac/stac, but
+/// at one VM exit each, on hot paths such as every user-memory access), and MWAIT 4*32+3
+/// (KVM treats `mwait` as a no-op, so an idle guest would spin instead of halting).
+pub const EMULATION_UNSAFE_FEATURE_BITS: &str = "129,131,137,147,148,151,153,156,293,304,308,317";
+
+/// One option added, and why (for the log).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Added {
+    /// The option as added.
+    pub option: String,
+    /// Why.
+    pub reason: &'static str,
+}
+
+fn has_key(cmdline: &str, key: &str) -> bool {
+    cmdline
+        .split_whitespace()
+        .any(|w| w == key || w.strip_prefix(key).is_some_and(|r| r.starts_with('=')))
+}
+
+/// The command line a Linux guest gets: `user` plus what this host needs.
+/// `emulated_kernel`: the host's KVM emulates guest kernel code.
+pub fn for_linux(user: &str, emulated_kernel: bool) -> (String, Vec<Added>) {
+    let mut wanted: Vec<(&str, String, &'static str)> = vec![(
+        "panic",
+        "panic=-1".to_string(),
+        "a kernel panic reboots at once, which ends the VM with the panic line, instead of \
+         hanging it",
+    )];
+    if emulated_kernel {
+        wanted.push((
+            "noxsave",
+            "noxsave".to_string(),
+            "this host's KVM cannot emulate xsave/xrstor in kernel code, and its guests may \
+             see the host's XSAVE bit",
+        ));
+        wanted.push((
+            "clearcpuid",
+            format!("clearcpuid={EMULATION_UNSAFE_FEATURE_BITS}"),
+            "kernel code must not use SIMD this host's KVM cannot emulate, nor POPCNT/SMAP/\
+             MWAIT (an exit each, or a spinning idle loop)",
+        ));
+    }
+    let mut out = user.trim().to_string();
+    let mut added = Vec::new();
+    for (key, option, reason) in wanted {
+        if has_key(user, key) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.push_str(&option);
+        added.push(Added { option, reason });
+    }
+    (out, added)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adds_what_is_missing_and_keeps_what_the_user_chose() {
+        let (c, added) = for_linux("console=ttyS0 panic=30", true);
+        assert_eq!(
+            c,
+            format!("console=ttyS0 panic=30 noxsave clearcpuid={EMULATION_UNSAFE_FEATURE_BITS}")
+        );
+        assert_eq!(added.len(), 2);
+        let (c, added) = for_linux("console=ttyS0 clearcpuid=1", false);
+        assert_eq!(c, "console=ttyS0 clearcpuid=1 panic=-1");
+        assert_eq!(added[0].option, "panic=-1");
+    }
+
+    #[test]
+    fn keys_match_whole_words() {
+        assert!(has_key("a noxsave b", "noxsave"));
+        assert!(has_key("panic=5", "panic"));
+        assert!(!has_key("panicky=1 oops=panic", "panic"));
+    }
+}
