@@ -1,0 +1,267 @@
+//! An unmodified Linux kernel boots on dvmm, on one node and across nodes, and runs
+//! user programs: busybox, and smp-check (threads pinned to every CPU checking an
+//! atomic counter, a mutex, message passing and NUMA-local allocation).
+//!
+//! Two kernels: dvmm's small one, built from Debian's linux-source-6.1 with
+//! guests/linux/kernel.config by scripts/build-linux.sh (cached outside the checkout;
+//! these tests build it on a cache miss), and Debian's stock kernel as packaged
+//! (scripts/linux-guest.sh; those tests are `#[ignore]`d: tens of minutes here).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{dvmm, Run};
+
+/// A kernel and the test initramfs.
+struct Guest {
+    kernel: PathBuf,
+    initramfs: PathBuf,
+}
+
+fn script(args: &[&str]) -> Vec<PathBuf> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new("bash")
+        .args(args)
+        .current_dir(root)
+        .output()
+        .expect("run a guest-building script");
+    assert!(
+        out.status.success(),
+        "{args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// dvmm's small kernel (built on a cache miss) and the test initramfs.
+fn small_kernel() -> Guest {
+    let kernel = script(&["scripts/build-linux.sh"]).remove(0);
+    let initramfs = script(&["scripts/linux-guest.sh", "--initramfs-only"]).remove(0);
+    Guest { kernel, initramfs }
+}
+
+/// Debian's stock kernel and the test initramfs.
+fn debian_kernel() -> Guest {
+    let p = script(&["scripts/linux-guest.sh"]);
+    Guest {
+        kernel: p[0].clone(),
+        initramfs: p[1].clone(),
+    }
+}
+
+fn boot(g: &Guest, nodes: u32, cpus: u32, memory: &str, cmdline: &str, limit: Duration) -> Run {
+    let nodes = nodes.to_string();
+    let cpus = cpus.to_string();
+    let kernel = g.kernel.to_string_lossy().to_string();
+    let initramfs = g.initramfs.to_string_lossy().to_string();
+    dvmm(
+        &[
+            "run",
+            "--kernel",
+            &kernel,
+            "--initramfs",
+            &initramfs,
+            "--cmdline",
+            cmdline,
+            "--nodes",
+            &nodes,
+            "--cpus",
+            &cpus,
+            "--memory",
+            memory,
+        ],
+        limit,
+    )
+}
+
+/// The value after `key` on the console line starting with `prefix`.
+fn line_with<'a>(run: &'a Run, prefix: &str) -> &'a str {
+    run.stdout
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line starting {prefix:?}\n{}", run.transcript()))
+}
+
+fn kb_after(line: &str, key: &str) -> u64 {
+    let rest = &line[line
+        .find(key)
+        .unwrap_or_else(|| panic!("{key} in {line:?}"))
+        + key.len()..];
+    rest.split_whitespace()
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("a number after {key} in {line:?}"))
+}
+
+/// Everything a good run shows: user space ran, saw every CPU and NUMA node with the
+/// right memory and distances, and smp-check passed on every CPU; the guest powered off
+/// and every node exited 0.
+fn assert_good_run(run: &Run, nodes: u32, cpus: u32, memory_mib: u64) {
+    assert_eq!(run.code, Some(0), "{}", run.transcript());
+    assert!(
+        run.stdout.contains("Run /init as init process"),
+        "{}",
+        run.transcript()
+    );
+    assert_eq!(
+        line_with(run, "dvmm-init: nproc="),
+        format!("dvmm-init: nproc={cpus}")
+    );
+    let total = kb_after(line_with(run, "dvmm-init: MemTotal:"), "MemTotal:");
+    assert!(
+        total > memory_mib * 1024 * 7 / 10 && total <= memory_mib * 1024,
+        "MemTotal {total} kB for {memory_mib} MiB\n{}",
+        run.transcript()
+    );
+    let want_nodes = if nodes == 1 {
+        "0".to_string()
+    } else {
+        format!("0-{}", nodes - 1)
+    };
+    assert_eq!(
+        line_with(run, "dvmm-init: numa nodes="),
+        format!("dvmm-init: numa nodes={want_nodes}")
+    );
+    // Each NUMA node: the node's share of the RAM (less what the kernel reserved on it)
+    // and SLIT distances 10 to itself, 20 to the others.
+    let share = memory_mib * 1024 / u64::from(nodes);
+    for n in 0..nodes {
+        let l = line_with(run, &format!("dvmm-init: node{n} cpus="));
+        let mem = kb_after(l, "MemTotal:");
+        assert!(
+            mem > share / 2 && mem <= share + 2048,
+            "node {n}: MemTotal {mem} kB of a {share} kB share\n{}",
+            run.transcript()
+        );
+        let want: Vec<&str> = (0..nodes)
+            .map(|m| if m == n { "10" } else { "20" })
+            .collect();
+        assert!(l.ends_with(&format!("distance={}", want.join(","))), "{l}");
+    }
+    assert!(
+        run.stdout.contains("smp-check: PASS"),
+        "{}",
+        run.transcript()
+    );
+    assert!(
+        run.stdout.contains("smp-check: atomic ok"),
+        "{}",
+        run.transcript()
+    );
+    assert!(
+        run.stdout.contains("smp-check: mutex ok"),
+        "{}",
+        run.transcript()
+    );
+    if cpus > 1 {
+        assert!(run.stdout.contains("smp-check: message-passing ok"));
+    }
+    for cpu in 0..cpus {
+        // A CPU's fresh memory must land on its own node (CPUs are split in blocks).
+        let node = cpu * nodes / cpus;
+        let want = format!("smp-check: numa ok (cpu {cpu} node {node}: 256/256 fresh pages local)");
+        assert!(run.stdout.contains(&want), "{want}\n{}", run.transcript());
+    }
+    assert!(run.stdout.contains("dvmm-init: powering off"));
+}
+
+#[test]
+fn small_kernel_two_nodes() {
+    let g = small_kernel();
+    let run = boot(
+        &g,
+        2,
+        2,
+        "256M",
+        "console=ttyS0 dvmm.iters=500",
+        Duration::from_secs(600),
+    );
+    assert_good_run(&run, 2, 2, 256);
+}
+
+#[test]
+fn small_kernel_panic_ends_every_node() {
+    // No init at all: the kernel panics ("No working init found"), pvpanic ends the VM,
+    // every node exits 3 and the panic line reaches stderr.
+    let g = small_kernel();
+    let run = boot(
+        &g,
+        2,
+        2,
+        "256M",
+        "console=ttyS0 rdinit=/nonexistent init=/nonexistent",
+        Duration::from_secs(600),
+    );
+    assert_eq!(run.code, Some(3), "{}", run.transcript());
+    assert!(
+        run.stderr.contains("Kernel panic - not syncing"),
+        "{}",
+        run.transcript()
+    );
+    assert!(
+        run.stderr
+            .contains("dvmm: nodes ended: node 0: exit 3, node 1: exit 3"),
+        "{}",
+        run.transcript()
+    );
+}
+
+#[test]
+#[ignore = "Debian's stock kernel: ~10 min of emulated boot here; run before resolving"]
+fn debian_one_node_two_cpus() {
+    let g = debian_kernel();
+    let run = boot(&g, 1, 2, "512M", "console=ttyS0", Duration::from_secs(1800));
+    assert_good_run(&run, 1, 2, 512);
+}
+
+#[test]
+#[ignore = "Debian's stock kernel: ~10 min of emulated boot here; run before resolving"]
+fn debian_two_nodes() {
+    let g = debian_kernel();
+    let run = boot(&g, 2, 2, "512M", "console=ttyS0", Duration::from_secs(2400));
+    assert_good_run(&run, 2, 2, 512);
+}
+
+#[test]
+#[ignore = "Debian's stock kernel: ~10 min of emulated boot here; run before resolving"]
+fn debian_four_nodes() {
+    let g = debian_kernel();
+    let run = boot(&g, 4, 4, "1G", "console=ttyS0", Duration::from_secs(3600));
+    assert_good_run(&run, 4, 4, 1024);
+}
+
+#[test]
+fn kernel_without_an_entry_is_refused() {
+    // An ELF that is neither a bzImage nor has a PVH note: a clear error, exit 1.
+    let dir = std::env::temp_dir().join(format!("dvmm-linux-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let elf = dir.join("vmlinux-no-pvh");
+    let out = Command::new("gcc")
+        .args(["-nostdlib", "-static", "-x", "c", "-", "-o"])
+        .arg(&elf)
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin
+                .take()
+                .expect("stdin")
+                .write_all(b"void _start(void){for(;;);}\n")?;
+            c.wait()
+        })
+        .expect("gcc");
+    assert!(out.success());
+    let run = dvmm(
+        &["run", "--kernel", elf.to_str().unwrap(), "--memory", "64M"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(run.code, Some(1), "{}", run.transcript());
+    assert!(run.stderr.contains("PVH"), "{}", run.transcript());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
