@@ -182,7 +182,9 @@ void isr_dispatch(struct frame *f);
 
 static struct percpu cpus[MAX_CPUS];
 static struct tss tss[MAX_CPUS];
-static struct idt_entry idt[256];
+/* Own page: every interrupt reads it, and on a cluster sharing a page with the barrier and
+ * console-lock words would make each of their writes invalidate every node's IDT copy. */
+static struct idt_entry idt[256] __attribute__((aligned(4096)));
 static uint32_t ncpus, bsp_index;
 static int use_x2apic, have_x2apic, have_tsc_deadline, fail_requested, use_ud2, bench_mode;
 static volatile uint32_t pong_flag;

@@ -247,7 +247,6 @@ pub fn write_report(path: &Path, text: &str) -> Result<(), ProfileError> {
     })
 }
 
-
 /// What the vCPU threads and the sampler share.
 pub struct Sampler {
     /// Time between samples.

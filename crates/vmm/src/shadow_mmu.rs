@@ -42,12 +42,18 @@ use crate::run_gate::RunGate;
 /// The scratch slot's number: far above the RAM slots.
 const SCRATCH_SLOT: u32 = 100;
 
-/// Page-table test: does `page` hold x86-64 page-table entries? Every present entry must
-/// point at a frame inside the guest's physical address space (`max_frame` frames) with
-/// its reserved bits (52..=62, and bit 7 of a 4 KiB leaf is PAT, so not tested) clear;
-/// not-present entries are 0 (dvmm's guests have no swap); and at least one is present.
+/// Page-table test: could KVM have shadowed `page` as an x86-64 page table? Every
+/// present entry must point at a frame inside the guest's physical address space
+/// (`max_frame` frames) other than frame 0, with its reserved bits (52..=62) clear;
+/// not-present entries are 0 (dvmm's guests have no swap); and at least one present
+/// entry has its Accessed bit set: KVM's walker sets it on every entry it translates
+/// through, so a table KVM never walked (and so never shadowed) is left alone. Pages of
+/// small odd counters (lock words) would otherwise pass, and each false positive costs
+/// every vCPU of the node its shadow pages.
 pub fn looks_like_page_table(page: &[u8], max_frame: u64) -> bool {
-    let mut present = 0;
+    const PRESENT: u64 = 1;
+    const ACCESSED: u64 = 1 << 5;
+    let mut accessed = false;
     for e in page.chunks_exact(8) {
         let mut b = [0u8; 8];
         b.copy_from_slice(e);
@@ -55,15 +61,16 @@ pub fn looks_like_page_table(page: &[u8], max_frame: u64) -> bool {
         if v == 0 {
             continue;
         }
-        if v & 1 == 0 || v & 0x7ff0_0000_0000_0000 != 0 {
+        if v & PRESENT == 0 || v & 0x7ff0_0000_0000_0000 != 0 {
             return false;
         }
-        if (v & 0x000f_ffff_ffff_f000) >> 12 >= max_frame {
+        let frame = (v & 0x000f_ffff_ffff_f000) >> 12;
+        if frame == 0 || frame >= max_frame {
             return false;
         }
-        present += 1;
+        accessed |= v & ACCESSED != 0;
     }
-    present > 0
+    accessed
 }
 
 /// Drops KVM's shadow page tables when a page table leaves this node (see the module
@@ -237,6 +244,14 @@ mod tests {
             frames
         ));
         assert!(!looks_like_page_table(&page(&[]), frames), "empty");
+        assert!(
+            !looks_like_page_table(&page(&[(0, 0x0000_0000_0200_0007)]), frames),
+            "never walked (no Accessed bit)"
+        );
+        assert!(
+            !looks_like_page_table(&page(&[(0, 0x21), (1, 0x23)]), frames),
+            "odd counters: frame 0"
+        );
         assert!(!looks_like_page_table(
             &page(&[(0, 0x1234_5678_0000_0000)]),
             frames
