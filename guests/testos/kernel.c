@@ -1660,7 +1660,8 @@ static void check_litmus_iriw(struct percpu *c)
  * cpu adds to a counter with lock xadd, then takes a ticket lock (lock xadd on next,
  * spin on serving) around plain increments of a word on the lock's page and of two
  * words on pages of their own. */
-#define KSHARED_ITERS 300
+#define KSHARED_ITERS 300 /* default; testos.iters.kernel-shared=N */
+static uint64_t iters_kshared = KSHARED_ITERS;
 static struct {
     volatile uint64_t counter;
     volatile uint64_t next, serving, inpage;
@@ -1677,13 +1678,13 @@ static void check_kernel_shared(struct percpu *c)
     }
     nap_barrier("kernel-shared reset");
     uint64_t t0 = rdtsc(), last = 0;
-    for (uint64_t i = 0; i < KSHARED_ITERS; i++) {
+    for (uint64_t i = 0; i < iters_kshared; i++) {
         uint64_t v = __atomic_fetch_add(&kshared.counter, 1, __ATOMIC_SEQ_CST);
         if (i && v <= last)
             fail("kernel-shared: lock xadd returned %lu after %lu", v, last);
         last = v;
     }
-    for (uint64_t i = 0; i < KSHARED_ITERS; i++) {
+    for (uint64_t i = 0; i < iters_kshared; i++) {
         uint64_t t = __atomic_fetch_add(&kshared.next, 1, __ATOMIC_SEQ_CST);
         if (!WAIT_UNTIL(__atomic_load_n(&kshared.serving, __ATOMIC_ACQUIRE) == t, watchdog_ms))
             fail("kernel-shared: ticket %lu never served (serving %lu)", t, kshared.serving);
@@ -1698,12 +1699,12 @@ static void check_kernel_shared(struct percpu *c)
         __atomic_store_n(&kshared.serving, t + 1, __ATOMIC_RELEASE);
     }
     nap_barrier("kernel-shared done");
-    uint64_t want = (uint64_t)ncpus * KSHARED_ITERS;
+    uint64_t want = (uint64_t)ncpus * iters_kshared;
     if (kshared.counter != want || krec_a.v != want || krec_b.v != want || kshared.inpage != want)
         fail("kernel-shared: counter %lu, a %lu, b %lu, on the lock's page %lu; expected all %lu",
              kshared.counter, krec_a.v, krec_b.v, kshared.inpage, want);
     ok("kernel-shared", "%u lock xadd and %u ticket-lock rounds at cpl0 in %lu ms; all = %lu",
-       KSHARED_ITERS, KSHARED_ITERS, tsc_to_us(rdtsc() - t0) / 1000, want);
+       (unsigned)iters_kshared, (unsigned)iters_kshared, tsc_to_us(rdtsc() - t0) / 1000, want);
 }
 
 /* Kernel code reading memory that another node keeps rewriting, while that node
@@ -1713,7 +1714,8 @@ static void check_kernel_shared(struct percpu *c)
  * writer fills KSTREAM_PAGES pages with a new value per round and then sends IPIs
  * while the reader checks every word at CPL0. */
 #define KSTREAM_PAGES 16
-#define KSTREAM_ROUNDS 6
+#define KSTREAM_ROUNDS 6 /* default; testos.iters.kernel-stream=N */
+static uint64_t iters_kstream = KSTREAM_ROUNDS;
 static volatile uint64_t kstream[KSTREAM_PAGES][512] __attribute__((aligned(4096)));
 static volatile uint32_t kstream_done;
 
@@ -1725,7 +1727,7 @@ static void check_kernel_stream(struct percpu *c)
     uint32_t ipis = 0;
     for (uint32_t turn = 0; turn < dsm_npairs || turn == 0; turn++) {
         int mine = !out && dsm_group(c, 2, &g, &r) && g == turn;
-        for (uint32_t round = 0; round < KSTREAM_ROUNDS; round++) {
+        for (uint32_t round = 0; round < iters_kstream; round++) {
             uint64_t want = 0x6b73000000000000ULL | ((uint64_t)turn << 16) | (round + 1);
             nap_barrier("kernel-stream fill");
             if (mine && r == 0) {
@@ -1762,7 +1764,7 @@ static void check_kernel_stream(struct percpu *c)
     if (!out) {
         if (r == 0)
             ok("kernel-stream", "writer to cpu %u: %u rounds of %u pages, %u IPIs while it read",
-               dsm_member(2, g, 1), KSTREAM_ROUNDS, KSTREAM_PAGES, ipis);
+               dsm_member(2, g, 1), (unsigned)iters_kstream, KSTREAM_PAGES, ipis);
         else
             ok("kernel-stream", "reader from cpu %u: %lu words at cpl0, all current, under IPIs",
                dsm_member(2, g, 0), words);
@@ -1776,7 +1778,8 @@ static void check_kernel_stream(struct percpu *c)
  * the address (as a TLB shootdown does), and the other reads it from CPL3 (which runs
  * natively on emulated-kernel hosts, through the host's shadow page tables). */
 #define PT_VA 0x0000008000000000ULL /* PML4 slot 1 */
-#define PT_ITERS 32
+#define PT_ITERS 32 /* default (even); testos.iters.pagetable=N */
+static uint64_t iters_pagetable = PT_ITERS;
 static uint64_t pt_pdpt[512] __attribute__((aligned(4096)));
 static uint64_t pt_pd[512] __attribute__((aligned(4096)));
 static volatile uint64_t pt_pt[512] __attribute__((aligned(4096)));
@@ -1811,10 +1814,10 @@ static void check_pagetable(struct percpu *c)
     uint32_t reads = 0;
     for (uint32_t turn = 0; turn < dsm_npairs || turn == 0; turn++) {
         int mine = !out && dsm_group(c, 2, &g, &r) && g == turn;
-        for (uint32_t it = 0; it < PT_ITERS; it++) {
+        for (uint32_t it = 0; it < iters_pagetable; it++) {
             /* Role 0 writes the page tables in the first half, role 1 in the second: a
              * node that only ever reads a page table must still see its changes. */
-            uint32_t writer = it >= PT_ITERS / 2;
+            uint32_t writer = it >= iters_pagetable / 2;
             /* Only the page-table entry changes, never the pages it points at: the
              * reader's node learns of the change through the page table alone (as a
              * fork's COW write-protection or a remap is seen). */
@@ -2238,6 +2241,18 @@ void kmain(void)
             if (*iters[i] == 0)
                 *iters[i] = 1;
         }
+        /* The checks of kernel code: testos.iters=N lowers their counts, never raises
+         * them (every iteration is emulated kernel code on some hosts). */
+        uint64_t *const kiters[] = {&iters_kshared, &iters_kstream, &iters_pagetable};
+        const char *const kkeys[] = {"testos.iters.kernel-shared", "testos.iters.kernel-stream",
+                                     "testos.iters.pagetable"};
+        for (int i = 0; i < 3; i++) {
+            uint64_t def = all && all < *kiters[i] ? all : *kiters[i];
+            *kiters[i] = cmdline_u64(kkeys[i], def);
+            if (*kiters[i] == 0)
+                *kiters[i] = 1;
+        }
+        iters_pagetable += iters_pagetable & 1; /* half written by each cpu of a pair */
         if (iters_iriw > 0x7FFFFFFFULL) /* its log holds 32-bit values */
             iters_iriw = 0x7FFFFFFFULL;
     }

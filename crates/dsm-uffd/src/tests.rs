@@ -662,14 +662,9 @@ impl LocalDerived for FakeDerived {
     }
 }
 
-/// A page that derived state hangs on is taken from a node only while that node's users
-/// are parked, and the state is dropped then; the users' other faults are served
-/// meanwhile (a reader of a second page keeps going), and no write is lost.
-#[test]
-fn derived_pages_leave_only_while_their_users_are_quiesced() {
-    let _one = cpu_heavy();
-    let fakes = [FakeDerived::new(false), FakeDerived::new(false)];
-    let c = Cluster::with_derived(
+/// Two nodes, node i's engine telling `fakes[i]` of its invalidations.
+fn derived_cluster(fakes: &[Arc<FakeDerived>; 2]) -> Cluster {
+    Cluster::with_derived(
         2,
         RAM,
         BLOCK,
@@ -677,7 +672,17 @@ fn derived_pages_leave_only_while_their_users_are_quiesced() {
         |_| {},
         |i| Some(fakes[usize::from(i)].clone() as Arc<dyn LocalDerived>),
     )
-    .unwrap();
+    .unwrap()
+}
+
+/// A page that derived state hangs on is taken from a node only while that node's users
+/// are parked, and the state is dropped then; the users' other faults are served
+/// meanwhile (a reader of a second page keeps going), and no write is lost.
+#[test]
+fn derived_pages_leave_only_while_their_users_are_quiesced() {
+    let _one = cpu_heavy();
+    let fakes = [FakeDerived::new(false), FakeDerived::new(false)];
+    let c = derived_cluster(&fakes);
     // Page 0 (home node 0) starts with the magic: a "page table".
     let table = Ptr(c.a(0, 0));
     write_u64(table.0, DERIVED_MAGIC);
@@ -735,15 +740,7 @@ fn derived_pages_leave_only_while_their_users_are_quiesced() {
 #[test]
 fn a_user_that_never_quiesces_delays_but_does_not_hang() {
     let fakes = [FakeDerived::new(true), FakeDerived::new(true)];
-    let c = Cluster::with_derived(
-        2,
-        RAM,
-        BLOCK,
-        &[],
-        |_| {},
-        |i| Some(fakes[usize::from(i)].clone() as Arc<dyn LocalDerived>),
-    )
-    .unwrap();
+    let c = derived_cluster(&fakes);
     write_u64(c.a(0, 0), DERIVED_MAGIC);
     // Node 1 reads the page, then node 0 writes it: node 1 must give it up.
     assert_eq!(read_u64(c.a(1, 0)), DERIVED_MAGIC);

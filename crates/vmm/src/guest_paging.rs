@@ -79,23 +79,38 @@ pub fn translate(mem: &dyn GuestAccess, paging: Paging, va: u64) -> Option<Trans
     Some(t)
 }
 
-/// Reads `buf.len()` bytes at guest-virtual `va`, page by page. False if any byte is
-/// not mapped or not readable.
-pub fn read_virt(mem: &dyn GuestAccess, paging: Paging, va: u64, buf: &mut [u8]) -> bool {
+/// Calls `f(gpa, start, len)` for each page-sized piece of `[va, va + len)`, in order,
+/// with the piece's guest-physical address and its offset in the range. False if a page
+/// is not mapped or `f` fails.
+fn for_each_piece(
+    mem: &dyn GuestAccess,
+    paging: Paging,
+    va: u64,
+    len: usize,
+    mut f: impl FnMut(u64, usize, usize) -> bool,
+) -> bool {
     let mut done = 0;
-    while done < buf.len() {
+    while done < len {
         let at = va.wrapping_add(done as u64);
-        let in_page = (4096 - (at & 0xfff)) as usize;
-        let n = in_page.min(buf.len() - done);
+        let n = ((4096 - (at & 0xfff)) as usize).min(len - done);
         let Some(t) = translate(mem, paging, at) else {
             return false;
         };
-        if mem.read(t.gpa, &mut buf[done..done + n]).is_err() {
+        if !f(t.gpa, done, n) {
             return false;
         }
         done += n;
     }
     true
+}
+
+/// Reads `buf.len()` bytes at guest-virtual `va`, page by page. False if any byte is
+/// not mapped or not readable.
+pub fn read_virt(mem: &dyn GuestAccess, paging: Paging, va: u64, buf: &mut [u8]) -> bool {
+    let len = buf.len();
+    for_each_piece(mem, paging, va, len, |gpa, at, n| {
+        mem.read(gpa, &mut buf[at..at + n]).is_ok()
+    })
 }
 
 /// Reads a little-endian u64 at guest-virtual `va`.
@@ -107,20 +122,9 @@ pub fn read_u64(mem: &dyn GuestAccess, paging: Paging, va: u64) -> Option<u64> {
 /// Writes `buf` at guest-virtual `va`, page by page (the VMM writes regardless of the
 /// guest's write-protection). False if any byte is not mapped or the write failed.
 pub fn write_virt(mem: &dyn GuestAccess, paging: Paging, va: u64, buf: &[u8]) -> bool {
-    let mut done = 0;
-    while done < buf.len() {
-        let at = va.wrapping_add(done as u64);
-        let in_page = (4096 - (at & 0xfff)) as usize;
-        let n = in_page.min(buf.len() - done);
-        let Some(t) = translate(mem, paging, at) else {
-            return false;
-        };
-        if mem.write(t.gpa, &buf[done..done + n]).is_err() {
-            return false;
-        }
-        done += n;
-    }
-    true
+    for_each_piece(mem, paging, va, buf.len(), |gpa, at, n| {
+        mem.write(gpa, &buf[at..at + n]).is_ok()
+    })
 }
 
 #[cfg(test)]

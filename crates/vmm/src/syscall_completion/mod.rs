@@ -218,10 +218,10 @@ impl SyscallCompletion {
         if st.lstar == 0 {
             return;
         }
-        // A forced look (a HLT) only needs to see that both gates still point at the
-        // stub, read where they were found (two reads instead of three page walks; on a
+        // A forced look (a HLT) only needs to see the stub and both gates unchanged,
+        // read where they were found (three reads instead of three page walks; on a
         // cluster each walk reads page tables other nodes may be rewriting). The timed
-        // look redoes everything: the stub's bytes, the translations.
+        // look redoes everything, translations included.
         if force
             && now_ns.saturating_sub(last) < VERIFY_INTERVAL_NS
             && self.gates_intact(&st, sregs, mem)
@@ -246,6 +246,10 @@ impl SyscallCompletion {
                 g.is_valid() && g.offset == i.va + entry
             })
         };
+        let mut bytes = [0u8; STUB_LEN];
+        if mem.read(i.gpa, &mut bytes).is_err() || bytes != stub::build(&i.params) {
+            return false;
+        }
         points_at(i.pf_gate_gpa, stub::PF_ENTRY)
             && i.ud_gate_gpa
                 .is_none_or(|gpa| points_at(gpa, stub::UD_ENTRY))
