@@ -117,7 +117,9 @@ impl Write for ConsoleOut {
     }
 }
 
-/// Puts the terminal into raw mode (keeping Ctrl-C as a signal) and restores it on drop.
+/// Puts the terminal into raw mode and restores it on drop. Ctrl-C, Ctrl-Z and Ctrl-\\
+/// go to the guest (its shell's foreground program gets them); [`EscapeFilter`]'s
+/// Ctrl-A x stops dvmm.
 struct RawTerminal {
     saved: Option<libc::termios>,
 }
@@ -134,7 +136,7 @@ impl RawTerminal {
                 return RawTerminal { saved: None };
             }
             let saved = t;
-            t.c_lflag &= !(libc::ICANON | libc::ECHO | libc::IEXTEN);
+            t.c_lflag &= !(libc::ICANON | libc::ECHO | libc::IEXTEN | libc::ISIG);
             t.c_iflag &= !(libc::ICRNL | libc::IXON);
             t.c_cc[libc::VMIN] = 1;
             t.c_cc[libc::VTIME] = 0;
@@ -194,6 +196,7 @@ fn attach_console(
     input: Option<dvmm_vmm::ConsoleInput>,
     control: Arc<VmControl>,
 ) -> Result<Option<RawTerminal>> {
+    let stop_control = control.clone();
     on_signals(set, move |sig| {
         tracing::info!(signal = sig, "stopping the VM");
         control.finish(VmOutcome::Stopped);
@@ -202,19 +205,69 @@ fn attach_console(
         return Ok(None);
     };
     let raw = RawTerminal::enable();
+    let interactive = raw.saved.is_some();
+    if interactive {
+        eprintln!(
+            "dvmm: the console is this terminal; Ctrl-A x stops the VM, Ctrl-A Ctrl-A sends Ctrl-A"
+        );
+    }
     std::thread::Builder::new()
         .name("console-in".into())
         .spawn(move || {
             let mut buf = [0u8; 256];
+            let mut escape = EscapeFilter::default();
             let mut stdin = std::io::stdin().lock();
             while let Ok(n) = stdin.read(&mut buf) {
-                if n == 0 || !input.feed(&buf[..n]) {
+                if n == 0 {
+                    break;
+                }
+                let (bytes, stop) = if interactive {
+                    escape.filter(&buf[..n])
+                } else {
+                    (buf[..n].to_vec(), false)
+                };
+                if stop {
+                    tracing::info!("Ctrl-A x: stopping the VM");
+                    stop_control.finish(VmOutcome::Stopped);
+                    break;
+                }
+                if !input.feed(&bytes) {
                     break;
                 }
             }
         })
         .context("cannot start the console input thread")?;
     Ok(Some(raw))
+}
+
+/// The console's escape: Ctrl-A x stops dvmm, Ctrl-A Ctrl-A is one Ctrl-A for the guest,
+/// Ctrl-A and anything else passes both bytes on (as QEMU's `-serial stdio` does).
+#[derive(Default)]
+struct EscapeFilter {
+    after_ctrl_a: bool,
+}
+
+impl EscapeFilter {
+    const CTRL_A: u8 = 0x01;
+
+    /// The bytes for the guest, and whether the user asked to stop.
+    fn filter(&mut self, input: &[u8]) -> (Vec<u8>, bool) {
+        let mut out = Vec::with_capacity(input.len());
+        for &b in input {
+            if std::mem::take(&mut self.after_ctrl_a) {
+                match b {
+                    b'x' | b'X' => return (out, true),
+                    Self::CTRL_A => out.push(Self::CTRL_A),
+                    other => out.extend_from_slice(&[Self::CTRL_A, other]),
+                }
+            } else if b == Self::CTRL_A {
+                self.after_ctrl_a = true;
+            } else {
+                out.push(b);
+            }
+        }
+        (out, false)
+    }
 }
 
 fn exit_code(outcome: VmOutcome) -> u8 {
@@ -314,5 +367,25 @@ fn main() -> ExitCode {
             eprintln!("dvmm: error: {msg}");
             ExitCode::from(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EscapeFilter;
+
+    #[test]
+    fn ctrl_a_x_stops_and_everything_else_reaches_the_guest() {
+        let mut f = EscapeFilter::default();
+        assert_eq!(
+            f.filter(b"ls\x03\r"),
+            (b"ls\x03\r".to_vec(), false),
+            "Ctrl-C is the guest's"
+        );
+        assert_eq!(f.filter(b"a\x01\x01b"), (b"a\x01b".to_vec(), false));
+        assert_eq!(f.filter(b"\x01q"), (b"\x01q".to_vec(), false));
+        // An escape split across two reads.
+        assert_eq!(f.filter(b"echo\x01"), (b"echo".to_vec(), false));
+        assert_eq!(f.filter(b"x"), (Vec::new(), true));
     }
 }
