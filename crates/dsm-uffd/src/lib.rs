@@ -597,10 +597,7 @@ impl DsmEngine {
         };
         // A hold that is over stays in the map until the hold thread drains what it
         // deferred, so that those messages keep their order.
-        let held = st.holds.get(&page).is_some_and(|h| {
-            h.remaining(Instant::now(), |t| in_fault(&st.faulters, t))
-                .is_some()
-        });
+        let held = is_held(st, page, Instant::now());
         let pin = match st.pins.get(&page).copied() {
             Some(pin) => Some(pin),
             // A hold defers like a pin of the access the woken vCPU asked for.
@@ -618,16 +615,7 @@ impl DsmEngine {
         };
         let queued = st.deferred.get(&page).is_some_and(|q| !q.is_empty());
         let is_home = st.node.home(page) == st.node.id();
-        if !queued && inner.needs_quiesce(st, from, msg) {
-            st.stats.deferred_msgs += 1;
-            st.deferred.entry(page).or_default().push_back((
-                from,
-                msg,
-                data.map(|d| d.to_vec().into_boxed_slice()),
-            ));
-            inner.start_quiesce(st, page);
-            return;
-        }
+        let quiesce = !queued && inner.needs_quiesce(st, from, msg);
         if queued
             && pin.is_none()
             && !st.holds.contains_key(&page)
@@ -636,9 +624,11 @@ impl DsmEngine {
             // Nothing left to drain the queue later (cannot happen: a queue lives only
             // while a pin or a hold does); deliver it now, in order.
             inner.drain_deferred(st, page);
-        } else if queued || pin.is_some_and(|p| must_defer(msg, p, is_home)) {
+        } else if quiesce || queued || pin.is_some_and(|p| must_defer(msg, p, is_home)) {
             st.stats.deferred_msgs += 1;
-            if !st.pins.contains_key(&page) {
+            if quiesce {
+                inner.start_quiesce(st, page);
+            } else if !st.pins.contains_key(&page) {
                 // Only the hold thread will deliver it: let it look again now.
                 inner.hold_cv.notify_one();
             }
@@ -806,6 +796,13 @@ const HOLDS_SWEEP: usize = 256;
 /// Whether thread `tid` waits in a fault of this engine.
 fn in_fault(faulters: &Faulters, tid: i32) -> bool {
     faulters.values().any(|w| w.iter().any(|&(t, _)| t == tid))
+}
+
+/// Whether a hold on `page` still keeps it for the threads it was handed to.
+fn is_held(st: &State, page: PageNo, now: Instant) -> bool {
+    st.holds
+        .get(&page)
+        .is_some_and(|h| h.remaining(now, |t| in_fault(&st.faulters, t)).is_some())
 }
 
 /// Whether a message for a page pinned (or held) here must wait until the pin drops.
@@ -1133,10 +1130,7 @@ impl Inner {
             let now = Instant::now();
             let pages = std::mem::take(&mut st.quiesce_pages);
             for page in pages {
-                let held = st
-                    .holds
-                    .get(&page)
-                    .is_some_and(|h| h.remaining(now, |t| in_fault(&st.faulters, t)).is_some());
+                let held = is_held(st, page, now);
                 if st.pins.contains_key(&page) || held {
                     // Waits for its pin or hold as well; delivered on a later look.
                     st.quiesce_pages.insert(page);

@@ -29,8 +29,6 @@
 //! gate or asleep in userspace); then it takes the page away, changes the slot (no
 //! vCPU is in KVM, so at once), acknowledges and opens the gate.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use std::sync::Arc;
 
 use dvmm_dsm_uffd::{LocalDerived, PageNo};
@@ -80,13 +78,10 @@ pub struct ShadowPageTables {
     /// This node's vCPUs, quiesced before a drop.
     vcpus: Vec<Arc<VcpuHandle>>,
     gate: Arc<RunGate>,
-    /// Drops that had to be skipped: the vCPUs did not quiesce.
-    skipped: AtomicU64,
     /// One page the scratch slot points at.
     scratch: *mut libc::c_void,
     /// Frames of guest-physical address space (RAM and the MMIO hole below 4 GiB).
     max_frame: u64,
-    drops: AtomicU64,
     /// One drop at a time (the slot is shared).
     lock: std::sync::Mutex<()>,
 }
@@ -129,10 +124,8 @@ impl ShadowPageTables {
             vm,
             vcpus,
             gate,
-            skipped: AtomicU64::new(0),
             scratch,
             max_frame: phys_end.div_ceil(4096),
-            drops: AtomicU64::new(0),
             lock: std::sync::Mutex::new(()),
         };
         // Make sure the host lets us, once, at start-up.
@@ -159,16 +152,6 @@ impl ShadowPageTables {
         let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         self.slot(4096)?;
         self.slot(0)
-    }
-
-    /// How many times the shadow pages were dropped.
-    pub fn drops(&self) -> u64 {
-        self.drops.load(Ordering::Relaxed)
-    }
-
-    /// How many drops were skipped because the vCPUs did not quiesce.
-    pub fn skipped(&self) -> u64 {
-        self.skipped.load(Ordering::Relaxed)
     }
 }
 
@@ -212,10 +195,8 @@ impl LocalDerived for ShadowPageTables {
         if !self.quiesced() {
             // Changing the slot now could deadlock (see the module documentation); the
             // DSM asks again once the vCPUs are quiet.
-            self.skipped.fetch_add(1, Ordering::Relaxed);
             return false;
         }
-        self.drops.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.cycle_slot() {
             tracing::error!("cannot drop KVM's shadow page tables: {e}");
         }
