@@ -270,3 +270,176 @@ fn kernel_without_an_entry_is_refused() {
     assert!(run.stderr.contains("PVH"), "{}", run.transcript());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A pseudo-terminal: the master end for the test, the slave end for dvmm's stdio.
+fn open_pty() -> (std::fs::File, std::fs::File) {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    // SAFETY: posix_openpt takes flags only and returns a new descriptor or -1.
+    let m = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY) };
+    assert!(m >= 0, "posix_openpt: {}", std::io::Error::last_os_error());
+    // SAFETY: `m` is a descriptor we just opened and own from here on.
+    let master = unsafe { std::fs::File::from_raw_fd(m) };
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: grantpt/unlockpt act on our master descriptor; ptsname_r writes at most
+    // `name.len()` bytes into our buffer.
+    let ok = unsafe {
+        libc::grantpt(m) == 0
+            && libc::unlockpt(m) == 0
+            && libc::ptsname_r(m, name.as_mut_ptr(), name.len()) == 0
+    };
+    assert!(ok, "pty setup: {}", std::io::Error::last_os_error());
+    // SAFETY: ptsname_r succeeded, so `name` holds a NUL-terminated path.
+    let path = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+        .to_string_lossy()
+        .to_string();
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("open {path}: {e}"));
+    (master, slave)
+}
+
+/// What the guest wrote to the terminal so far, and how far the test has read it.
+struct Screen {
+    text: std::sync::Arc<std::sync::Mutex<String>>,
+    seen: usize,
+}
+
+impl Screen {
+    /// Waits until `want` appears after what earlier waits consumed; returns the text
+    /// up to and including it.
+    fn wait_for(&mut self, want: &str, limit: Duration) -> String {
+        let start = std::time::Instant::now();
+        loop {
+            {
+                let text = self.text.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(at) = text[self.seen..].find(want) {
+                    let end = self.seen + at + want.len();
+                    let got = text[self.seen..end].to_string();
+                    self.seen = end;
+                    return got;
+                }
+                if start.elapsed() > limit {
+                    panic!("{want:?} not on the terminal within {limit:?}; it shows:\n{text}");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn small_kernel_shell_on_a_terminal() {
+    // dvmm on a terminal (a pty that is its controlling terminal, as in a login shell):
+    // typed lines reach busybox sh across 2 nodes, its output comes back, and Ctrl-C
+    // interrupts the guest's foreground process instead of stopping dvmm.
+    use std::io::{Read, Write};
+    use std::os::unix::process::CommandExt;
+    let g = small_kernel();
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut master, slave) = open_pty();
+    let mut cmd = Command::new(common::dvmm_bin());
+    cmd.args(["run", "--kernel"])
+        .arg(&g.kernel)
+        .arg("--initramfs")
+        .arg(&g.initramfs)
+        .args([
+            "--cmdline",
+            "console=ttyS0 dvmm.iters=50 dvmm.shell",
+            "--nodes",
+            "2",
+            "--cpus",
+            "2",
+            "--memory",
+            "256M",
+        ])
+        .env("RUST_LOG", "info")
+        .stdin(slave.try_clone().expect("dup pty"))
+        .stdout(slave.try_clone().expect("dup pty"))
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: between fork and exec the child only makes the async-signal-safe calls
+    // setsid and ioctl.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn dvmm");
+    drop(slave);
+    let mut err = child.stderr.take().expect("stderr");
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut reader = master.try_clone().expect("dup pty");
+    let sink = text.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        // Ends with EIO once dvmm has closed the terminal.
+        while let Ok(n) = reader.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let mut t = sink.lock().unwrap_or_else(|e| e.into_inner());
+            t.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let mut screen = Screen { text, seen: 0 };
+    let mut kill_on_panic = KillOnDrop(&mut child);
+    screen.wait_for("dvmm-init: starting a shell", Duration::from_secs(420));
+    screen.wait_for("# ", Duration::from_secs(60));
+    master.write_all(b"echo hi$((6*7))\r").expect("type");
+    screen.wait_for("hi42", Duration::from_secs(60));
+    // The subshell says it has started only once it is the foreground job.
+    master
+        .write_all(b"(echo st''arted; sleep 1000)\r")
+        .expect("type");
+    screen.wait_for("started", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_secs(2));
+    master.write_all(b"\x03").expect("type Ctrl-C");
+    master.write_all(b"echo rc=$?\r").expect("type");
+    screen.wait_for("rc=130", Duration::from_secs(60));
+    master.write_all(b"exit\r").expect("type");
+    screen.wait_for("dvmm-init: powering off", Duration::from_secs(60));
+    let status = kill_on_panic.wait_within(Duration::from_secs(60));
+    let stderr = t_err.join().unwrap_or_default();
+    assert_eq!(status, Some(0), "dvmm's exit; its messages:\n{stderr}");
+    assert!(
+        stderr.contains("Ctrl-A x stops the VM"),
+        "dvmm did not see a terminal:\n{stderr}"
+    );
+}
+
+/// Kills the child if the test panics before it ended.
+struct KillOnDrop<'a>(&'a mut std::process::Child);
+
+impl KillOnDrop<'_> {
+    /// The exit code once the child ends within `limit` (None: killed or a signal).
+    fn wait_within(&mut self, limit: Duration) -> Option<i32> {
+        let start = std::time::Instant::now();
+        loop {
+            if let Some(st) = self.0.try_wait().expect("wait") {
+                return st.code();
+            }
+            if start.elapsed() > limit {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -144,8 +144,10 @@ pub trait LocalDerived: Send + Sync {
     /// so that it must be dropped when the page is taken away from this node.
     fn derives_from(&self, page: PageNo, contents: &[u8]) -> bool;
     /// Asks the users of the derived state to stop where they hold nothing (does not
-    /// block; called again while they have not).
-    fn quiesce(&self);
+    /// block; called again while they have not). Before kicking user thread `tid`, ask
+    /// `defer_kick(tid)`: true means the thread waits in one of the engine's faults and
+    /// the engine kicks it once that fault is served (see [`DsmEngine::defer_kick`]).
+    fn quiesce(&self, defer_kick: &mut dyn FnMut(i32) -> bool);
     /// Whether every user has stopped.
     fn quiesced(&self) -> bool;
     /// Whether every user that has not stopped waits in a fault (`waiting(tid)`: the
@@ -312,6 +314,11 @@ pub struct DsmStats {
     pub prefetch_used: u64,
     /// Faults on a prefetched page whose grant had not arrived yet (read-ahead too shallow).
     pub prefetch_late: u64,
+    /// Faults on a page already waiting for the answer to an earlier fault (a thread
+    /// that was interrupted in its fault, or another thread on the same page).
+    pub faults_on_pending: u64,
+    /// Kicks held back until the kicked thread's fault was answered.
+    pub kicks_deferred: u64,
 }
 
 const MAP_NONE: u8 = 0;
@@ -391,6 +398,9 @@ struct State {
     quiesce_forced: bool,
     /// A drop is owed: an invalidation happened while the users were not quiesced.
     drop_owed: bool,
+    /// Threads whose kick was held back while they waited in a fault (see
+    /// [`DsmEngine::defer_kick`]).
+    owed_kicks: Vec<i32>,
 }
 
 struct Inner {
@@ -406,7 +416,12 @@ struct Inner {
     net: Arc<dyn PageNet>,
     zero: sys::ZeroPage,
     derived: Option<Arc<dyn LocalDerived>>,
+    /// Sends a kick held back by [`DsmEngine::defer_kick`].
+    kick: std::sync::OnceLock<KickThread>,
 }
+
+/// Kicks a thread (by kernel thread id) whose kick waited for its fault to end.
+pub type KickThread = Box<dyn Fn(i32) + Send + Sync>;
 
 /// One node's DSM engine (see the crate documentation).
 pub struct DsmEngine {
@@ -480,6 +495,7 @@ impl DsmEngine {
                 quiesce_since: None,
                 quiesce_forced: false,
                 drop_owed: false,
+                owed_kicks: Vec::new(),
             }),
             cv: Condvar::new(),
             hold_cv: Condvar::new(),
@@ -491,6 +507,7 @@ impl DsmEngine {
             net,
             zero,
             derived,
+            kick: std::sync::OnceLock::new(),
         });
         let worker = Arc::clone(&inner);
         let thread = std::thread::Builder::new()
@@ -757,6 +774,39 @@ impl DsmEngine {
         self.inner.lock().node.state(page)
     }
 
+    /// Sets how a held-back kick is sent (see [`DsmEngine::defer_kick`]); once.
+    pub fn set_kick_thread(&self, kick: KickThread) {
+        if self.inner.kick.set(kick).is_err() {
+            tracing::warn!("the DSM's kick function was set twice; keeping the first");
+        }
+    }
+
+    /// Holds back a kick to thread `tid` while it waits in a fault of this engine:
+    /// returns true if held back (the engine sends it with the function given to
+    /// [`DsmEngine::set_kick_thread`] right after it wakes the thread), false if `tid`
+    /// waits in no fault of ours (kick it now).
+    ///
+    /// Why: a signal that reaches a thread sleeping in a userfault makes the kernel end
+    /// the fault early; a KVM whose instruction emulator retries the access without
+    /// returning to user space then faults again at once, over and over, until the page
+    /// arrives: CPU time and a stream of fault events taken from the other threads. The
+    /// thread cannot act on the kick before its access completes anyway.
+    pub fn defer_kick(&self, tid: i32) -> bool {
+        if tid <= 0 || self.inner.kick.get().is_none() {
+            return false;
+        }
+        let mut st = self.inner.lock();
+        // Checked under the lock: `stop` sends the owed kicks after it set the flag.
+        if self.inner.stopped.load(Ordering::Acquire) || !in_fault(&st.faulters, tid) {
+            return false;
+        }
+        if !st.owed_kicks.contains(&tid) {
+            st.owed_kicks.push(tid);
+        }
+        st.stats.kicks_deferred += 1;
+        true
+    }
+
     /// Ends the fault thread (also on Drop) and unregisters view A, which wakes blocked
     /// faulters: afterwards view A behaves like plain shared memory, without coherence.
     /// Blocked [`DsmEngine::access`] calls return [`DsmError::Stopped`].
@@ -777,6 +827,12 @@ impl DsmEngine {
             .unregister(inner.pages.view_a as u64, inner.pages.len)
         {
             tracing::warn!("unregistering guest RAM from userfaultfd failed: {e}");
+        }
+        let owed = std::mem::take(&mut inner.lock().owed_kicks);
+        if let Some(kick) = inner.kick.get() {
+            for tid in owed {
+                kick(tid);
+            }
         }
         let _st = inner.lock();
         inner.cv.notify_all();
@@ -943,6 +999,9 @@ impl Inner {
         }
         let ra = std::mem::take(&mut st.ra_flags[page as usize]);
         let pending = st.node.state(page).pending();
+        if pending {
+            st.stats.faults_on_pending += 1;
+        }
         let actions = st.node.fault(page, access);
         if actions == [Action::WakeFaulters { page }] {
             if ra & RA_MARKER == 0 {
@@ -1084,6 +1143,27 @@ impl Inner {
         d.derives_from(page, contents)
     }
 
+    /// [`LocalDerived::quiesce`], holding back kicks to threads that wait in our faults.
+    fn ask_quiesce(&self, st: &mut State, d: &dyn LocalDerived) {
+        let can_defer = self.kick.get().is_some();
+        let State {
+            faulters,
+            owed_kicks,
+            stats,
+            ..
+        } = st;
+        d.quiesce(&mut |tid| {
+            if !can_defer || !in_fault(faulters, tid) {
+                return false;
+            }
+            if !owed_kicks.contains(&tid) {
+                owed_kicks.push(tid);
+            }
+            stats.kicks_deferred += 1;
+            true
+        });
+    }
+
     /// Adds `page` to the pages waiting for a quiesce, asking for one if none is under way.
     fn start_quiesce(&self, st: &mut State, page: PageNo) {
         st.quiesce_pages.insert(page);
@@ -1091,7 +1171,7 @@ impl Inner {
             st.quiesce_since = Some(Instant::now());
             st.stats.quiesces += 1;
             if let Some(d) = &self.derived {
-                d.quiesce();
+                self.ask_quiesce(st, d.as_ref());
             }
         }
         self.hold_cv.notify_one();
@@ -1110,7 +1190,7 @@ impl Inner {
             let blocked = !ready && d.blocked_in_faults(&|t| in_fault(&st.faulters, t));
             let timed_out = since.elapsed() >= QUIESCE_GIVE_UP;
             if !ready && !blocked && !timed_out {
-                d.quiesce();
+                self.ask_quiesce(st, d.as_ref());
                 return Some(QUIESCE_POLL);
             }
             if !ready {
@@ -1150,7 +1230,7 @@ impl Inner {
                 st.stats.late_drops += 1;
                 st.stats.derived_drops += 1;
             } else if since.elapsed() < DROP_GIVE_UP {
-                d.quiesce();
+                self.ask_quiesce(st, d.as_ref());
                 return Some(QUIESCE_POLL);
             } else {
                 st.drop_owed = false;
@@ -1216,7 +1296,7 @@ impl Inner {
                     if st.quiesce_since.is_none() {
                         st.quiesce_since = Some(Instant::now());
                         st.stats.quiesces += 1;
-                        d.quiesce();
+                        self.ask_quiesce(st, d.as_ref());
                         self.hold_cv.notify_one();
                     }
                 }
@@ -1340,6 +1420,17 @@ impl Inner {
                         st.stats.faults_resolved += 1;
                         st.stats.fault_wait_ns += t.elapsed().as_nanos() as u64;
                         let tids = st.faulters.remove(&page).unwrap_or_default();
+                        if !st.owed_kicks.is_empty() {
+                            let owed = &mut st.owed_kicks;
+                            for &(t, _) in &tids {
+                                if let Some(i) = owed.iter().position(|&o| o == t) {
+                                    owed.swap_remove(i);
+                                    if let Some(kick) = self.kick.get() {
+                                        kick(t);
+                                    }
+                                }
+                            }
+                        }
                         let now = Instant::now();
                         let hold = match st.fixed_hold {
                             Some(d) => Hold::fixed(now, d),

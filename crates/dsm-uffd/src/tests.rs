@@ -331,6 +331,47 @@ fn pinned_page_defers_invalidation_until_the_guard_drops() {
 }
 
 #[test]
+fn a_kick_to_a_thread_in_a_fault_waits_for_its_page() {
+    let c = cluster(2);
+    let kicked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let k = kicked.clone();
+    c.engines[1].set_kick_thread(Box::new(move |tid| k.lock().unwrap().push(tid)));
+    // SAFETY: gettid has no preconditions.
+    let me = unsafe { libc::gettid() };
+    assert!(
+        !c.engines[1].defer_kick(me),
+        "a thread in no fault is kicked at once"
+    );
+    let off = 4 * PG; // home 1
+    let g = c.engines[0].access(off as u64, 8, Access::Read).unwrap();
+    let tid = std::sync::atomic::AtomicI32::new(0);
+    std::thread::scope(|s| {
+        let p = Ptr(c.a(1, off));
+        let tid = &tid;
+        s.spawn(move || {
+            let p = p;
+            // SAFETY: gettid has no preconditions.
+            tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+            write_u64(p.0, 42);
+        });
+        spin_until("the writer waiting behind the pin", || {
+            c.engines[0].stats().deferred_msgs > 0
+        });
+        let t = tid.load(Ordering::SeqCst);
+        assert!(c.engines[1].defer_kick(t), "held back while in the fault");
+        assert!(c.engines[1].defer_kick(t), "a second kick joins the first");
+        assert!(
+            kicked.lock().unwrap().is_empty(),
+            "kicked before its page came"
+        );
+        drop(g);
+    });
+    assert_eq!(*kicked.lock().unwrap(), vec![tid.load(Ordering::SeqCst)]);
+    assert_eq!(c.engines[1].stats().kicks_deferred, 2);
+    assert_clean(&c);
+}
+
+#[test]
 fn malformed_messages_are_counted_not_fatal() {
     let c = cluster(2);
     let e = &c.engines[0];
@@ -640,7 +681,7 @@ impl LocalDerived for FakeDerived {
     fn derives_from(&self, _page: PageNo, contents: &[u8]) -> bool {
         contents[..8] == DERIVED_MAGIC.to_le_bytes()
     }
-    fn quiesce(&self) {
+    fn quiesce(&self, _defer_kick: &mut dyn FnMut(i32) -> bool) {
         self.asked.store(true, Ordering::SeqCst);
     }
     fn quiesced(&self) -> bool {

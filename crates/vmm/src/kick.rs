@@ -8,8 +8,8 @@
 //! - between the check and `KVM_RUN`: `immediate_exit` makes `KVM_RUN` return at once;
 //! - before the check: the check sees the request.
 
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU8, Ordering};
-use std::sync::Once;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, Ordering};
+use std::sync::{Arc, Once, OnceLock};
 
 use kvm_bindings::kvm_run;
 
@@ -37,11 +37,18 @@ pub fn install_handler() {
     });
 }
 
+/// Asked before a kick's signal is sent to thread `tid` (a kernel thread id): true if
+/// the signal is held back, to be sent later by whoever held it back (the DSM, while the
+/// thread waits in one of its faults: see `DsmEngine::defer_kick`).
+pub type KickDeferral = Arc<dyn Fn(i32) -> bool + Send + Sync>;
+
 /// A handle that can kick one vCPU thread.
 pub struct Kicker {
     run: AtomicPtr<kvm_run>,
     thread: std::sync::Mutex<Option<libc::pthread_t>>,
+    tid: AtomicI32,
     armed: AtomicBool,
+    deferral: OnceLock<KickDeferral>,
 }
 
 impl Default for Kicker {
@@ -57,7 +64,9 @@ impl Kicker {
         Kicker {
             run: AtomicPtr::new(std::ptr::null_mut()),
             thread: std::sync::Mutex::new(None),
+            tid: AtomicI32::new(0),
             armed: AtomicBool::new(false),
+            deferral: OnceLock::new(),
         }
     }
 
@@ -73,12 +82,15 @@ impl Kicker {
         if let Ok(mut t) = self.thread.lock() {
             *t = Some(me);
         }
+        // SAFETY: gettid has no preconditions.
+        self.tid.store(unsafe { libc::gettid() }, Ordering::SeqCst);
         self.armed.store(true, Ordering::SeqCst);
     }
 
     /// Detaches the thread (before its `kvm_run` mapping goes away).
     pub fn unbind(&self) {
         self.armed.store(false, Ordering::SeqCst);
+        self.tid.store(0, Ordering::SeqCst);
         if let Ok(mut t) = self.thread.lock() {
             *t = None;
         }
@@ -102,13 +114,46 @@ impl Kicker {
         }
     }
 
-    /// Forces the vCPU out of (or keeps it from entering) `KVM_RUN`.
+    /// Has every later kick ask `deferral` before it signals (once; later calls are
+    /// ignored).
+    pub fn set_deferral(&self, deferral: KickDeferral) {
+        let _ = self.deferral.set(deferral);
+    }
+
+    /// The bound thread's kernel id (0: not bound).
+    pub fn thread_id(&self) -> i32 {
+        self.tid.load(Ordering::SeqCst)
+    }
+
+    /// Forces the vCPU out of (or keeps it from entering) `KVM_RUN`; the signal may be
+    /// held back by the deferral (see [`Kicker::set_deferral`]).
     pub fn kick(&self) {
+        match self.deferral.get() {
+            Some(d) => self.kick_unless(&mut |tid| d(tid)),
+            None => self.kick_unless(&mut |_| false),
+        }
+    }
+
+    /// [`Kicker::kick`], asking `defer(tid)` whether to hold back the signal (which the
+    /// one who held it back sends later with [`Kicker::signal`]).
+    pub fn kick_unless(&self, defer: &mut dyn FnMut(i32) -> bool) {
         if !self.armed.load(Ordering::SeqCst) {
             return;
         }
         if let Some(ie) = self.immediate_exit() {
             ie.store(1, Ordering::SeqCst);
+        }
+        let tid = self.thread_id();
+        if tid > 0 && defer(tid) {
+            return;
+        }
+        self.signal();
+    }
+
+    /// Sends the kick signal only (`immediate_exit` was set by the kick it completes).
+    pub fn signal(&self) {
+        if !self.armed.load(Ordering::SeqCst) {
+            return;
         }
         if let Ok(t) = self.thread.lock() {
             if let Some(thread) = *t {

@@ -487,6 +487,13 @@ pub fn run_node(
             .map(|s| s as Arc<dyn dvmm_dsm_uffd::LocalDerived>),
     )
     .map_err(|e| VmmError::Cluster(format!("DSM: {e}")))?;
+    // A vCPU kicked while it waits in a DSM fault is signalled once the fault is served
+    // (see DsmEngine::defer_kick).
+    dsm.set_kick_thread(Box::new(vm.signal_kick_fn()));
+    let weak = Arc::downgrade(&dsm);
+    vm.defer_kicks(Arc::new(move |tid| {
+        weak.upgrade().is_some_and(|d| d.defer_kick(tid))
+    }));
     // Diagnostics: DVMM_DSM_READAHEAD=N caps read-ahead (0: off); DVMM_DSM_HOLD_US=N
     // makes every hold N us long.
     if let Some(n) = std::env::var("DVMM_DSM_READAHEAD")

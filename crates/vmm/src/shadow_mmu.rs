@@ -167,11 +167,11 @@ impl LocalDerived for ShadowPageTables {
         looks_like_page_table(contents, self.max_frame)
     }
 
-    fn quiesce(&self) {
+    fn quiesce(&self, defer_kick: &mut dyn FnMut(i32) -> bool) {
         self.gate.close();
         for v in &self.vcpus {
             if !v.is_quiet() {
-                v.kicker.kick();
+                v.kicker.kick_unless(defer_kick);
                 // A halted vCPU is quiet already; one waiting for SIPI too.
             }
         }

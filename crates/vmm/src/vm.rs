@@ -612,6 +612,24 @@ impl Vm {
         })
     }
 
+    /// Has every kick of this VM's vCPUs ask `deferral` before it signals.
+    pub fn defer_kicks(&self, deferral: crate::kick::KickDeferral) {
+        for h in &self.handles {
+            h.kicker.set_deferral(deferral.clone());
+        }
+    }
+
+    /// Sends the kick signal to the vCPU thread with kernel id `tid` (completing a kick
+    /// whose signal was held back, see [`Vm::defer_kicks`]).
+    pub fn signal_kick_fn(&self) -> impl Fn(i32) + Send + Sync + 'static {
+        let handles = self.handles.clone();
+        move |tid| {
+            for h in handles.iter().filter(|h| h.kicker.thread_id() == tid) {
+                h.kicker.signal();
+            }
+        }
+    }
+
     /// The VM's end-state, e.g. to stop it from a signal handler thread.
     pub fn control(&self) -> Arc<VmControl> {
         self.env.control.clone()
