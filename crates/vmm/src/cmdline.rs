@@ -2,8 +2,9 @@
 //! never over the user's own choice (an option the user gave is left alone).
 //!
 //! None of them changes what the guest can do: they steer the kernel away from
-//! instructions this host's KVM cannot run (emulated-kernel hosts only), and make a
-//! kernel panic end the VM instead of hanging it.
+//! instructions this host's KVM cannot run and skip boot-time self-tests that are minutes
+//! of emulated code (emulated-kernel hosts only), and make a kernel panic end the VM
+//! instead of hanging it.
 
 /// Linux `X86_FEATURE_*` numbers of extensions a kernel must not use where KVM emulates
 /// its code: PCLMULQDQ 4*32+1, SSSE3 4*32+9, SSE4.1 4*32+19, SSE4.2 4*32+20, AES 4*32+25,
@@ -50,6 +51,12 @@ pub fn for_linux(user: &str, emulated_kernel: bool) -> (String, Vec<Added>) {
             "kernel code must not use SIMD this host's KVM cannot emulate, nor POPCNT/SMAP/\
              MWAIT (an exit each, or a spinning idle loop)",
         ));
+        wanted.push((
+            "cryptomgr.notests",
+            "cryptomgr.notests".to_string(),
+            "the kernel's crypto self-tests (RSA, DH, ECC arithmetic) are minutes of \
+             emulated code here; the algorithms are unchanged (a FIPS kernel runs them anyway)",
+        ));
     }
     let mut out = user.trim().to_string();
     let mut added = Vec::new();
@@ -75,9 +82,12 @@ mod tests {
         let (c, added) = for_linux("console=ttyS0 panic=30", true);
         assert_eq!(
             c,
-            format!("console=ttyS0 panic=30 noxsave clearcpuid={EMULATION_UNSAFE_FEATURE_BITS}")
+            format!(
+                "console=ttyS0 panic=30 noxsave clearcpuid={EMULATION_UNSAFE_FEATURE_BITS} \
+                 cryptomgr.notests"
+            )
         );
-        assert_eq!(added.len(), 2);
+        assert_eq!(added.len(), 3);
         let (c, added) = for_linux("console=ttyS0 clearcpuid=1", false);
         assert_eq!(c, "console=ttyS0 clearcpuid=1 panic=-1");
         assert_eq!(added[0].option, "panic=-1");
