@@ -5,6 +5,7 @@
 # guests/linux/{init.sh,smp-check.c}. Prints three paths: kernel, initramfs, System.map.
 #   scripts/linux-guest.sh [outdir]      (default: ${XDG_CACHE_HOME:-~/.cache}/dvmm/debian)
 #   scripts/linux-guest.sh --initramfs-only [outdir]   (prints the initramfs path)
+#   DVMM_DEBIAN_SYMBOLS=1 scripts/linux-guest.sh   (the real System.map, from the -dbg package)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 only_initramfs=0
@@ -26,6 +27,17 @@ if [ $only_initramfs = 0 ]; then
     cp "$work"/k/boot/vmlinuz-* "$out"/
     cp "$work"/k/boot/System.map-* "$out/System.map"
     kernel=$(ls "$out"/vmlinuz-* | head -n1)
+  fi
+  # The package's System.map is a one-line placeholder; with DVMM_DEBIAN_SYMBOLS=1 the
+  # real one comes from the -dbg package (~860 MB download, once) for the profiler.
+  if [ "${DVMM_DEBIAN_SYMBOLS:-0}" = 1 ] && [ "$(wc -l < "$out/System.map")" -lt 2 ]; then
+    apt_ready
+    ver=$(basename "$kernel" | sed 's/^vmlinuz-//')
+    # tar stops after the one file: dpkg-deb then dies of SIGPIPE, which is expected.
+    (cd "$work" && apt-get download -qq "linux-image-$ver-dbg" >&2 \
+      && { dpkg-deb --fsys-tarfile linux-image-"$ver"-dbg_*.deb 2>/dev/null || true; } \
+         | tar -x --occurrence=1 "./usr/lib/debug/boot/System.map-$ver")
+    cp "$work/usr/lib/debug/boot/System.map-$ver" "$out/System.map"
   fi
 fi
 
