@@ -15,7 +15,7 @@ echo "dvmm-init: $(grep MemTotal /proc/meminfo | tr -s ' ')"
 echo "dvmm-init: numa nodes=$(cat /sys/devices/system/node/online 2>/dev/null || echo none)"
 for n in /sys/devices/system/node/node*; do
   [ -d "$n" ] || continue
-  echo "dvmm-init: $(basename "$n") cpus=$(cat "$n/cpulist") $(grep MemTotal "$n/meminfo" | sed 's/.*MemTotal:/MemTotal:/' | tr -s ' ') distance=$(cat "$n/distance" | tr ' ' ,)"
+  echo "dvmm-init: $(basename "$n") cpus=$(cat "$n/cpulist") $(grep -E 'MemTotal|MemFree' "$n/meminfo" | sed 's/.*\(Mem[A-Za-z]*:\)/\1/' | tr -s ' ' | tr '\n' ' ') distance=$(cat "$n/distance" | tr ' ' ,)"
 done
 echo "dvmm-init: clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
 iters=2000
