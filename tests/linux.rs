@@ -422,18 +422,9 @@ fn small_kernel_shell_on_a_terminal() {
 struct KillOnDrop<'a>(&'a mut std::process::Child);
 
 impl KillOnDrop<'_> {
-    /// The exit code once the child ends within `limit` (None: killed or a signal).
+    /// The exit code once the child ends within `limit` (None: still running, or a signal).
     fn wait_within(&mut self, limit: Duration) -> Option<i32> {
-        let start = std::time::Instant::now();
-        loop {
-            if let Some(st) = self.0.try_wait().expect("wait") {
-                return st.code();
-            }
-            if start.elapsed() > limit {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        common::wait_within(self.0, limit).and_then(|st| st.code())
     }
 }
 

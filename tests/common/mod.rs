@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// What a finished `dvmm` run produced.
@@ -53,18 +53,11 @@ pub fn dvmm(args: &[&str], limit: Duration) -> Run {
         let _ = err.read_to_string(&mut s);
         s
     });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break Some(st);
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_within(&mut child, limit);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     let run = Run {
         code: status.and_then(|s| s.code()),
         stdout: t_out.join().unwrap_or_default(),
@@ -76,6 +69,20 @@ pub fn dvmm(args: &[&str], limit: Duration) -> Run {
         run.transcript()
     );
     run
+}
+
+/// Waits up to `limit` for `child` to end; `None` if it still runs (it is left running).
+pub fn wait_within(child: &mut std::process::Child, limit: Duration) -> Option<ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return Some(st);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Starts `dvmm run` on testos in idle mode (it halts after PASS instead of powering

@@ -797,14 +797,16 @@ impl DsmEngine {
         }
         let mut st = self.inner.lock();
         // Checked under the lock: `stop` sends the owed kicks after it set the flag.
-        if self.inner.stopped.load(Ordering::Acquire) || !in_fault(&st.faulters, tid) {
+        if self.inner.stopped.load(Ordering::Acquire) {
             return false;
         }
-        if !st.owed_kicks.contains(&tid) {
-            st.owed_kicks.push(tid);
-        }
-        st.stats.kicks_deferred += 1;
-        true
+        let State {
+            faulters,
+            owed_kicks,
+            stats,
+            ..
+        } = &mut *st;
+        owe_kick(faulters, owed_kicks, stats, tid)
     }
 
     /// Ends the fault thread (also on Drop) and unregisters view A, which wakes blocked
@@ -852,6 +854,19 @@ const HOLDS_SWEEP: usize = 256;
 /// Whether thread `tid` waits in a fault of this engine.
 fn in_fault(faulters: &Faulters, tid: i32) -> bool {
     faulters.values().any(|w| w.iter().any(|&(t, _)| t == tid))
+}
+
+/// Records a kick to `tid` as owed if the thread waits in one of our faults (the engine
+/// sends it when that fault is answered); false if it does not (kick it now).
+fn owe_kick(faulters: &Faulters, owed: &mut Vec<i32>, stats: &mut DsmStats, tid: i32) -> bool {
+    if !in_fault(faulters, tid) {
+        return false;
+    }
+    if !owed.contains(&tid) {
+        owed.push(tid);
+    }
+    stats.kicks_deferred += 1;
+    true
 }
 
 /// Whether a hold on `page` still keeps it for the threads it was handed to.
@@ -1152,16 +1167,7 @@ impl Inner {
             stats,
             ..
         } = st;
-        d.quiesce(&mut |tid| {
-            if !can_defer || !in_fault(faulters, tid) {
-                return false;
-            }
-            if !owed_kicks.contains(&tid) {
-                owed_kicks.push(tid);
-            }
-            stats.kicks_deferred += 1;
-            true
-        });
+        d.quiesce(&mut |tid| can_defer && owe_kick(faulters, owed_kicks, stats, tid));
     }
 
     /// Adds `page` to the pages waiting for a quiesce, asking for one if none is under way.
