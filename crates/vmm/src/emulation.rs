@@ -6,8 +6,10 @@
 //! run natively and this module is never reached.
 //!
 //! Handled here: `int3` and `int n` at CPL0 are completed by advancing RIP and
-//! injecting the vector as an event, which is what the CPU would have done. Anything
-//! else stops the VM with the instruction bytes, RIP and advice.
+//! injecting the vector as an event, which is what the CPU would have done; a few
+//! instructions are computed here (see [`Fixup`]), among them `lsl`, which Linux's
+//! paranoid entry (NMI, #MC, #DB) uses to find the CPU number when the CPU lacks RDPID.
+//! Anything else stops the VM with the instruction bytes, RIP and advice.
 
 use std::fmt;
 
@@ -114,6 +116,19 @@ pub enum Fixup {
         /// Destination register.
         dst: u8,
         /// Source register.
+        src: u8,
+        /// Operand size: 16, 32 or 64.
+        bits: u8,
+    },
+    /// `lsl dst, src` (register source): the limit of the segment that the selector in
+    /// `src` names, into `dst`, and ZF; or ZF clear if the selector names none this CPL
+    /// may see.
+    Lsl {
+        /// Instruction length.
+        len: u8,
+        /// Destination register.
+        dst: u8,
+        /// Source register (its low 16 bits are the selector).
         src: u8,
         /// Operand size: 16, 32 or 64.
         bits: u8,
@@ -292,6 +307,115 @@ fn decode_bitcount(bytes: &[u8]) -> Option<Fixup> {
     })
 }
 
+/// Decodes `[66] [REX] 0F 03 /r` (lsl) with a register source.
+fn decode_lsl(bytes: &[u8]) -> Option<Fixup> {
+    let mut i = 0;
+    let opsize16 = bytes.first() == Some(&0x66);
+    if opsize16 {
+        i += 1;
+    }
+    let mut rex = 0u8;
+    if let Some(&b @ 0x40..=0x4f) = bytes.get(i) {
+        rex = b;
+        i += 1;
+    }
+    if bytes.get(i..i + 2)? != [0x0f, 0x03] {
+        return None;
+    }
+    let modrm = *bytes.get(i + 2)?;
+    if modrm >> 6 != 3 {
+        return None;
+    }
+    Some(Fixup::Lsl {
+        len: (i + 3) as u8,
+        dst: ((modrm >> 3) & 7) | ((rex & 4) << 1),
+        src: (modrm & 7) | ((rex & 1) << 3),
+        bits: if rex & 8 != 0 {
+            64
+        } else if opsize16 {
+            16
+        } else {
+            32
+        },
+    })
+}
+
+/// The segment limit `lsl` loads for `selector` at `cpl`, given the 8-byte descriptor
+/// it names (`None`: ZF clear). 64-bit mode rules: code and data segments (conforming
+/// code at any privilege), and of the system types only the LDT and 64-bit TSSs.
+pub fn lsl_limit(selector: u16, descriptor: u64, cpl: u8) -> Option<u32> {
+    let access = (descriptor >> 40) as u8;
+    let system = access & 0x10 == 0;
+    let kind = access & 0x0f;
+    let dpl = (access >> 5) & 3;
+    let rpl = (selector & 3) as u8;
+    let conforming_code = !system && kind & 0b1100 == 0b1100;
+    if system && !matches!(kind, 0x2 | 0x9 | 0xb) {
+        return None;
+    }
+    if !conforming_code && dpl < cpl.max(rpl) {
+        return None;
+    }
+    let raw = (descriptor & 0xffff) as u32 | (((descriptor >> 48) & 0xf) as u32) << 16;
+    let granular = descriptor & (1 << 55) != 0;
+    Some(if granular { (raw << 12) | 0xfff } else { raw })
+}
+
+/// Reads the descriptor `selector` names from the GDT or LDT, as `lsl` would (`None`:
+/// a null selector or one past the table's limit).
+fn read_descriptor(
+    vcpu: &VcpuFd,
+    mem: &dyn GuestAccess,
+    sregs: &kvm_bindings::kvm_sregs,
+    selector: u16,
+) -> Result<Option<u64>, ()> {
+    let (base, limit) = if selector & 4 != 0 {
+        if sregs.ldt.unusable != 0 {
+            return Ok(None);
+        }
+        (sregs.ldt.base, u64::from(sregs.ldt.limit))
+    } else {
+        if selector & !3 == 0 {
+            return Ok(None);
+        }
+        (sregs.gdt.base, u64::from(sregs.gdt.limit))
+    };
+    let offset = u64::from(selector & !7);
+    if offset + 7 > limit {
+        return Ok(None);
+    }
+    let linear = base.wrapping_add(offset);
+    let t = vcpu.translate_gva(linear).map_err(|_| ())?;
+    // Descriptors are 8-byte aligned in every table Linux builds, so one never spans pages.
+    if t.valid == 0 || linear & 7 != 0 {
+        return Err(());
+    }
+    let mut d = [0u8; 8];
+    mem.read(t.physical_address, &mut d).map_err(|_| ())?;
+    Ok(Some(u64::from_le_bytes(d)))
+}
+
+/// Completes `lsl` in `regs` given the limit it found (`None`: ZF clear, `dst` as it was).
+pub fn apply_lsl(regs: &mut kvm_bindings::kvm_regs, fix: Fixup, limit: Option<u32>) {
+    const FLAG_ZF: u64 = 1 << 6;
+    let Fixup::Lsl { len, dst, bits, .. } = fix else {
+        return;
+    };
+    match limit {
+        Some(l) => {
+            let d = reg_mut(regs, dst);
+            *d = if bits == 16 {
+                (*d & !0xffff) | u64::from(l & 0xffff)
+            } else {
+                u64::from(l)
+            };
+            regs.rflags |= FLAG_ZF;
+        }
+        None => regs.rflags &= !FLAG_ZF,
+    }
+    regs.rip = regs.rip.wrapping_add(u64::from(len));
+}
+
 fn reg_mut(regs: &mut kvm_bindings::kvm_regs, n: u8) -> &mut u64 {
     match n {
         0 => &mut regs.rax,
@@ -384,6 +508,7 @@ pub fn classify(bytes: &[u8], cpl: u8) -> Option<Fixup> {
         _ if decode_mxcsr(bytes).is_some() => decode_mxcsr(bytes),
         [0x0f, 0x01, 0xca, ..] => Some(Fixup::SetAc { on: false }),
         [0x0f, 0x01, 0xcb, ..] => Some(Fixup::SetAc { on: true }),
+        _ if decode_lsl(bytes).is_some() => decode_lsl(bytes),
         _ => decode_bitcount(bytes),
     }
 }
@@ -509,6 +634,15 @@ pub fn recover(
             vcpu.set_regs(&regs).map_err(|_| failure())?;
             Ok("popcnt/tzcnt/lzcnt at CPL0: computed in dvmm")
         }
+        Some(fix @ Fixup::Lsl { src, .. }) => {
+            let selector = (*reg_mut(&mut regs, src) & 0xffff) as u16;
+            let limit = read_descriptor(vcpu, mem, &sregs, selector)
+                .map_err(|()| failure())?
+                .and_then(|d| lsl_limit(selector, d, cpl));
+            apply_lsl(&mut regs, fix, limit);
+            vcpu.set_regs(&regs).map_err(|_| failure())?;
+            Ok("lsl at CPL0: segment limit read in dvmm")
+        }
         None => Err(failure()),
     }
 }
@@ -516,6 +650,71 @@ pub fn recover(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lsl_as_linux_paranoid_entry_uses_it() {
+        // lsl rax, eax; and rax, 0xfff (GET_PERCPU_BASE without RDPID).
+        let f = classify(&[0x48, 0x0f, 0x03, 0xc0, 0x48, 0x25], 0).unwrap();
+        assert_eq!(
+            f,
+            Fixup::Lsl {
+                len: 4,
+                dst: 0,
+                src: 0,
+                bits: 64
+            }
+        );
+        // Linux's CPUNODE entry: a DPL3 read-only data segment whose limit is
+        // cpu | node << 12 (here cpu 5, node 1), byte granular.
+        let limit: u64 = 5 | (1 << 12);
+        let desc = (limit & 0xffff) | (0xf1 << 40) | (((limit >> 16) & 0xf) << 48);
+        assert_eq!(lsl_limit(0x7b, desc, 0), Some(0x1005));
+        let mut regs = kvm_bindings::kvm_regs {
+            rax: 0xffff_ffff_0000_007b,
+            rip: 0x1000,
+            ..Default::default()
+        };
+        apply_lsl(&mut regs, f, Some(0x1005));
+        assert_eq!(
+            (regs.rax, regs.rip, regs.rflags & 0x40),
+            (0x1005, 0x1004, 0x40)
+        );
+        // A failed lsl clears ZF and leaves the destination alone.
+        let mut regs = kvm_bindings::kvm_regs {
+            rax: 7,
+            rflags: 0x42,
+            ..Default::default()
+        };
+        apply_lsl(&mut regs, f, None);
+        assert_eq!((regs.rax, regs.rflags & 0x40, regs.rip), (7, 0, 4));
+        // 16-bit form keeps the upper bits; r9 <- r10 with REX.RB.
+        assert_eq!(
+            classify(&[0x66, 0x45, 0x0f, 0x03, 0xca], 0),
+            Some(Fixup::Lsl {
+                len: 5,
+                dst: 9,
+                src: 10,
+                bits: 16
+            })
+        );
+        // Memory operands are not handled here.
+        assert_eq!(classify(&[0x0f, 0x03, 0x00], 0), None);
+    }
+
+    #[test]
+    fn lsl_checks_privilege_and_type() {
+        let data = |dpl: u64| 0xffff | ((0x90 | (dpl << 5) | 0x2) << 40);
+        // A DPL0 data segment: visible at CPL0 with RPL0, not with RPL3 or at CPL3.
+        assert_eq!(lsl_limit(0x10, data(0), 0), Some(0xffff));
+        assert_eq!(lsl_limit(0x13, data(0), 0), None);
+        assert_eq!(lsl_limit(0x10, data(0), 3), None);
+        // Conforming code is visible at any level; page granularity scales the limit.
+        let conforming = 0xf | (0x9c << 40) | (1 << 55);
+        assert_eq!(lsl_limit(0x0b, conforming, 3), Some(0xffff));
+        // System descriptors: a 64-bit TSS yes, an interrupt gate no.
+        assert_eq!(lsl_limit(0x40, 0x67 | (0x89 << 40), 0), Some(0x67));
+        assert_eq!(lsl_limit(0x40, 0x67 | (0x8e << 40), 0), None);
+    }
 
     #[test]
     fn int3_and_int_n_at_cpl0_are_recognised() {
