@@ -4,7 +4,7 @@ use std::io::{self, BufReader};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -225,7 +225,13 @@ struct Inner {
     dead_after: Duration,
     epoch: Instant,
     heartbeats_paused: AtomicBool,
+    /// Messages of this kind go to the handler on the reader thread (see
+    /// [`Transport::deliver_inline`]).
+    inline: RwLock<Option<(u16, InlineHandler)>>,
 }
+
+/// Takes a message (sender, payload) on the connection's reader thread.
+pub type InlineHandler = Arc<dyn Fn(u16, &[u8]) + Send + Sync>;
 
 impl Inner {
     fn now_ns(&self) -> u64 {
@@ -392,6 +398,7 @@ impl Transport {
             dead_after: cfg.dead_after,
             epoch: Instant::now(),
             heartbeats_paused: AtomicBool::new(false),
+            inline: RwLock::new(None),
         });
         let mut transport = Transport {
             inner: inner.clone(),
@@ -552,6 +559,18 @@ impl Transport {
     pub fn send_parts(&self, to: u16, kind: u16, parts: &[&[u8]]) -> Result<(), TransportError> {
         let peer = self.inner.peer(to)?;
         self.inner.send_frame(peer, 0, kind, parts)
+    }
+
+    /// From now on, hands every message of `kind` to `handler` on the reader thread of
+    /// the connection it arrived on, in order, instead of the event channel: one thread
+    /// hop less per message. The handler may send, but must never wait for another
+    /// message (that message may be queued behind it).
+    pub fn deliver_inline(&self, kind: u16, handler: InlineHandler) {
+        *self
+            .inner
+            .inline
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some((kind, handler));
     }
 
     /// This node's id.
@@ -767,6 +786,17 @@ fn rx_loop(inner: &Inner, peer: &Peer, rx: &mut RxSession, stream: TcpStream) {
             }
             continue;
         }
+        let inline = inner
+            .inline
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .filter(|(k, _)| *k == msg.kind)
+            .map(|(_, h)| h.clone());
+        if let Some(handle) = inline {
+            handle(peer.node, &msg.payload);
+            continue;
+        }
         let _ = inner.events.send(Event::Message {
             from: peer.node,
             kind: msg.kind,
@@ -915,6 +945,45 @@ mod tests {
                 .collect();
             assert_eq!(next.to_vec(), expect);
         }
+    }
+
+    #[test]
+    fn inline_kind_goes_to_its_handler_in_order_others_to_the_channel() {
+        let nodes = cluster(3, true);
+        let (tx, got) = mpsc::channel::<(u16, u32)>();
+        let tx = Mutex::new(tx);
+        nodes[0].0.deliver_inline(
+            7,
+            Arc::new(move |from, payload: &[u8]| {
+                let i = u32::from_le_bytes(payload[..4].try_into().unwrap());
+                let _ = tx.lock().unwrap().send((from, i));
+            }),
+        );
+        const COUNT: u32 = 100;
+        for i in 0..COUNT {
+            for sender in [1usize, 2] {
+                let t = &nodes[sender].0;
+                t.send(0, 7, &i.to_le_bytes()).unwrap();
+                if i % 10 == 0 {
+                    t.send(0, 3, &i.to_le_bytes()).unwrap();
+                }
+            }
+        }
+        let mut next = [0u32; 3];
+        for _ in 0..2 * COUNT {
+            let (from, i) = got.recv_timeout(Duration::from_secs(5)).expect("inline");
+            assert_eq!(i, next[usize::from(from)], "order from {from}");
+            next[usize::from(from)] += 1;
+        }
+        assert_eq!(next, [0, COUNT, COUNT]);
+        // The other kind still comes through the event channel, and nothing else does.
+        for _ in 0..2 * COUNT / 10 {
+            let Event::Message { kind, .. } = recv(&nodes[0].1) else {
+                panic!("unexpected event");
+            };
+            assert_eq!(kind, 3);
+        }
+        assert!(nodes[0].1.recv_timeout(Duration::from_millis(200)).is_err());
     }
 
     #[test]

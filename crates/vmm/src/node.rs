@@ -487,6 +487,20 @@ pub fn run_node(
             .map(|s| s as Arc<dyn dvmm_dsm_uffd::LocalDerived>),
     )
     .map_err(|e| VmmError::Cluster(format!("DSM: {e}")))?;
+    // DSM frames are served on the connection's reader thread: a fault's request and
+    // its reply each skip a hop through node-rx. (The engine sends replies but never
+    // waits for a message.)
+    if std::env::var("DVMM_DSM_RX_INLINE").as_deref() != Ok("0") {
+        let weak = Arc::downgrade(&dsm);
+        link.transport.deliver_inline(
+            KIND_DSM,
+            Arc::new(move |from, payload| {
+                if let Some(d) = weak.upgrade() {
+                    d.receive_frame(from, payload);
+                }
+            }),
+        );
+    }
     // A vCPU kicked while it waits in a DSM fault is signalled once the fault is served
     // (see DsmEngine::defer_kick).
     dsm.set_kick_thread(Box::new(vm.signal_kick_fn()));
