@@ -174,6 +174,12 @@ fn assert_good_run(run: &Run, nodes: u32, cpus: u32, memory_mib: u64) {
         assert!(run.stdout.contains(&want), "{want}\n{}", run.transcript());
     }
     assert!(run.stdout.contains("dvmm-init: powering off"));
+    // What a long run is quoted by (visible with --nocapture).
+    for l in run.stdout.lines() {
+        if l.contains("Run /init as init process") || l.starts_with("smp-check: numa") {
+            eprintln!("{l}");
+        }
+    }
 }
 
 #[test]

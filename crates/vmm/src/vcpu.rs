@@ -320,6 +320,9 @@ fn run_loop(
         let ran = vcpu.run().map(|_| ());
         if handle.take_sample_request() {
             take_sample(vcpu, profile);
+            if trace_samples() {
+                trace_sample(vcpu, handle.index, stats);
+            }
         }
         match ran {
             Ok(_) => {}
@@ -410,6 +413,29 @@ fn take_sample(vcpu: &VcpuFd, profile: &mut crate::profile::Profile) {
             rip: s.cs.base.wrapping_add(r.rip),
             cpl: s.cs.dpl,
         });
+    }
+}
+
+/// Diagnostics: `DVMM_TRACE_SAMPLES=1` logs every profiler sample (with `--profile`):
+/// where a vCPU is over time, e.g. to tell a guest stuck at one instruction from one
+/// that loops.
+fn trace_samples() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("DVMM_TRACE_SAMPLES").as_deref() == Ok("1"))
+}
+
+fn trace_sample(vcpu: &VcpuFd, index: u32, stats: &ExitStats) {
+    if let Ok(r) = vcpu.get_regs() {
+        tracing::info!(
+            vcpu = index,
+            rip = format_args!("{:#x}", r.rip),
+            rsp = format_args!("{:#x}", r.rsp),
+            rflags = format_args!("{:#x}", r.rflags),
+            kicks = stats.get(ExitKind::Kick),
+            msr = stats.get(ExitKind::Msr),
+            hlt = stats.get(ExitKind::Hlt),
+            "sample"
+        );
     }
 }
 
