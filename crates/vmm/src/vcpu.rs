@@ -258,6 +258,8 @@ fn run_loop(
 
     let mut nmi = false;
     let mut stuck = emulation::StuckHypercall::default();
+    // RIP of an emulation failure that was retried and not yet followed by another exit.
+    let mut gap_retried_at: Option<u64> = None;
     loop {
         handle.kicker.clear();
         if env.control.stopping() {
@@ -337,6 +339,9 @@ fn run_loop(
         }
         // SAFETY: as above; KVM_RUN has returned, so the kernel is done writing.
         let run = unsafe { &mut *run_ptr };
+        if run.exit_reason != KVM_EXIT_INTERNAL_ERROR {
+            gap_retried_at = None;
+        }
         match run.exit_reason {
             KVM_EXIT_IO => {
                 stats.count(ExitKind::Pio);
@@ -377,6 +382,17 @@ fn run_loop(
                 };
                 match emulation::recover(vcpu, &*env.guest, &err) {
                     Ok(what) => tracing::debug!(vcpu = handle.index, what, "emulation gap"),
+                    // The bytes read now may not be those KVM failed on: kernel code
+                    // patched by another vCPU (text_poke's int3, then the new
+                    // instruction). Running it again decides; the same failure at the
+                    // same RIP with no other exit in between is final.
+                    Err(f) if gap_retried_at != Some(f.rip) => {
+                        tracing::warn!(
+                            vcpu = handle.index,
+                            "{f}; running it once more in case it was rewritten meanwhile"
+                        );
+                        gap_retried_at = Some(f.rip);
+                    }
                     Err(f) => return Err(f.to_string()),
                 }
             }
