@@ -447,9 +447,14 @@ fn streaming_16_mib_with_readahead_reads_right_data_with_few_faults() {
     stream_and_check(&c, 1, pages);
     let s = c.engines[1].stats();
     eprintln!("stream: {s:?}");
-    // Nearly every page came by read-ahead; the vCPU faulted on a small fraction.
+    // Nearly every page came by read-ahead; the vCPU faulted on a small fraction of
+    // pages read-ahead had not asked for yet. (A reader that outruns the read-ahead on
+    // a busy host also faults on pages already in flight: those are counted apart.)
     assert!(s.prefetched >= pages - 64, "{s:?}");
-    assert!(s.read_faults < pages / 8, "{s:?}");
+    assert!(
+        s.read_faults.saturating_sub(s.faults_on_pending) < pages / 8,
+        "{s:?}"
+    );
     assert!(
         s.prefetch_used >= pages - 2 * DEFAULT_READAHEAD_PAGES,
         "{s:?}"
