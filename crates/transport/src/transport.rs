@@ -4,7 +4,7 @@ use std::io::{self, BufReader};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -227,7 +227,7 @@ struct Inner {
     heartbeats_paused: AtomicBool,
     /// Messages of this kind go to the handler on the reader thread (see
     /// [`Transport::deliver_inline`]).
-    inline: RwLock<Option<(u16, InlineHandler)>>,
+    inline: OnceLock<(u16, InlineHandler)>,
 }
 
 /// Takes a message (sender, payload) on the connection's reader thread.
@@ -398,7 +398,7 @@ impl Transport {
             dead_after: cfg.dead_after,
             epoch: Instant::now(),
             heartbeats_paused: AtomicBool::new(false),
-            inline: RwLock::new(None),
+            inline: OnceLock::new(),
         });
         let mut transport = Transport {
             inner: inner.clone(),
@@ -564,13 +564,10 @@ impl Transport {
     /// From now on, hands every message of `kind` to `handler` on the reader thread of
     /// the connection it arrived on, in order, instead of the event channel: one thread
     /// hop less per message. The handler may send, but must never wait for another
-    /// message (that message may be queued behind it).
-    pub fn deliver_inline(&self, kind: u16, handler: InlineHandler) {
-        *self
-            .inner
-            .inline
-            .write()
-            .unwrap_or_else(PoisonError::into_inner) = Some((kind, handler));
+    /// message (that message may be queued behind it). One kind per transport: false
+    /// (and nothing changes) if a handler was set before.
+    pub fn deliver_inline(&self, kind: u16, handler: InlineHandler) -> bool {
+        self.inner.inline.set((kind, handler)).is_ok()
     }
 
     /// This node's id.
@@ -786,14 +783,7 @@ fn rx_loop(inner: &Inner, peer: &Peer, rx: &mut RxSession, stream: TcpStream) {
             }
             continue;
         }
-        let inline = inner
-            .inline
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .as_ref()
-            .filter(|(k, _)| *k == msg.kind)
-            .map(|(_, h)| h.clone());
-        if let Some(handle) = inline {
+        if let Some((_, handle)) = inner.inline.get().filter(|(k, _)| *k == msg.kind) {
             handle(peer.node, &msg.payload);
             continue;
         }
@@ -952,13 +942,14 @@ mod tests {
         let nodes = cluster(3, true);
         let (tx, got) = mpsc::channel::<(u16, u32)>();
         let tx = Mutex::new(tx);
-        nodes[0].0.deliver_inline(
+        assert!(nodes[0].0.deliver_inline(
             7,
             Arc::new(move |from, payload: &[u8]| {
                 let i = u32::from_le_bytes(payload[..4].try_into().unwrap());
                 let _ = tx.lock().unwrap().send((from, i));
             }),
-        );
+        ));
+        assert!(!nodes[0].0.deliver_inline(3, Arc::new(|_, _: &[u8]| {})));
         const COUNT: u32 = 100;
         for i in 0..COUNT {
             for sender in [1usize, 2] {

@@ -285,19 +285,7 @@ fn decode_bitcount(bytes: &[u8]) -> Option<Fixup> {
         0xbd => BitCount::Lzcnt,
         _ => return None,
     };
-    let modrm = *bytes.get(i + 2)?;
-    if modrm >> 6 != 3 {
-        return None;
-    }
-    let dst = ((modrm >> 3) & 7) | ((rex & 4) << 1);
-    let src = (modrm & 7) | ((rex & 1) << 3);
-    let bits = if rex & 8 != 0 {
-        64
-    } else if opsize16 {
-        16
-    } else {
-        32
-    };
+    let (dst, src, bits) = register_operands(*bytes.get(i + 2)?, rex, opsize16)?;
     Some(Fixup::BitCount {
         len: (i + 3) as u8,
         op,
@@ -322,22 +310,31 @@ fn decode_lsl(bytes: &[u8]) -> Option<Fixup> {
     if bytes.get(i..i + 2)? != [0x0f, 0x03] {
         return None;
     }
-    let modrm = *bytes.get(i + 2)?;
+    let (dst, src, bits) = register_operands(*bytes.get(i + 2)?, rex, opsize16)?;
+    Some(Fixup::Lsl {
+        len: (i + 3) as u8,
+        dst,
+        src,
+        bits,
+    })
+}
+
+/// The register operands of a ModRM byte with `mod` = 11 (else `None`): destination
+/// (`reg`), source (`rm`), both widened by REX, and the operand size.
+fn register_operands(modrm: u8, rex: u8, opsize16: bool) -> Option<(u8, u8, u8)> {
     if modrm >> 6 != 3 {
         return None;
     }
-    Some(Fixup::Lsl {
-        len: (i + 3) as u8,
-        dst: ((modrm >> 3) & 7) | ((rex & 4) << 1),
-        src: (modrm & 7) | ((rex & 1) << 3),
-        bits: if rex & 8 != 0 {
-            64
-        } else if opsize16 {
-            16
-        } else {
-            32
-        },
-    })
+    let dst = ((modrm >> 3) & 7) | ((rex & 4) << 1);
+    let src = (modrm & 7) | ((rex & 1) << 3);
+    let bits = if rex & 8 != 0 {
+        64
+    } else if opsize16 {
+        16
+    } else {
+        32
+    };
+    Some((dst, src, bits))
 }
 
 /// The segment limit `lsl` loads for `selector` at `cpl`, given the 8-byte descriptor

@@ -492,7 +492,8 @@ pub fn run_node(
     // waits for a message.)
     if std::env::var("DVMM_DSM_RX_INLINE").as_deref() != Ok("0") {
         let weak = Arc::downgrade(&dsm);
-        link.transport.deliver_inline(
+        // The only inline kind, set once per transport.
+        let _ = link.transport.deliver_inline(
             KIND_DSM,
             Arc::new(move |from, payload| {
                 if let Some(d) = weak.upgrade() {

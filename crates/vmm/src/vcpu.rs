@@ -321,9 +321,10 @@ fn run_loop(
         env.gate.pass(handle.quiet_flag());
         let ran = vcpu.run().map(|_| ());
         if handle.take_sample_request() {
-            take_sample(vcpu, profile);
-            if trace_samples() {
-                trace_sample(vcpu, handle.index, stats);
+            if let Some(regs) = take_sample(vcpu, profile) {
+                if trace_samples() {
+                    trace_sample(&regs, handle.index, stats);
+                }
             }
         }
         match ran {
@@ -422,14 +423,17 @@ fn run_loop(
     }
 }
 
-/// Counts where the vCPU is (RIP and CPL) in `profile`.
-fn take_sample(vcpu: &VcpuFd, profile: &mut crate::profile::Profile) {
-    if let (Ok(r), Ok(s)) = (vcpu.get_regs(), vcpu.get_sregs()) {
-        profile.add(crate::profile::Sample::Guest {
-            rip: s.cs.base.wrapping_add(r.rip),
-            cpl: s.cs.dpl,
-        });
-    }
+/// Counts where the vCPU is (RIP and CPL) in `profile`; returns the registers read.
+fn take_sample(
+    vcpu: &VcpuFd,
+    profile: &mut crate::profile::Profile,
+) -> Option<kvm_bindings::kvm_regs> {
+    let (r, s) = (vcpu.get_regs().ok()?, vcpu.get_sregs().ok()?);
+    profile.add(crate::profile::Sample::Guest {
+        rip: s.cs.base.wrapping_add(r.rip),
+        cpl: s.cs.dpl,
+    });
+    Some(r)
 }
 
 /// Diagnostics: `DVMM_TRACE_SAMPLES=1` logs every profiler sample (with `--profile`):
@@ -440,19 +444,17 @@ fn trace_samples() -> bool {
     *ON.get_or_init(|| std::env::var("DVMM_TRACE_SAMPLES").as_deref() == Ok("1"))
 }
 
-fn trace_sample(vcpu: &VcpuFd, index: u32, stats: &ExitStats) {
-    if let Ok(r) = vcpu.get_regs() {
-        tracing::info!(
-            vcpu = index,
-            rip = format_args!("{:#x}", r.rip),
-            rsp = format_args!("{:#x}", r.rsp),
-            rflags = format_args!("{:#x}", r.rflags),
-            kicks = stats.get(ExitKind::Kick),
-            msr = stats.get(ExitKind::Msr),
-            hlt = stats.get(ExitKind::Hlt),
-            "sample"
-        );
-    }
+fn trace_sample(r: &kvm_bindings::kvm_regs, index: u32, stats: &ExitStats) {
+    tracing::info!(
+        vcpu = index,
+        rip = format_args!("{:#x}", r.rip),
+        rsp = format_args!("{:#x}", r.rsp),
+        rflags = format_args!("{:#x}", r.rflags),
+        kicks = stats.get(ExitKind::Kick),
+        msr = stats.get(ExitKind::Msr),
+        hlt = stats.get(ExitKind::Hlt),
+        "sample"
+    );
 }
 
 /// Reads one MSR of the vCPU.
