@@ -20,8 +20,41 @@ use dvmm_cluster::{ClusterConfig, GuestSpec, NodeSpec};
 use crate::RunArgs;
 
 const NODE_RAM_ALIGN: u64 = 2 << 20;
-/// How long the other nodes get to end after one of them ended.
+/// How long the other nodes get to end after one of them ended cleanly (power-off).
 const GRACE: Duration = Duration::from_secs(5);
+/// ... and after one failed: a peer notices a dead node at once and a frozen one within
+/// the transport's 2 s dead-peer timeout, so every node is gone within ~4 s.
+const FAILURE_GRACE: Duration = Duration::from_secs(2);
+
+/// A signal's name, for "killed by signal 9 (SIGKILL)".
+fn signal_name(sig: i32) -> &'static str {
+    match sig {
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGHUP => "SIGHUP",
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGILL => "SIGILL",
+        libc::SIGFPE => "SIGFPE",
+        _ => "a signal",
+    }
+}
+
+/// How a node process ended, in words, and the exit code that stands for it (a shell's
+/// 128 + signal for a signal).
+fn describe_end(st: std::process::ExitStatus) -> (String, i32) {
+    use std::os::unix::process::ExitStatusExt;
+    match (st.code(), st.signal()) {
+        (Some(c), _) => (format!("exit {c}"), c),
+        (None, Some(sig)) => (
+            format!("killed by signal {sig} ({})", signal_name(sig)),
+            128 + sig,
+        ),
+        _ => ("ended".to_string(), 1),
+    }
+}
 
 fn random_secret() -> Result<String> {
     let mut bytes = [0u8; 32];
@@ -42,9 +75,20 @@ fn split(total: u64, k: u64, align: u64) -> Vec<u64> {
     out
 }
 
-/// The cluster file for `args`.
+/// The cluster file for `args`, checked as `dvmm node` will check it.
 pub fn local_cluster(args: &RunArgs) -> Result<ClusterConfig> {
     let k = args.nodes;
+    if k == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    // Checked before anything is started (ports, processes).
+    if args.cpus > dvmm_layout::MAX_VCPUS {
+        bail!(
+            "--cpus {}: at most {} vCPUs are supported",
+            args.cpus,
+            dvmm_layout::MAX_VCPUS
+        );
+    }
     if args.cpus < k {
         bail!(
             "--nodes {k} needs at least {k} vCPUs (one per node); got --cpus {}",
@@ -58,8 +102,10 @@ pub fn local_cluster(args: &RunArgs) -> Result<ClusterConfig> {
     let base = args.cpus / k;
     let extra = args.cpus % k;
     let mem = split(args.memory, u64::from(k), NODE_RAM_ALIGN);
+    // Bind to learn free ports, holding every one until all are picked (a port let go
+    // at once can be handed out again for the next node); the nodes take them after.
+    let mut held = Vec::with_capacity(k as usize);
     for i in 0..k {
-        // Bind to learn a free port, then let it go for the node to take.
         let l = std::net::TcpListener::bind("127.0.0.1:0")
             .context("cannot find a free loopback port")?;
         nodes.push(NodeSpec {
@@ -67,8 +113,10 @@ pub fn local_cluster(args: &RunArgs) -> Result<ClusterConfig> {
             vcpus: base + u32::from(i < extra),
             memory: mem[i as usize],
         });
+        held.push(l);
     }
-    Ok(ClusterConfig {
+    drop(held);
+    let cluster = ClusterConfig {
         secret: random_secret()?,
         insecure_transport: args.insecure_transport,
         guest: GuestSpec {
@@ -84,7 +132,13 @@ pub fn local_cluster(args: &RunArgs) -> Result<ClusterConfig> {
             cmdline: args.cmdline.clone(),
         },
         nodes,
-    })
+    };
+    // The same checks as a hand-written cluster file gets.
+    ClusterConfig::parse(
+        &cluster.to_toml(),
+        std::path::Path::new("(the local cluster)"),
+    )
+    .context("the local cluster's shape is not valid")
 }
 
 /// A private directory holding the cluster file, removed on drop.
@@ -193,25 +247,25 @@ pub fn run_local_cluster(args: &RunArgs, set: libc::sigset_t) -> Result<u8> {
     let n = cluster.nodes.len();
     let mut codes: Vec<Option<i32>> = vec![None; n];
     let mut how: Vec<String> = vec!["still running (killed)".to_string(); n];
-    let mut first_end: Option<Instant> = None;
+    // When the first node ended, and how long the others get from then on.
+    let mut first_end: Option<(Instant, Duration)> = None;
     loop {
         {
             let mut kids = children.lock().unwrap_or_else(|e| e.into_inner());
             for (i, c) in kids.iter_mut().enumerate() {
                 if codes[i].is_none() {
                     if let Ok(Some(st)) = c.try_wait() {
-                        use std::os::unix::process::ExitStatusExt;
-                        let code = st.code().unwrap_or(1);
-                        how[i] = match (st.code(), st.signal()) {
-                            (Some(c), _) => format!("exit {c}"),
-                            (None, Some(sig)) => format!("killed by signal {sig}"),
-                            _ => "ended".to_string(),
-                        };
-                        if code != 0 && i != 0 {
-                            tracing::warn!(node = i, "node ended: {}", how[i]);
+                        let (words, code) = describe_end(st);
+                        if code != 0 {
+                            tracing::warn!(node = i, "node ended: {words}");
                         }
+                        how[i] = words;
                         codes[i] = Some(code);
-                        first_end.get_or_insert_with(Instant::now);
+                        let grace = if code == 0 { GRACE } else { FAILURE_GRACE };
+                        match &mut first_end {
+                            None => first_end = Some((Instant::now(), grace)),
+                            Some((_, g)) => *g = (*g).min(grace),
+                        }
                     }
                 }
             }
@@ -219,8 +273,8 @@ pub fn run_local_cluster(args: &RunArgs, set: libc::sigset_t) -> Result<u8> {
         if codes.iter().all(Option::is_some) {
             break;
         }
-        if first_end.is_some_and(|t| t.elapsed() > GRACE) {
-            tracing::warn!("nodes still running {GRACE:?} after one ended: killing them");
+        if let Some((_, grace)) = first_end.filter(|(t, g)| t.elapsed() > *g) {
+            tracing::warn!("nodes still running {grace:?} after one ended: killing them");
             signal(&children, libc::SIGKILL);
             for c in children
                 .lock()
@@ -246,12 +300,8 @@ pub fn run_local_cluster(args: &RunArgs, set: libc::sigset_t) -> Result<u8> {
         eprintln!("dvmm: nodes ended: {}", all.join(", "));
     }
     if code == 0 {
-        if let Some((i, c)) = codes
-            .iter()
-            .enumerate()
-            .find(|(_, c)| c.is_some_and(|c| c != 0))
-        {
-            eprintln!("dvmm: node {i} failed (exit code {c:?})");
+        if let Some(i) = codes.iter().position(|c| c.is_some_and(|c| c != 0)) {
+            eprintln!("dvmm: node {i} failed: {}", how[i]);
             return Ok(1);
         }
     }

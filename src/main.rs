@@ -48,7 +48,7 @@ struct RunArgs {
     memory: u64,
     /// Number of dvmm nodes (processes on this machine, talking over loopback TCP)
     /// that run the guest together: vCPUs and RAM are split between them in blocks.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     nodes: u32,
     /// Authenticate node-to-node traffic but do not encrypt it (trusted fabrics only).
     #[arg(long)]

@@ -130,3 +130,103 @@ fn malformed_memory_size() {
     assert_eq!(run.code, Some(2), "clap usage errors exit 2\n{t}");
     assert!(run.stderr.contains("not a size"), "{t}");
 }
+
+#[test]
+fn zero_nodes() {
+    let run = dvmm(
+        &["run", "--kernel", dvmm_testos::TESTOS_ELF, "--nodes", "0"],
+        LIMIT,
+    );
+    let t = run.transcript();
+    assert_eq!(run.code, Some(2), "clap usage errors exit 2\n{t}");
+    assert!(run.stderr.contains("--nodes"), "{t}");
+    assert!(run.stdout.is_empty(), "no guest may run\n{t}");
+}
+
+/// The vCPU limit is checked before any node process is started.
+#[test]
+fn too_many_cpus_for_a_local_cluster() {
+    let run = dvmm(
+        &[
+            "run",
+            "--kernel",
+            dvmm_testos::TESTOS_ELF,
+            "--nodes",
+            "300",
+            "--cpus",
+            "300",
+        ],
+        LIMIT,
+    );
+    assert_rejected(&run, "at most 254");
+    assert!(
+        !run.stderr.contains("starting a local cluster"),
+        "{}",
+        run.transcript()
+    );
+}
+
+/// A two-node cluster file for `kernel`; `port0` is node 0's port.
+fn cluster_file(name: &str, kernel: &str, port0: u16) -> std::path::PathBuf {
+    let port1 = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = format!(
+        "secret = \"a-long-enough-test-secret-0123\"\n[guest]\nkernel = \"{kernel}\"\n\
+         [[node]]\naddress = \"127.0.0.1:{port0}\"\nvcpus = 1\nmemory = \"64M\"\n\
+         [[node]]\naddress = \"127.0.0.1:{port1}\"\nvcpus = 1\nmemory = \"64M\"\n"
+    );
+    temp_file(name, text.as_bytes())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn node_id_not_in_the_cluster_file() {
+    let f = cluster_file("ids.toml", dvmm_testos::TESTOS_ELF, free_port());
+    let run = dvmm(
+        &["node", "--cluster", f.to_str().unwrap(), "--id", "5"],
+        LIMIT,
+    );
+    assert_rejected(&run, "--id 5 is not a node of the cluster file");
+    assert!(
+        !run.stderr.contains("internal error"),
+        "{}",
+        run.transcript()
+    );
+}
+
+#[test]
+fn port_zero_in_a_cluster_file() {
+    let f = cluster_file("port0.toml", dvmm_testos::TESTOS_ELF, 0);
+    let run = dvmm(
+        &["node", "--cluster", f.to_str().unwrap(), "--id", "0"],
+        LIMIT,
+    );
+    assert_rejected(&run, "port 0");
+}
+
+/// A node that cannot read the kernel says so at once, not after its peers connected
+/// (its peer never starts here: waiting would take the 30 s connect time-out).
+#[test]
+fn cluster_node_with_a_missing_kernel_fails_before_connecting() {
+    let f = cluster_file("nokernel.toml", "/nonexistent/vmlinuz", free_port());
+    let run = dvmm(
+        &["node", "--cluster", f.to_str().unwrap(), "--id", "1"],
+        Duration::from_secs(20),
+    );
+    assert_rejected(&run, "cannot read kernel image /nonexistent/vmlinuz");
+    assert!(
+        !run.stderr.contains("did not connect"),
+        "{}",
+        run.transcript()
+    );
+}

@@ -146,6 +146,39 @@ fn killing_a_node_stops_the_cluster() {
             stderr.contains(&format!("lost node {victim}")),
             "node {survivor} should name node {victim}\n{stderr}"
         );
+        assert!(
+            stderr.contains(&format!("node {victim}: killed by signal 9 (SIGKILL)")),
+            "dvmm run should say how node {victim} ended\n{stderr}"
+        );
+        for k in kids {
+            assert!(!alive(k), "node process {k} left behind");
+        }
+    }
+}
+
+/// A frozen node (SIGSTOP: no crash, no closed socket) is noticed by its peer's
+/// dead-peer timeout, and every node is gone within 5 s.
+#[test]
+fn a_frozen_node_stops_the_cluster_within_5_s() {
+    let _one = exclusive();
+    for victim in [1usize, 0] {
+        let (mut child, _lines) = start_idle_cluster();
+        let kids = children(child.id());
+        assert_eq!(kids.len(), 2, "expected 2 node processes, got {kids:?}");
+        // SAFETY: stopping a node process this test started (through dvmm).
+        unsafe { libc::kill(kids[victim] as i32, libc::SIGSTOP) };
+        let frozen = Instant::now();
+        let status = wait_exit(&mut child, Duration::from_secs(15));
+        let took = frozen.elapsed();
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+            .expect("stderr");
+        assert!(took < Duration::from_secs(5), "took {took:?}\n{stderr}");
+        assert_ne!(status.code(), Some(0), "{stderr}");
+        assert!(
+            stderr.contains(&format!("lost node {victim}")),
+            "the other node should name node {victim}\n{stderr}"
+        );
         for k in kids {
             assert!(!alive(k), "node process {k} left behind");
         }

@@ -136,6 +136,7 @@ struct percpu {
     uint64_t timer_gaps[TIMER_GAPS]; /* TSC between consecutive ticks */
     volatile uint32_t bp_cnt;
     volatile uint64_t bp_rip;
+    volatile uint64_t progress_tsc; /* when this cpu last finished a check (ok) */
 } __attribute__((aligned(4096))); /* one page per CPU: no false sharing between nodes */
 
 _Static_assert(__builtin_offsetof(struct percpu, ksp) == PERCPU_KSP, "PERCPU_KSP");
@@ -406,13 +407,49 @@ static __attribute__((noreturn)) void fail(const char *fmt, ...)
     vfail(fmt, ap);
 }
 
+static uint64_t ms_to_tsc(uint64_t ms);
+
+/* The latest TSC at which any cpu finished a check or made progress inside a user-mode
+ * one (struct dsm_args.progress_tsc). Read only when a deadline has passed, so the
+ * other cpus' pages are not pulled across nodes while the checks run. */
+static uint64_t last_progress(void)
+{
+    uint64_t now = rdtsc(), t = 0;
+    for (uint32_t i = 0; i < ncpus; i++) {
+        uint64_t k = cpus[i].progress_tsc, u = 0;
+        if (cpus[i].ublock)
+            u = ((volatile struct dsm_args *)(cpus[i].ublock + DSM_ARGS_OFFSET))->progress_tsc;
+        if (k > t && k <= now)
+            t = k;
+        if (u > t && u <= now) /* not yet written: whatever the block held */
+            t = u;
+    }
+    return t;
+}
+
+/* The watchdog judges progress, not the run's length: true once *end has passed and no
+ * cpu made progress in the ms before now; else moves *end to ms after the last progress. */
+static int no_progress_since(volatile uint64_t *end, uint64_t ms)
+{
+    uint64_t now = rdtsc();
+    if (now <= *end)
+        return 0;
+    uint64_t next = last_progress() + ms_to_tsc(ms);
+    if (next > now) {
+        *end = next;
+        return 0;
+    }
+    return 1;
+}
+
 /* Halts quietly when another CPU has failed; fails on the global watchdog. */
 static void check_failed(void)
 {
     if (failed)
         halt_forever();
-    if (tsc_khz && rdtsc() > watchdog_tsc)
-        fail("watchdog: the run did not finish within %lu s (testos.watchdog=<s> to change)",
+    if (tsc_khz && no_progress_since(&watchdog_tsc, watchdog_ms))
+        fail("watchdog: no cpu finished a check or made progress in one for %lu s "
+             "(testos.watchdog=<s> to change)",
              watchdog_ms / 1000);
 }
 
@@ -503,8 +540,10 @@ static void delay_us(uint64_t us)
         ok_;                                                                                       \
     })
 
-/* All CPUs meet here; fails if some CPU does not arrive in time. */
-static void barrier_ms(const char *name, uint64_t ms)
+/* All CPUs meet here; fails if some CPU does not arrive while none makes progress for
+ * the watchdog's time (testos.watchdog): how long the others take depends on the host
+ * (8 nodes sharing 2 cores print slowly), not on dvmm. */
+static void barrier(const char *name)
 {
     uint32_t gen = __atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE);
     if (__atomic_add_fetch(&bar_count, 1, __ATOMIC_ACQ_REL) == ncpus) {
@@ -512,14 +551,15 @@ static void barrier_ms(const char *name, uint64_t ms)
         __atomic_store_n(&bar_gen, gen + 1, __ATOMIC_RELEASE);
         return;
     }
-    if (!WAIT_UNTIL(__atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE) != gen, ms))
-        fail("barrier '%s': only %u of %u cpus arrived within %lu s", name, bar_count, ncpus,
-             ms / 1000);
+    volatile uint64_t end = rdtsc() + ms_to_tsc(watchdog_ms);
+    while (__atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE) == gen) {
+        if (no_progress_since(&end, watchdog_ms))
+            fail("barrier '%s': only %u of %u cpus arrived, and no cpu made progress for %lu s",
+                 name, bar_count, ncpus, watchdog_ms / 1000);
+        check_failed();
+        pause();
+    }
 }
-
-/* Bounded by the run's one time limit (testos.watchdog): how long the other cpus take
- * to arrive depends on the host (8 nodes sharing 2 cores print slowly), not on dvmm. */
-static void barrier(const char *name) { barrier_ms(name, watchdog_ms); }
 
 static void nap_us(uint64_t us);
 
@@ -533,11 +573,11 @@ static void nap_barrier(const char *name)
         __atomic_store_n(&bar_gen, gen + 1, __ATOMIC_RELEASE);
         return;
     }
-    uint64_t end = rdtsc() + ms_to_tsc(watchdog_ms);
+    volatile uint64_t end = rdtsc() + ms_to_tsc(watchdog_ms);
     while (__atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE) == gen) {
-        if (rdtsc() > end)
-            fail("barrier '%s': only %u of %u cpus arrived within %lu s", name, bar_count,
-                 ncpus, watchdog_ms / 1000);
+        if (no_progress_since(&end, watchdog_ms))
+            fail("barrier '%s': only %u of %u cpus arrived, and no cpu made progress for %lu s",
+                 name, bar_count, ncpus, watchdog_ms / 1000);
         check_failed();
         nap_us(DSM_NAP_US);
     }
@@ -1068,6 +1108,7 @@ static void ok(const char *check, const char *fmt, ...)
     vfmt(&b, fmt, ap);
     va_end(ap);
     say("cpu %u: %s ok (%s)", this_cpu()->index, check, detail);
+    this_cpu()->progress_tsc = rdtsc();
 }
 
 static void check_ipi_fixed(struct percpu *c)
@@ -1490,6 +1531,7 @@ static struct dsm_args *dsm_run(struct percpu *c, const char *name, uint64_t che
                                       DSM_IRIW_LOG_BYTES(iters);
     a->what = 0;
     uint64_t t0 = rdtsc();
+    a->progress_tsc = t0;
     uint64_t err = enter_user((uint64_t)user_dsm, c->ublock + USTACK_SIZE - 8, (uint64_t)a);
     uint64_t t1 = rdtsc();
     sti();

@@ -166,6 +166,8 @@ struct dsm_args {
     uint64_t what;     /* const char * (in the user image) naming what was awaited */
     uint64_t at, v1, v2, v3;
     uint64_t stat[8];
+    /* Written by the check: when a wait last ended (progress), read by the watchdog. */
+    volatile uint64_t progress_tsc;
 };
 
 void user_dsm(struct dsm_args *args);

@@ -105,8 +105,10 @@ static int wait_over(struct dsm_args *a, struct waiter *w)
     if (++w->spins & 63)
         return 0;
     uint64_t now = user_rdtsc();
-    if (!w->t0)
+    if (!w->t0) { /* a new wait: the one before it made progress */
         w->t0 = w->last_yield = now;
+        a->progress_tsc = now;
+    }
     if (((struct dsm_global *)a->global)->ctl.abort)
         return DSM_E_ABORT;
     if (now - w->t0 > a->wait_tsc)

@@ -172,6 +172,12 @@ impl ClusterConfig {
                     n.address
                 ))
             })?;
+            if address.port() == 0 {
+                // Port 0 would make the node listen on a random port no peer knows.
+                return Err(invalid(format!(
+                    "node {i}: address {address} has port 0; give the port the node listens on"
+                )));
+            }
             if n.vcpus == 0 {
                 return Err(invalid(format!("node {i}: vcpus must be at least 1")));
             }
@@ -304,6 +310,7 @@ memory = "64M"
             (GOOD.replace("64M", "3M"), "multiple of 2 MiB"),
             (GOOD.replace("64M", "lots"), "not a size"),
             (GOOD.replace("127.0.0.1:7001", "nowhere"), "not IP:port"),
+            (GOOD.replace("127.0.0.1:7001", "127.0.0.1:0"), "port 0"),
             (GOOD.replace("[guest]", "[gust]"), "invalid"),
         ];
         for (text, needle) in cases {

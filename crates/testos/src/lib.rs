@@ -79,8 +79,8 @@ pub const DSM_CHECKS: &[&str] = &[
 /// [`DSM_CHECKS`] (for slow multi-node runs; `dma` takes at most 32);
 /// `testos.iters.<check>=N` sets one.
 pub const CMDLINE_ITERS: &str = "testos.iters";
-/// Command-line key: `testos.watchdog=S` sets the whole run's time limit in seconds
-/// (default 120).
+/// Command-line key: `testos.watchdog=S`: the run fails when no CPU finishes a check or
+/// makes progress inside one for S seconds (default 120).
 pub const CMDLINE_WATCHDOG: &str = "testos.watchdog";
 /// Command-line key: `testos.user-ms=MS` runs the `user` check's CPL3 sieve for at least
 /// MS milliseconds (default 50); its `N rounds in M ms` measures a CPU's throughput.

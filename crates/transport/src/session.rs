@@ -286,7 +286,11 @@ pub(crate) enum RecvError {
 #[derive(Debug, Error)]
 pub(crate) enum HandshakeError {
     #[error("I/O error during handshake: {0}")]
-    Io(#[from] io::Error),
+    Io(io::Error),
+    #[error(
+        "the other side sent nothing within the handshake time-out (not a dvmm node, or stalled)"
+    )]
+    Silent,
     #[error("malformed handshake frame: {0}")]
     Frame(#[from] FrameError),
     #[error("handshake authentication failed: the peer uses another cluster secret, or the other transport mode (--insecure-transport on one side only)")]
@@ -303,10 +307,20 @@ pub(crate) enum HandshakeError {
     BadHello,
 }
 
+impl From<io::Error> for HandshakeError {
+    fn from(e: io::Error) -> Self {
+        // A read or write time-out on the socket surfaces as EAGAIN/ETIMEDOUT.
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => HandshakeError::Silent,
+            _ => HandshakeError::Io(e),
+        }
+    }
+}
+
 impl From<SendError> for HandshakeError {
     fn from(e: SendError) -> Self {
         match e {
-            SendError::Io(e) => HandshakeError::Io(e),
+            SendError::Io(e) => HandshakeError::from(e),
             SendError::Seal(e) => HandshakeError::Noise(e.to_string()),
         }
     }
@@ -315,7 +329,7 @@ impl From<SendError> for HandshakeError {
 impl From<RecvError> for HandshakeError {
     fn from(e: RecvError) -> Self {
         match e {
-            RecvError::Io(e) => HandshakeError::Io(e),
+            RecvError::Io(e) => HandshakeError::from(e),
             RecvError::Frame(FrameError::AuthFailed) => HandshakeError::Auth,
             RecvError::Frame(e) => HandshakeError::Frame(e),
         }

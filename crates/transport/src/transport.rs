@@ -2,7 +2,7 @@
 
 use std::io::{self, BufReader};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::thread::{self, JoinHandle};
@@ -25,6 +25,10 @@ const RETRY_INTERVAL: Duration = Duration::from_millis(100);
 const RETRY_AFTER_REJECT: Duration = Duration::from_secs(1);
 /// Poll interval of the non-blocking accept loop.
 const ACCEPT_POLL: Duration = Duration::from_millis(10);
+/// Incoming handshakes in progress at once (one thread each); a connection beyond
+/// them is closed at once, so a flood of silent connections cannot pile up threads.
+/// A real peer that lands on a full set retries (it sees the close as a rejection).
+const MAX_HANDSHAKES: usize = 16;
 /// Read buffer of a receive thread (a few full frames).
 const RX_BUFFER: usize = 256 * 1024;
 
@@ -336,6 +340,51 @@ struct SetupCtx {
     encrypt: bool,
     deadline: Instant,
     abort: AtomicBool,
+    handshakes: HandshakeSlots,
+}
+
+/// A bounded count of handshakes in progress.
+struct HandshakeSlots {
+    busy: AtomicUsize,
+    max: usize,
+}
+
+/// One handshake's slot in its set-up context, given back on drop.
+struct HandshakeSlot(Arc<SetupCtx>);
+
+impl HandshakeSlots {
+    fn new(max: usize) -> HandshakeSlots {
+        HandshakeSlots {
+            busy: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    fn try_take(&self) -> bool {
+        self.busy
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn give_back(&self) {
+        self.busy.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl HandshakeSlot {
+    fn take(ctx: &Arc<SetupCtx>) -> Option<HandshakeSlot> {
+        ctx.handshakes
+            .try_take()
+            .then(|| HandshakeSlot(ctx.clone()))
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.0.handshakes.give_back();
+    }
 }
 
 impl SetupCtx {
@@ -422,6 +471,7 @@ impl Transport {
             encrypt: cfg.encrypt,
             deadline: Instant::now() + cfg.connect_timeout,
             abort: AtomicBool::new(false),
+            handshakes: HandshakeSlots::new(MAX_HANDSHAKES),
         });
         let (setup_tx, setup_rx) = mpsc::channel::<Setup>();
         let mut setup_threads = Vec::new();
@@ -615,10 +665,16 @@ fn accept_loop(listener: &TcpListener, ctx: &Arc<SetupCtx>, tx: &Sender<Setup>) 
     while !ctx.abort.load(Ordering::Acquire) && Instant::now() < ctx.deadline {
         match listener.accept() {
             Ok((stream, addr)) => {
+                // Dropped with the thread's closure, also when the thread cannot start.
+                let Some(slot) = HandshakeSlot::take(ctx) else {
+                    warn!(%addr, "transport: {MAX_HANDSHAKES} handshakes already in progress: closing this connection");
+                    continue;
+                };
                 let (ctx, tx) = (ctx.clone(), tx.clone());
                 let spawned = thread::Builder::new()
                     .name(format!("dvmm-tr{}-hs", ctx.id))
                     .spawn(move || {
+                        let _slot = slot;
                         let me = ctx.id;
                         let nodes = ctx.nodes;
                         let accept = |peer: u16| {
@@ -1294,5 +1350,78 @@ mod tests {
             }
         );
         drop(t1);
+    }
+
+    #[test]
+    fn handshake_slots_are_bounded_and_given_back() {
+        let slots = HandshakeSlots::new(2);
+        assert!(slots.try_take());
+        assert!(slots.try_take());
+        assert!(
+            !slots.try_take(),
+            "a third handshake must wait for a free slot"
+        );
+        slots.give_back();
+        assert!(slots.try_take());
+    }
+
+    #[test]
+    fn silent_listener_is_named_as_silent() {
+        // Something that accepts connections but never speaks.
+        let mute = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mute_addr = mute.local_addr().unwrap();
+        let held = thread::spawn(move || {
+            let mut conns = Vec::new();
+            mute.set_nonblocking(true).unwrap();
+            let t0 = Instant::now();
+            while t0.elapsed() < Duration::from_secs(9) {
+                if let Ok((c, _)) = mute.accept() {
+                    conns.push(c);
+                }
+                thread::sleep(Duration::from_millis(5));
+            }
+        });
+        let (ls, addrs) = listeners(2);
+        let mut ls = ls.into_iter();
+        drop(ls.next());
+        let mut c = cfg(1, &[mute_addr, addrs[1]], true);
+        // Past one whole handshake time-out (5 s), so one attempt has ended for sure.
+        c.connect_timeout = Duration::from_secs(7);
+        let e = Transport::start_with_listener(c, ls.next().unwrap())
+            .err()
+            .expect("start must fail");
+        let msg = e.to_string();
+        assert!(msg.contains("sent nothing"), "{msg}");
+        assert!(!msg.contains("os error 11"), "{msg}");
+        drop(held); // it lets its connections go by itself
+    }
+
+    #[test]
+    fn a_flood_of_silent_connections_does_not_keep_a_peer_out() {
+        let (ls, addrs) = listeners(2);
+        let mut c0 = cfg(0, &addrs, true);
+        c0.connect_timeout = Duration::from_secs(20);
+        let mut c1 = cfg(1, &addrs, true);
+        c1.connect_timeout = Duration::from_secs(20);
+        // More silent connections than handshake slots, queued before node 0 accepts.
+        let silent: Vec<TcpStream> = (0..3 * MAX_HANDSHAKES)
+            .map(|_| TcpStream::connect(addrs[0]).unwrap())
+            .collect();
+        let mut ls = ls.into_iter();
+        let l0 = ls.next().unwrap();
+        let node0 = thread::spawn(move || Transport::start_with_listener(c0, l0));
+        thread::sleep(Duration::from_millis(200));
+        let (t1, rx1) = Transport::start_with_listener(c1, ls.next().unwrap()).unwrap();
+        let (t0, _rx0) = node0.join().unwrap().unwrap();
+        t0.send(1, 1, b"in").unwrap();
+        assert_eq!(
+            recv(&rx1),
+            Event::Message {
+                from: 0,
+                kind: 1,
+                payload: b"in".to_vec()
+            }
+        );
+        drop((t0, t1, silent));
     }
 }

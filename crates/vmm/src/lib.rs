@@ -62,6 +62,17 @@ pub enum VmmError {
     /// The cluster could not be formed or broke.
     #[error("cluster: {0}")]
     Cluster(String),
+    /// The node-to-node transport could not be set up.
+    #[error("cluster: {0}")]
+    Transport(#[source] dvmm_transport::TransportError),
+    /// `--id` names no node of the cluster file.
+    #[error("--id {id} is not a node of the cluster file: it lists {nodes} nodes, ids 0 to {}", nodes - 1)]
+    NotInCluster {
+        /// The id asked for.
+        id: usize,
+        /// Nodes in the cluster file (at least 1).
+        nodes: usize,
+    },
     /// A bug in dvmm.
     #[error("internal error: {0}")]
     Internal(String),

@@ -392,6 +392,13 @@ impl Dispatch {
     }
 }
 
+/// Opens `path` for reading and reads one byte: a directory or an unreadable file fails.
+fn check_readable(path: &std::path::Path) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut byte = [0u8; 1];
+    std::fs::File::open(path)?.read(&mut byte).map(|_| ())
+}
+
 /// Runs node `id` of `cluster` until the VM ends; returns the outcome.
 pub fn run_node(
     cluster: &ClusterConfig,
@@ -402,9 +409,19 @@ pub fn run_node(
 ) -> Result<VmOutcome, VmmError> {
     let nodes = cluster.nodes.len();
     if id >= nodes {
-        return Err(VmmError::Internal(format!(
-            "node id {id} is not in the cluster file ({nodes} nodes)"
-        )));
+        return Err(VmmError::NotInCluster { id, nodes });
+    }
+    // A node that cannot read the guest would fail only after every peer connected
+    // (up to the connect timeout later, with the others waiting on it): look first.
+    check_readable(&cluster.guest.kernel).map_err(|source| dvmm_boot::BootError::KernelOpen {
+        path: cluster.guest.kernel.clone(),
+        source,
+    })?;
+    if let Some(p) = &cluster.guest.initramfs {
+        check_readable(p).map_err(|source| dvmm_boot::BootError::InitramfsOpen {
+            path: p.clone(),
+            source,
+        })?;
     }
     let mut tcfg = TransportConfig::new(
         id as u16,
@@ -419,8 +436,7 @@ pub fn run_node(
     if cluster.insecure_transport {
         tracing::warn!("--insecure-transport: node traffic is authenticated but NOT encrypted");
     }
-    let (transport, events) =
-        Transport::start(tcfg).map_err(|e| VmmError::Cluster(e.to_string()))?;
+    let (transport, events) = Transport::start(tcfg).map_err(VmmError::Transport)?;
     tracing::info!(node = id, nodes, "connected to all peers");
 
     let mut owner = Vec::new();
