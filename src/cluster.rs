@@ -6,6 +6,7 @@
 //! node ends, the others get 5 s to follow before they are killed; every child also
 //! dies with this process (PR_SET_PDEATHSIG), so none is left behind.
 
+use dvmm_sync::MutexExt;
 use std::io::Read;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
@@ -191,7 +192,7 @@ fn spawn_node(file: &std::path::Path, id: usize, args: &RunArgs) -> Result<Child
 }
 
 fn signal(children: &Mutex<Vec<Child>>, sig: i32) {
-    for c in children.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+    for c in children.locked().iter() {
         // SAFETY: sending a signal to our own child (a stale pid at worst gets ESRCH,
         // since unreaped children keep their pid).
         unsafe {
@@ -229,7 +230,7 @@ pub fn run_local_cluster(args: &RunArgs, set: libc::sigset_t) -> Result<u8> {
     let children = Arc::new(Mutex::new(Vec::new()));
     for id in 0..cluster.nodes.len() {
         match spawn_node(&file, id, args) {
-            Ok(c) => children.lock().unwrap_or_else(|e| e.into_inner()).push(c),
+            Ok(c) => children.locked().push(c),
             Err(e) => {
                 signal(&children, libc::SIGKILL);
                 return Err(e);
@@ -251,7 +252,7 @@ pub fn run_local_cluster(args: &RunArgs, set: libc::sigset_t) -> Result<u8> {
     let mut first_end: Option<(Instant, Duration)> = None;
     loop {
         {
-            let mut kids = children.lock().unwrap_or_else(|e| e.into_inner());
+            let mut kids = children.locked();
             for (i, c) in kids.iter_mut().enumerate() {
                 if codes[i].is_none() {
                     if let Ok(Some(st)) = c.try_wait() {
@@ -276,11 +277,7 @@ pub fn run_local_cluster(args: &RunArgs, set: libc::sigset_t) -> Result<u8> {
         if let Some((_, grace)) = first_end.filter(|(t, g)| t.elapsed() > *g) {
             tracing::warn!("nodes still running {grace:?} after one ended: killing them");
             signal(&children, libc::SIGKILL);
-            for c in children
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter_mut()
-            {
+            for c in children.locked().iter_mut() {
                 let _ = c.wait();
             }
             break;

@@ -10,7 +10,7 @@
 //!
 //! Nothing here talks to KVM.
 
-#![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod acpi;
 pub mod cpu;

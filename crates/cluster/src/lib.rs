@@ -2,7 +2,7 @@
 //! messages nodes exchange besides DSM traffic (interrupts, forwarded device I/O,
 //! APIC views, start and stop).
 
-#![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod config;
 pub mod wire;

@@ -1,5 +1,6 @@
 //! Dispatch of port I/O and MMIO accesses to the device that owns the address.
 
+use dvmm_sync::{MutexExt, RwLockExt};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -61,7 +62,7 @@ pub struct Bus {
 
 impl std::fmt::Debug for Bus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        let map = self.map.read_locked();
         f.debug_list()
             .entries(map.iter().map(|(base, e)| (*base, e.len)))
             .finish()
@@ -87,7 +88,7 @@ impl Bus {
         if len - 1 > u64::MAX - base {
             return Err(BusError::Wraps { base, len });
         }
-        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.map.write_locked();
         // The only candidates are the closest range starting at or below `base`, and
         // the closest one starting above it.
         if let Some((&b, e)) = map.range(..=base).next_back() {
@@ -106,7 +107,7 @@ impl Bus {
 
     /// The device covering `addr` and the offset of `addr` within its range.
     pub fn device_at(&self, addr: u64) -> Option<(SharedDevice, u64)> {
-        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        let map = self.map.read_locked();
         let (&base, entry) = map.range(..=addr).next_back()?;
         covers(base, entry.len, addr).then(|| (entry.device.clone(), addr - base))
     }
@@ -119,7 +120,7 @@ impl Bus {
         };
         // A device that panicked earlier left consistent-enough state for register
         // emulation; keep serving the guest rather than wedging every vCPU.
-        let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
+        let mut device = device.locked();
         device.read(offset, data);
         true
     }
@@ -129,7 +130,7 @@ impl Bus {
         let Some((device, offset)) = self.device_at(addr) else {
             return false;
         };
-        let mut device = device.lock().unwrap_or_else(|e| e.into_inner());
+        let mut device = device.locked();
         device.write(offset, data);
         true
     }

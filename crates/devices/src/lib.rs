@@ -9,7 +9,7 @@
 //!
 //! Every device tolerates any guest access: any offset, any length, any value.
 
-#![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod acpi_pm;
 pub mod bus;

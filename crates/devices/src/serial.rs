@@ -3,6 +3,7 @@
 //! The register logic is `vm_superio::Serial`'s; this adapts it to the bus and to an
 //! [`IrqLine`].
 
+use dvmm_sync::MutexExt;
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -41,7 +42,7 @@ pub struct ConsoleTail(Arc<Mutex<VecDeque<u8>>>);
 
 impl ConsoleTail {
     fn push(&self, bytes: &[u8]) {
-        let mut t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut t = self.0.locked();
         t.extend(bytes);
         let excess = t.len().saturating_sub(TAIL_BYTES);
         t.drain(..excess);
@@ -49,7 +50,7 @@ impl ConsoleTail {
 
     /// The last `n` non-empty lines (oldest first), without control characters.
     pub fn last_lines(&self, n: usize) -> Vec<String> {
-        let t = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let t = self.0.locked();
         let bytes: Vec<u8> = t.iter().copied().collect();
         drop(t);
         let text = String::from_utf8_lossy(&bytes);

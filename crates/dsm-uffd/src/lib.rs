@@ -27,14 +27,13 @@
 //! That keeps actions in protocol order trivially; its cost is that unrelated pages do
 //! not proceed in parallel (and [`PageNet::send`] runs under it, so it must not block long).
 
-#![deny(missing_docs)]
-
 mod hold;
 mod sys;
 pub mod testing;
 #[cfg(test)]
 mod tests;
 
+use dvmm_sync::{CondvarExt, MutexExt};
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -722,7 +721,7 @@ impl DsmEngine {
                     st.stats.busy_ns += t0.elapsed().as_nanos() as u64;
                     continue;
                 }
-                st = inner.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                st = inner.cv.wait_locked(st);
             }
         }
         drop(st);
@@ -818,7 +817,7 @@ impl DsmEngine {
             return;
         }
         inner.stop_fd.signal();
-        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let handle = self.thread.locked().take();
         if let Some(h) = handle {
             if h.thread().id() != std::thread::current().id() && h.join().is_err() {
                 tracing::error!("DSM fault thread panicked");
@@ -893,7 +892,7 @@ fn must_defer(msg: Msg, pin: Pin, is_home: bool) -> bool {
 impl Inner {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic under the lock leaves consistent enough state to keep serving.
-        self.st.lock().unwrap_or_else(|e| e.into_inner())
+        self.st.locked()
     }
 
     fn fault_loop(&self) {
@@ -938,13 +937,8 @@ impl Inner {
                 return;
             }
             st = match self.release_holds(st) {
-                (st, Some(wait)) => {
-                    self.hold_cv
-                        .wait_timeout(st, wait)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0
-                }
-                (st, None) => self.hold_cv.wait(st).unwrap_or_else(|e| e.into_inner()),
+                (st, Some(wait)) => self.hold_cv.wait_timeout_locked(st, wait).0,
+                (st, None) => self.hold_cv.wait_locked(st),
             };
         }
     }

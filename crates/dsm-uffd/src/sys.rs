@@ -285,8 +285,8 @@ impl EventFd {
         if raw < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: fresh descriptor owned by nobody else.
         Ok(EventFd {
+            // SAFETY: fresh descriptor owned by nobody else.
             fd: unsafe { OwnedFd::from_raw_fd(raw) },
         })
     }

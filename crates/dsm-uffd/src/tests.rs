@@ -5,6 +5,7 @@
 
 use super::*;
 use crate::testing::Cluster;
+use dvmm_sync::MutexExt;
 use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::time::Duration;
 
@@ -20,7 +21,7 @@ const DEADLINE: Duration = Duration::from_secs(120);
 static CPU_HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn cpu_heavy() -> std::sync::MutexGuard<'static, ()> {
-    CPU_HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+    CPU_HEAVY.locked()
 }
 
 fn cluster(n: u16) -> Cluster {

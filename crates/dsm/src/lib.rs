@@ -25,7 +25,7 @@
 //! See `docs/PROTOCOL.md` for the transition table and the races, and [`model`] for
 //! the exhaustive model check.
 
-#![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 pub mod model;
 mod wire;

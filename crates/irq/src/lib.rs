@@ -6,8 +6,6 @@
 //! controllers are plain [`InterruptMessage`]s addressed by APIC id, so that they can
 //! later travel between dvmm nodes.
 
-#![deny(missing_docs)]
-
 pub mod clock;
 pub mod ioapic;
 pub mod lapic;

@@ -4,7 +4,7 @@
 //! code writes, the devices the VMM attaches and the test guest's expectations agree.
 //! Nothing here depends on KVM or on the host.
 
-#![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 /// Size of a guest page.
 pub const PAGE_SIZE: u64 = 4096;

@@ -7,7 +7,7 @@
 //! pvpanic port and resets). [`verdict`] reads that from captured console output, and
 //! [`pvh_entry`] finds the PVH entry point of an image, as a VMM's loader would.
 
-#![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 use thiserror::Error;
 

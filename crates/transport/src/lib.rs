@@ -20,7 +20,7 @@
 //! Liveness: each side sends a heartbeat when it has sent nothing for half the heartbeat
 //! period; a connection that receives nothing for `dead_after` is declared lost.
 
-#![deny(missing_docs)]
+#![forbid(unsafe_code)]
 
 mod frame;
 mod session;

@@ -1,10 +1,11 @@
 //! Connection set-up, the per-peer receive threads, heartbeats and the send path.
 
+use dvmm_sync::MutexExt;
 use std::io::{self, BufReader};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -271,7 +272,7 @@ impl Inner {
         if peer.lost.load(Ordering::Acquire) {
             return Err(TransportError::PeerDown { node: peer.node });
         }
-        let mut guard = peer.tx.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut guard = peer.tx.locked();
         let tx = &mut *guard;
         let res = tx.session.send(&mut tx.stream, flags, kind, parts);
         drop(guard);
@@ -536,8 +537,7 @@ impl Transport {
             let timeout = cfg.connect_timeout;
             Err(if node < cfg.id {
                 let reason = last_errors[usize::from(node)]
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
+                    .locked()
                     .clone()
                     .unwrap_or_else(|| "no connection attempt completed".into());
                 TransportError::ConnectFailed {
@@ -740,7 +740,7 @@ fn connect_loop(
 ) {
     let set_err = |e: String| {
         if let Some(slot) = last_errors.get(usize::from(node)) {
-            *slot.lock().unwrap_or_else(PoisonError::into_inner) = Some(e);
+            *slot.locked() = Some(e);
         }
     };
     loop {

@@ -1,5 +1,6 @@
 //! How a VM ends: the first event that ends it wins and every thread learns of it.
 
+use dvmm_sync::{CondvarExt, MutexExt};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 
@@ -37,7 +38,7 @@ impl VmControl {
 
     /// Records `outcome` unless another came first, and starts the stop.
     pub fn finish(&self, outcome: VmOutcome) {
-        let mut o = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        let mut o = self.outcome.locked();
         if o.is_none() {
             tracing::debug!(?outcome, "VM ending");
             *o = Some(outcome);
@@ -53,12 +54,12 @@ impl VmControl {
 
     /// Blocks until the VM ends and returns why.
     pub fn wait(&self) -> VmOutcome {
-        let mut o = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        let mut o = self.outcome.locked();
         loop {
             if let Some(outcome) = o.clone() {
                 return outcome;
             }
-            o = self.cond.wait(o).unwrap_or_else(|e| e.into_inner());
+            o = self.cond.wait_locked(o);
         }
     }
 }

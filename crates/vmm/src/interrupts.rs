@@ -4,6 +4,7 @@
 //! Lock order: a device's bus mutex, then the IOAPIC, then one LAPIC at a time. Nobody
 //! holds a LAPIC lock while taking another lock.
 
+use dvmm_sync::MutexExt;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -120,7 +121,7 @@ impl VcpuHandle {
     /// Locks the LAPIC. A poisoned lock (a panicking vCPU thread) still yields the
     /// state: the VM is being torn down anyway and we must not cascade panics.
     pub fn lock(&self) -> MutexGuard<'_, Lapic> {
-        self.lapic.lock().unwrap_or_else(|e| e.into_inner())
+        self.lapic.locked()
     }
 
     /// Wakes the vCPU wherever it is: halted, waiting for SIPI, or in `KVM_RUN`.
@@ -216,11 +217,7 @@ impl InterruptHub {
             self.send_to(msg.destination, msg);
             return;
         }
-        let mut views = self
-            .remote_views
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let mut views = self.remote_views.locked().clone();
         for v in &self.vcpus {
             if let Some(slot) = views.get_mut(v.index as usize) {
                 *slot = v.lock().view();
@@ -258,7 +255,7 @@ impl InterruptHub {
         if self.local(view.apic_id).is_some() {
             return;
         }
-        let mut views = self.remote_views.lock().unwrap_or_else(|e| e.into_inner());
+        let mut views = self.remote_views.locked();
         if let Some(slot) = views.get_mut(view.apic_id as usize) {
             *slot = view;
         }
@@ -273,7 +270,7 @@ impl InterruptHub {
         };
         let mut view = handle.lock().view();
         view.arbitration_priority = 0;
-        let mut published = handle.published.lock().unwrap_or_else(|e| e.into_inner());
+        let mut published = handle.published.locked();
         if published.as_ref() != Some(&view) {
             *published = Some(view);
             remote.publish_view(&view);
@@ -288,9 +285,7 @@ impl InterruptHub {
     }
 
     fn with_ioapic<T>(&self, f: impl FnOnce(&mut IoApic) -> T) -> Option<T> {
-        self.ioapic
-            .as_ref()
-            .map(|io| f(&mut io.lock().unwrap_or_else(|e| e.into_inner())))
+        self.ioapic.as_ref().map(|io| f(&mut io.locked()))
     }
 
     /// Drives IOAPIC input `pin`.

@@ -5,8 +5,6 @@
 //! ([`timers`]) and devices on port/MMIO buses; then [`vm::Vm::run`] starts one thread
 //! per vCPU ([`vcpu`]) and waits for the [`control::VmOutcome`].
 
-#![deny(missing_docs)]
-
 pub mod cmdline;
 pub mod control;
 pub mod cpuid;

@@ -6,6 +6,7 @@
 //! actions: interrupts for local LAPICs, device accesses (node 0), LAPIC views, DSM
 //! traffic, and the end of the VM.
 
+use dvmm_sync::{CondvarExt, MutexExt};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
@@ -98,10 +99,7 @@ impl RemoteIo for NodeLink {
         let len = data.len().min(8);
         let id = self.next_io.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(1);
-        self.pending_io
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, tx);
+        self.pending_io.locked().insert(id, tx);
         let mut out = [0u8; 8];
         if write {
             out[..len].copy_from_slice(&data[..len]);
@@ -151,10 +149,7 @@ impl RemoteIo for NodeLink {
                     continue;
                 }
                 Err(_) => {
-                    self.pending_io
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&id);
+                    self.pending_io.locked().remove(&id);
                     data.fill(0xff);
                     return;
                 }
@@ -321,7 +316,7 @@ impl Dispatch {
     fn control_msg(&self, from: u16, msg: ControlMsg) {
         match msg {
             ControlMsg::Ready => {
-                let mut r = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+                let mut r = self.ready.locked();
                 *r += 1;
                 self.ready_cond.notify_all();
             }
@@ -357,12 +352,7 @@ impl Dispatch {
                     .send(from, &ControlMsg::IoReply { id, data: reply });
             }
             ControlMsg::IoReply { id, data } => {
-                let waiter = self
-                    .link
-                    .pending_io
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&id);
+                let waiter = self.link.pending_io.locked().remove(&id);
                 if let Some(tx) = waiter {
                     let _ = tx.send(data);
                 }
@@ -376,7 +366,7 @@ impl Dispatch {
     /// Waits until `n` Ready messages arrived (or the VM stopped). True if all arrived.
     fn wait_ready(&self, n: usize) -> bool {
         let deadline = Instant::now() + READY_TIMEOUT;
-        let mut r = self.ready.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = self.ready.locked();
         while *r < n && !self.control.stopping() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -384,8 +374,7 @@ impl Dispatch {
             }
             r = self
                 .ready_cond
-                .wait_timeout(r, left.min(Duration::from_millis(200)))
-                .unwrap_or_else(|e| e.into_inner())
+                .wait_timeout_locked(r, left.min(Duration::from_millis(200)))
                 .0;
         }
         *r >= n

@@ -9,6 +9,7 @@
 //! The report is also its own interchange format: lines of `count percent name`, so the
 //! reports of a cluster's nodes merge by adding counts per name ([`merge_reports`]).
 
+use dvmm_sync::MutexExt;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -269,10 +270,7 @@ impl Sampler {
 
     /// Adds a thread's samples.
     pub fn collect(&self, p: &Profile) {
-        self.collected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .merge(p);
+        self.collected.locked().merge(p);
     }
 
     /// Notes the guest's LSTAR (for the KASLR slide).
@@ -285,11 +283,7 @@ impl Sampler {
 
     /// All samples collected so far, and the guest's LSTAR if known.
     pub fn result(&self) -> (Profile, Option<u64>) {
-        let p = self
-            .collected
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let p = self.collected.locked().clone();
         let l = self.lstar.load(std::sync::atomic::Ordering::Relaxed);
         (p, (l != 0).then_some(l))
     }

@@ -8,6 +8,7 @@
 //! userspace (halted, waiting for SIPI). A quiet thread that wakes passes the gate
 //! before it calls into KVM again.
 
+use dvmm_sync::{CondvarExt, MutexExt};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -38,7 +39,7 @@ impl RunGate {
     /// Lets parked vCPU threads go on.
     pub fn open(&self) {
         {
-            let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let _g = self.lock.locked();
             self.closed.store(false, Ordering::SeqCst);
         }
         self.cv.notify_all();
@@ -55,18 +56,14 @@ impl RunGate {
                 return;
             }
             quiet.store(true, Ordering::SeqCst);
-            let mut g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+            let mut g = self.lock.locked();
             while self.closed.load(Ordering::SeqCst) {
                 if start.elapsed() > PARK_LIMIT {
                     tracing::warn!("vCPU: the run gate stayed closed for {PARK_LIMIT:?}; going on");
                     quiet.store(false, Ordering::SeqCst);
                     return;
                 }
-                g = self
-                    .cv
-                    .wait_timeout(g, Duration::from_millis(10))
-                    .unwrap_or_else(|e| e.into_inner())
-                    .0;
+                g = self.cv.wait_timeout_locked(g, Duration::from_millis(10)).0;
             }
         }
     }

@@ -29,6 +29,7 @@
 //! gate or asleep in userspace); then it takes the page away, changes the slot (no
 //! vCPU is in KVM, so at once), acknowledges and opens the gate.
 
+use dvmm_sync::MutexExt;
 use std::sync::Arc;
 
 use dvmm_dsm_uffd::{LocalDerived, PageNo};
@@ -149,7 +150,7 @@ impl ShadowPageTables {
 
     /// Adds and deletes the scratch slot (the deletion drops every shadow page).
     fn cycle_slot(&self) -> Result<(), kvm_ioctls::Error> {
-        let _one = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = self.lock.locked();
         self.slot(4096)?;
         self.slot(0)
     }

@@ -5,6 +5,7 @@
 //! When a LAPIC timer fires it sets IRR and wakes (kicks) that vCPU; a PIT edge pulses
 //! IOAPIC pin [`dvmm_layout::PIT_GSI`].
 
+use dvmm_sync::{CondvarExt, MutexExt};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -35,14 +36,14 @@ impl TimerService {
 
     /// A deadline may have moved: recompute.
     pub fn poke(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state.locked();
         s.poked = true;
         self.cond.notify_one();
     }
 
     /// Ends the timer thread.
     pub fn stop(&self) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state.locked();
         s.stop = true;
         self.cond.notify_one();
     }
@@ -62,7 +63,7 @@ impl TimerService {
                 next = min_opt(next, lapic.timer_deadline());
             }
             let edge = {
-                let mut p = pit.lock().unwrap_or_else(|e| e.into_inner());
+                let mut p = pit.locked();
                 let edge = p.poll_irq0(now);
                 next = min_opt(next, p.irq0_deadline());
                 edge
@@ -72,7 +73,7 @@ impl TimerService {
                 hub.set_gsi(PIT_GSI as usize, false);
             }
 
-            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut s = self.state.locked();
             if s.stop {
                 return;
             }
@@ -82,11 +83,7 @@ impl TimerService {
                     None => Duration::from_secs(3600),
                 };
                 if !wait.is_zero() {
-                    s = self
-                        .cond
-                        .wait_timeout(s, wait)
-                        .unwrap_or_else(|e| e.into_inner())
-                        .0;
+                    s = self.cond.wait_timeout_locked(s, wait).0;
                 }
             }
             s.poked = false;
@@ -133,7 +130,7 @@ impl PitPorts {
 impl dvmm_devices::bus::BusDevice for PitPorts {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let now = self.clock.now_ns();
-        let mut p = self.pit.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.pit.locked();
         let v = p.read(self.base + offset as u16, now);
         data.fill(0);
         if let Some(b) = data.first_mut() {
@@ -144,11 +141,7 @@ impl dvmm_devices::bus::BusDevice for PitPorts {
     fn write(&mut self, offset: u64, data: &[u8]) {
         let now = self.clock.now_ns();
         if let Some(&b) = data.first() {
-            self.pit.lock().unwrap_or_else(|e| e.into_inner()).write(
-                self.base + offset as u16,
-                b,
-                now,
-            );
+            self.pit.locked().write(self.base + offset as u16, b, now);
             self.timers.poke();
         }
     }

@@ -4,6 +4,7 @@
 //! x2APIC and TSC-deadline MSRs), the port or MMIO bus (devices, IOAPIC), the
 //! emulation-gap handler, or the VM's end (shutdown, fatal errors).
 
+use dvmm_sync::CondvarExt;
 use std::sync::Arc;
 
 use dvmm_boot::cpu::{CpuBootState, Segment};
@@ -500,7 +501,7 @@ fn wait_for_sipi(handle: &VcpuHandle, env: &VcpuEnv) -> Option<u8> {
         if let Some(v) = lapic.take_sipi() {
             return Some(v);
         }
-        lapic = handle.wake.wait(lapic).unwrap_or_else(|e| e.into_inner());
+        lapic = handle.wake.wait_locked(lapic);
     }
 }
 
@@ -552,7 +553,7 @@ fn halt(handle: &VcpuHandle, env: &VcpuEnv, if_flag: bool) -> Wake {
         if if_flag && lapic.pending_vector().is_some() {
             return Wake::Resume;
         }
-        lapic = handle.wake.wait(lapic).unwrap_or_else(|e| e.into_inner());
+        lapic = handle.wake.wait_locked(lapic);
     }
 }
 

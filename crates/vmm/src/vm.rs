@@ -4,6 +4,7 @@
 //! timers and the PIT), and the caller's thread, which waits for the outcome and then
 //! stops the others. Console input is fed by the caller through [`ConsoleInput`].
 
+use dvmm_sync::MutexExt;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -84,11 +85,7 @@ impl ConsoleInput {
             if self.control.stopping() {
                 return false;
             }
-            let n = self
-                .serial
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .enqueue_input(bytes);
+            let n = self.serial.locked().enqueue_input(bytes);
             bytes = &bytes[n..];
             if n == 0 {
                 std::thread::sleep(Duration::from_millis(2));
@@ -252,17 +249,11 @@ struct Shifted<D> {
 
 impl<D: BusDevice> BusDevice for Shifted<D> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .read(offset + self.shift, data);
+        self.inner.locked().read(offset + self.shift, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write(offset + self.shift, data);
+        self.inner.locked().write(offset + self.shift, data);
     }
 }
 
@@ -696,11 +687,7 @@ impl Vm {
         let Some(console) = &self.console else {
             return outcome;
         };
-        let tail = console
-            .serial
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .tail();
+        let tail = console.serial.locked().tail();
         let lines = tail.last_lines(40);
         let panic_line = lines
             .iter()

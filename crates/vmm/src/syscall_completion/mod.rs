@@ -26,6 +26,7 @@
 pub mod probe;
 pub mod stub;
 
+use dvmm_sync::MutexExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -174,7 +175,7 @@ impl SyscallCompletion {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state.locked()
     }
 
     /// The guest wrote `value` to the system-call MSR `msr` (already performed); `sregs`
