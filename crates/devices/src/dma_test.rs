@@ -137,7 +137,7 @@ fn run(mem: &dyn GuestAccess, desc: u64) -> Result<u32, String> {
         return Err(format!("descriptor at {desc:#x} crosses a page boundary"));
     }
     let mut d = [0u8; DESC_LEN];
-    mem.read(desc, &mut d)?;
+    mem.read(desc, &mut d).map_err(|e| e.to_string())?;
     let word = |at: usize| u64::from_le_bytes(d[at..at + 8].try_into().unwrap_or([0; 8]));
     let (src, dst) = (word(0), word(8));
     let len = u32::from_le_bytes(d[16..20].try_into().unwrap_or([0; 4]));
@@ -145,12 +145,18 @@ fn run(mem: &dyn GuestAccess, desc: u64) -> Result<u32, String> {
         Err(format!("length {len} is over the {MAX_LEN}-byte limit"))
     } else {
         let mut buf = vec![0u8; len as usize];
-        per_page(src, buf.len(), |at, r| mem.read(at, &mut buf[r])).and_then(|()| {
+        per_page(src, buf.len(), |at, r| {
+            mem.read(at, &mut buf[r]).map_err(|e| e.to_string())
+        })
+        .and_then(|()| {
             let sum = checksum(&buf);
             for b in &mut buf {
                 *b = !*b;
             }
-            per_page(dst, buf.len(), |at, r| mem.write(at, &buf[r])).map(|()| sum)
+            per_page(dst, buf.len(), |at, r| {
+                mem.write(at, &buf[r]).map_err(|e| e.to_string())
+            })
+            .map(|()| sum)
         })
     };
     let (status, sum) = match result {
@@ -160,7 +166,8 @@ fn run(mem: &dyn GuestAccess, desc: u64) -> Result<u32, String> {
             (2u32, 0)
         }
     };
-    mem.write(desc + 24, &sum.to_le_bytes())?;
+    mem.write(desc + 24, &sum.to_le_bytes())
+        .map_err(|e| e.to_string())?;
     Ok(status)
 }
 
@@ -230,14 +237,19 @@ mod tests {
         fn new() -> Arc<Ram> {
             Arc::new(Ram(Mutex::new(vec![0; 0x10000])))
         }
-        fn range(&self, gpa: u64, len: usize) -> Result<std::ops::Range<usize>, String> {
+        fn range(
+            &self,
+            gpa: u64,
+            len: usize,
+        ) -> Result<std::ops::Range<usize>, crate::GuestAccessError> {
             assert!(
                 gpa / PAGE == (gpa + len as u64 - 1) / PAGE,
                 "an access crosses a page"
             );
-            let off = gpa.checked_sub(BASE).ok_or("below RAM")? as usize;
+            let not_ram = crate::GuestAccessError::NotRam { gpa, len };
+            let off = gpa.checked_sub(BASE).ok_or(not_ram)? as usize;
             if off + len > 0x10000 {
-                return Err(format!("{gpa:#x} is not RAM"));
+                return Err(crate::GuestAccessError::NotRam { gpa, len });
             }
             Ok(off..off + len)
         }
@@ -252,12 +264,12 @@ mod tests {
     }
 
     impl GuestAccess for Ram {
-        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), crate::GuestAccessError> {
             let r = self.range(gpa, buf.len())?;
             buf.copy_from_slice(&self.0.lock().unwrap()[r]);
             Ok(())
         }
-        fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), String> {
+        fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), crate::GuestAccessError> {
             let r = self.range(gpa, buf.len())?;
             self.0.lock().unwrap()[r].copy_from_slice(buf);
             Ok(())

@@ -43,9 +43,32 @@ pub trait IrqLine: Send + Sync {
 /// the DSM. Implemented by the VMM.
 pub trait GuestAccess: Send + Sync {
     /// Reads `buf.len()` bytes at `gpa`; the range lies within one 4 KiB page.
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String>;
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestAccessError>;
     /// Writes `buf` at `gpa`; the range lies within one 4 KiB page.
-    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), String>;
+    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), GuestAccessError>;
+}
+
+/// Why a [`GuestAccess`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestAccessError {
+    /// The range is not guest RAM (an MMIO hole, or past the end).
+    #[error("guest address {gpa:#x} ({len} bytes) is not RAM")]
+    NotRam {
+        /// Start of the access.
+        gpa: u64,
+        /// Its length.
+        len: usize,
+    },
+    /// The memory behind the range failed (the DSM could not fetch or own the page, or
+    /// the mapping refused the access).
+    #[error("guest memory at {gpa:#x} could not be reached: {source}")]
+    Failed {
+        /// Start of the access.
+        gpa: u64,
+        /// What failed underneath.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// What a device may ask of the whole VM.
@@ -140,11 +163,17 @@ mod fuzz_tests {
     struct NoRam;
 
     impl GuestAccess for NoRam {
-        fn read(&self, gpa: u64, _: &mut [u8]) -> Result<(), String> {
-            Err(format!("{gpa:#x}: no RAM"))
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestAccessError> {
+            Err(GuestAccessError::NotRam {
+                gpa,
+                len: buf.len(),
+            })
         }
-        fn write(&self, gpa: u64, _: &[u8]) -> Result<(), String> {
-            Err(format!("{gpa:#x}: no RAM"))
+        fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), GuestAccessError> {
+            Err(GuestAccessError::NotRam {
+                gpa,
+                len: buf.len(),
+            })
         }
     }
 

@@ -12,24 +12,30 @@ use crate::memory::GuestRam;
 
 /// Access to guest-physical memory on behalf of the VMM (defined with the devices, whose
 /// DMA takes the same path).
-pub use dvmm_devices::GuestAccess;
+pub use dvmm_devices::{GuestAccess, GuestAccessError};
 
 /// Direct access to this node's RAM (single-node VMs).
 pub struct LocalAccess(pub Arc<GuestRam>);
 
 impl GuestAccess for LocalAccess {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestAccessError> {
         self.0
             .memory()
             .read_slice(buf, GuestAddress(gpa))
-            .map_err(|e| e.to_string())
+            .map_err(|e| GuestAccessError::Failed {
+                gpa,
+                source: Box::new(e),
+            })
     }
 
-    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), String> {
+    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), GuestAccessError> {
         self.0
             .memory()
             .write_slice(buf, GuestAddress(gpa))
-            .map_err(|e| e.to_string())
+            .map_err(|e| GuestAccessError::Failed {
+                gpa,
+                source: Box::new(e),
+            })
     }
 }
 
@@ -55,14 +61,14 @@ impl GuestMemoryPath {
 }
 
 impl GuestAccess for GuestMemoryPath {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestAccessError> {
         match self.dsm.get() {
             Some(d) => d.read(gpa, buf),
             None => self.local.read(gpa, buf),
         }
     }
 
-    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), String> {
+    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), GuestAccessError> {
         match self.dsm.get() {
             Some(d) => d.write(gpa, buf),
             None => self.local.write(gpa, buf),
@@ -77,13 +83,16 @@ mod tests {
     struct Fake;
 
     impl GuestAccess for Fake {
-        fn read(&self, _gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        fn read(&self, _gpa: u64, buf: &mut [u8]) -> Result<(), GuestAccessError> {
             buf.fill(0xab);
             Ok(())
         }
 
-        fn write(&self, _gpa: u64, _buf: &[u8]) -> Result<(), String> {
-            Err("read-only fake".into())
+        fn write(&self, gpa: u64, _buf: &[u8]) -> Result<(), GuestAccessError> {
+            Err(GuestAccessError::Failed {
+                gpa,
+                source: "read-only fake".into(),
+            })
         }
     }
 

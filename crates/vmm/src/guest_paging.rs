@@ -130,6 +130,7 @@ pub fn write_virt(mem: &dyn GuestAccess, paging: Paging, va: u64, buf: &[u8]) ->
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::guest_access::GuestAccessError;
     use std::sync::Mutex;
 
     /// Flat guest-physical memory for tests.
@@ -152,18 +153,24 @@ pub(crate) mod tests {
     }
 
     impl GuestAccess for FlatMemory {
-        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestAccessError> {
             let m = self.0.lock().unwrap();
             let s = gpa as usize;
-            let src = m.get(s..s + buf.len()).ok_or("out of range")?;
+            let len = buf.len();
+            let src = m
+                .get(s..s + len)
+                .ok_or(GuestAccessError::NotRam { gpa, len })?;
             buf.copy_from_slice(src);
             Ok(())
         }
 
-        fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), String> {
+        fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), GuestAccessError> {
             let mut m = self.0.lock().unwrap();
             let s = gpa as usize;
-            let dst = m.get_mut(s..s + buf.len()).ok_or("out of range")?;
+            let len = buf.len();
+            let dst = m
+                .get_mut(s..s + len)
+                .ok_or(GuestAccessError::NotRam { gpa, len })?;
             dst.copy_from_slice(buf);
             Ok(())
         }

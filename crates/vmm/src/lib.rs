@@ -57,9 +57,9 @@ pub enum VmmError {
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
-    /// The cluster could not be formed or broke.
-    #[error("cluster: {0}")]
-    Cluster(String),
+    /// The DSM could not be set up.
+    #[error("cluster: DSM: {0}")]
+    Dsm(#[source] dvmm_dsm_uffd::DsmError),
     /// The node-to-node transport could not be set up.
     #[error("cluster: {0}")]
     Transport(#[source] dvmm_transport::TransportError),

@@ -6,6 +6,7 @@
 //! actions: interrupts for local LAPICs, device accesses (node 0), LAPIC views, DSM
 //! traffic, and the end of the VM.
 
+use crate::guest_access::GuestAccessError;
 use dvmm_sync::{CondvarExt, MutexExt};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -204,25 +205,29 @@ impl DsmAccess {
         len: usize,
         access: dvmm_dsm::Access,
         f: impl FnOnce(&dvmm_dsm_uffd::PinGuard<'_>, u64) -> Result<T, dvmm_dsm_uffd::DsmError>,
-    ) -> Result<T, String> {
+    ) -> Result<T, GuestAccessError> {
         let offset = dvmm_layout::gpa_to_ram_offset(gpa, self.memory)
-            .ok_or_else(|| format!("guest address {gpa:#x} is not RAM"))?;
+            .ok_or(GuestAccessError::NotRam { gpa, len })?;
+        let failed = |e: dvmm_dsm_uffd::DsmError| GuestAccessError::Failed {
+            gpa,
+            source: Box::new(e),
+        };
         let guard = self
             .dsm
             .access(offset, len as u64, access)
-            .map_err(|e| e.to_string())?;
-        f(&guard, offset).map_err(|e| e.to_string())
+            .map_err(failed)?;
+        f(&guard, offset).map_err(failed)
     }
 }
 
 impl crate::guest_access::GuestAccess for DsmAccess {
-    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), String> {
+    fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestAccessError> {
         self.with(gpa, buf.len(), dvmm_dsm::Access::Read, |g, off| {
             g.read(off, buf)
         })
     }
 
-    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), String> {
+    fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), GuestAccessError> {
         self.with(gpa, buf.len(), dvmm_dsm::Access::Write, |g, off| {
             g.write(off, buf)
         })
@@ -464,8 +469,7 @@ pub fn run_node(
     let (view_a, view_b) = ram.views();
     // SAFETY: both views map the whole memfd and live as long as `ram`, which this
     // function keeps until after the engine is stopped.
-    let pages = unsafe { GuestPages::new(view_a, view_b, ram.size()) }
-        .map_err(|e| VmmError::Cluster(format!("DSM: {e}")))?;
+    let pages = unsafe { GuestPages::new(view_a, view_b, ram.size()) }.map_err(VmmError::Dsm)?;
     let homes = home_table(&shares);
     let dsm_node = DsmNode::new(id as u16, nodes as u16, move |page| {
         homes
@@ -491,7 +495,7 @@ pub fn run_node(
             .clone()
             .map(|s| s as Arc<dyn dvmm_dsm_uffd::LocalDerived>),
     )
-    .map_err(|e| VmmError::Cluster(format!("DSM: {e}")))?;
+    .map_err(VmmError::Dsm)?;
     // DSM frames are served on the connection's reader thread: a fault's request and
     // its reply each skip a hop through node-rx. (The engine sends replies but never
     // waits for a message.)

@@ -199,6 +199,50 @@ pub fn load_state(vcpu: &VcpuFd, st: &CpuBootState) -> Result<(), kvm_ioctls::Er
     Ok(())
 }
 
+/// Why a vCPU had to stop the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM vCPU call failed.
+    #[error("{what} failed: {source}")]
+    Kvm {
+        /// The call, e.g. "KVM_RUN".
+        what: &'static str,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The boot vCPU's start state could not be loaded.
+    #[error("cannot load the boot CPU state: {0}")]
+    BootState(#[source] kvm_ioctls::Error),
+    /// An AP's SIPI start state could not be loaded.
+    #[error("cannot start at SIPI vector {vector:#x}: {source}")]
+    Sipi {
+        /// The SIPI vector.
+        vector: u8,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// An interrupt could not be injected.
+    #[error("KVM_INTERRUPT of vector {vector:#x} failed: {source}")]
+    Inject {
+        /// The vector.
+        vector: u8,
+        /// The ioctl's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// KVM could not emulate an instruction and dvmm could not complete it.
+    #[error("{0}")]
+    Emulation(emulation::EmulationFailure),
+    /// VM entry failed.
+    #[error("KVM could not enter the guest (hardware reason {0:#x})")]
+    FailEntry(u64),
+    /// An exit reason dvmm does not handle.
+    #[error("unexpected KVM exit reason {0}")]
+    UnexpectedExit(u32),
+}
+
 /// Runs one vCPU until the VM stops. `boot` is the BSP's start state; APs start
 /// waiting for INIT/SIPI.
 pub fn run(
@@ -243,7 +287,7 @@ fn run_loop(
     boot: Option<CpuBootState>,
     stats: &mut ExitStats,
     profile: &mut crate::profile::Profile,
-) -> Result<(), String> {
+) -> Result<(), VcpuError> {
     let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
     // SAFETY: the kvm_run mapping belongs to `vcpu`, which outlives this loop; `run`
     // unbinds the kicker before `vcpu` is dropped.
@@ -251,7 +295,7 @@ fn run_loop(
 
     let mut mode = match boot {
         Some(st) => {
-            load_state(vcpu, &st).map_err(|e| format!("cannot load the boot CPU state: {e}"))?;
+            load_state(vcpu, &st).map_err(VcpuError::BootState)?;
             Mode::Running
         }
         None => Mode::WaitForSipi,
@@ -278,8 +322,7 @@ fn run_loop(
             match wait_for_sipi(handle, env) {
                 Some(vector) => {
                     let st = dvmm_boot::loader::ap_sipi_state(vector);
-                    load_state(vcpu, &st)
-                        .map_err(|e| format!("cannot start at SIPI vector {vector:#x}: {e}"))?;
+                    load_state(vcpu, &st).map_err(|source| VcpuError::Sipi { vector, source })?;
                     tracing::debug!(vcpu = handle.index, vector, "SIPI");
                     mode = Mode::Running;
                 }
@@ -310,7 +353,10 @@ fn run_loop(
             run.request_interrupt_window = u8::from(lapic.pending_vector().is_some());
         }
         if std::mem::take(&mut nmi) {
-            vcpu.nmi().map_err(|e| format!("KVM_NMI failed: {e}"))?;
+            vcpu.nmi().map_err(|source| VcpuError::Kvm {
+                what: "KVM_NMI",
+                source,
+            })?;
         }
         if env.syscalls.verify_due(env.clock.now_ns()) {
             if let Ok(sregs) = vcpu.get_sregs() {
@@ -337,7 +383,12 @@ fn run_loop(
                 }
                 continue;
             }
-            Err(e) => return Err(format!("KVM_RUN failed: {e}")),
+            Err(source) => {
+                return Err(VcpuError::Kvm {
+                    what: "KVM_RUN",
+                    source,
+                })
+            }
         }
         // SAFETY: as above; KVM_RUN has returned, so the kernel is done writing.
         let run = unsafe { &mut *run_ptr };
@@ -395,7 +446,7 @@ fn run_loop(
                         );
                         gap_retried_at = Some(f.rip);
                     }
-                    Err(f) => return Err(f.to_string()),
+                    Err(f) => return Err(VcpuError::Emulation(f)),
                 }
             }
             KVM_EXIT_SHUTDOWN => {
@@ -413,12 +464,10 @@ fn run_loop(
                         .fail_entry
                         .hardware_entry_failure_reason
                 };
-                return Err(format!(
-                    "KVM could not enter the guest (hardware reason {reason:#x})"
-                ));
+                return Err(VcpuError::FailEntry(reason));
             }
             other => {
-                return Err(format!("unexpected KVM exit reason {other}"));
+                return Err(VcpuError::UnexpectedExit(other));
             }
         }
     }
@@ -471,7 +520,7 @@ fn read_msr(vcpu: &VcpuFd, index: u32) -> Option<u64> {
     }
 }
 
-fn inject(vcpu: &VcpuFd, vector: u8) -> Result<(), String> {
+fn inject(vcpu: &VcpuFd, vector: u8) -> Result<(), VcpuError> {
     let irq = kvm_interrupt {
         irq: u32::from(vector),
     };
@@ -479,10 +528,10 @@ fn inject(vcpu: &VcpuFd, vector: u8) -> Result<(), String> {
     // on our stack for the duration of the call.
     let ret = unsafe { ioctl_with_ref(vcpu, KVM_INTERRUPT(), &irq) };
     if ret < 0 {
-        return Err(format!(
-            "KVM_INTERRUPT of vector {vector:#x} failed: {}",
-            std::io::Error::last_os_error()
-        ));
+        return Err(VcpuError::Inject {
+            vector,
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(())
 }
@@ -668,18 +717,14 @@ fn ram_access_as_mmio(addr: u64, data: &mut [u8], write: bool, handle: &VcpuHand
 /// A HLT exit while the system-call completion is armed: the #UD stub's exit is
 /// completed here (true); any other HLT is first an occasion to check that the
 /// completion is still in place (false: the caller halts).
-fn syscall_hlt(vcpu: &VcpuFd, env: &VcpuEnv) -> Result<bool, String> {
-    let mut regs = vcpu
-        .get_regs()
-        .map_err(|e| format!("KVM_GET_REGS failed: {e}"))?;
-    let sregs = vcpu
-        .get_sregs()
-        .map_err(|e| format!("KVM_GET_SREGS failed: {e}"))?;
+fn syscall_hlt(vcpu: &VcpuFd, env: &VcpuEnv) -> Result<bool, VcpuError> {
+    let kvm = |what| move |source| VcpuError::Kvm { what, source };
+    let mut regs = vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?;
+    let sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
     if env.syscalls.is_ud_exit(regs.rip) {
         if let Some(outcome) = env.syscalls.complete_ud(&mut regs, &sregs, &*env.guest) {
             tracing::trace!(?outcome, "user #UD");
-            vcpu.set_regs(&regs)
-                .map_err(|e| format!("KVM_SET_REGS failed: {e}"))?;
+            vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
             return Ok(true);
         }
     }
