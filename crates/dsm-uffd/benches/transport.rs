@@ -56,25 +56,11 @@ impl PageNet for TransportNet {
             }
             return;
         }
-        let hdrs: Vec<_> = msgs.iter().map(|(m, _)| m.encode()).collect();
-        let mut parts: Vec<&[u8]> = Vec::new();
-        let mut len = 0;
-        for ((_, d), h) in msgs.iter().zip(&hdrs) {
-            let n = h.len() + d.map_or(0, <[u8]>::len);
-            if len + n > MAX_PAYLOAD {
-                if let Err(e) = self.t.send_parts(to, KIND_DSM, &parts) {
-                    eprintln!("DSM frame not sent: {e}");
-                }
-                parts.clear();
-                len = 0;
+        dvmm_dsm::pack_frames(msgs, MAX_PAYLOAD, |parts| {
+            if let Err(e) = self.t.send_parts(to, KIND_DSM, parts) {
+                eprintln!("DSM frame not sent: {e}");
             }
-            parts.push(h);
-            parts.extend(d);
-            len += n;
-        }
-        if let Err(e) = self.t.send_parts(to, KIND_DSM, &parts) {
-            eprintln!("DSM frame not sent: {e}");
-        }
+        });
     }
 }
 
@@ -87,18 +73,6 @@ struct Net {
     pongs: Vec<Receiver<()>>,
     /// Whether the engines' messages share frames.
     batch: Arc<AtomicBool>,
-}
-
-/// Whether a DSM frame is exactly one message (what node.rs's `dsm_msg` accepts); other
-/// frames are batches for `receive_frame`.
-fn single(payload: &[u8]) -> bool {
-    let Some(msg) = payload
-        .get(..WIRE_MSG_LEN)
-        .and_then(|h| Msg::decode(h).ok())
-    else {
-        return true;
-    };
-    payload.len() == WIRE_MSG_LEN + if msg.has_data() { PG } else { 0 }
 }
 
 /// The receive loop of one node, mirroring `Dispatch::run` / `Dispatch::dsm_msg`.
@@ -115,27 +89,7 @@ fn receive_loop(
                 from,
                 kind: KIND_DSM,
                 payload,
-            } if !single(&payload) => engine.receive_frame(from, &payload),
-            Event::Message {
-                from,
-                kind: KIND_DSM,
-                payload,
-            } => {
-                let (hdr, rest) = payload.split_at(payload.len().min(WIRE_MSG_LEN));
-                let Ok(msg) = Msg::decode(hdr) else {
-                    eprintln!("malformed DSM message dropped");
-                    continue;
-                };
-                let data = match (msg.has_data(), rest.len()) {
-                    (true, PG) => Some(rest),
-                    (false, 0) => None,
-                    _ => {
-                        eprintln!("DSM message with a wrong payload dropped");
-                        continue;
-                    }
-                };
-                engine.receive(from, msg, data);
-            }
+            } => engine.receive_frame(from, &payload),
             Event::Message {
                 from,
                 kind: KIND_PING,

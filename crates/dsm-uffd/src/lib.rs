@@ -550,32 +550,18 @@ impl DsmEngine {
             return;
         }
         let t0 = Instant::now();
-        let mut rest = frame;
         let mut count = 0u64;
-        while !rest.is_empty() {
-            let (hdr, tail) = rest.split_at(rest.len().min(dvmm_dsm::WIRE_MSG_LEN));
-            let msg = match Msg::decode(hdr) {
-                Ok(m) => m,
+        for item in dvmm_dsm::parse_frame(frame) {
+            match item {
+                Ok((msg, data)) => {
+                    count += 1;
+                    self.receive_locked(&mut st, from, msg, data);
+                }
                 Err(e) => {
                     st.stats.bad_msgs += 1;
-                    tracing::warn!(from, error = %e, "malformed DSM frame dropped");
-                    break;
+                    tracing::warn!(from, error = %e, "malformed DSM frame: the rest is dropped");
                 }
-            };
-            let (data, tail) = if msg.has_data() {
-                if tail.len() < PAGE_SIZE as usize {
-                    st.stats.bad_msgs += 1;
-                    tracing::warn!(from, ?msg, "DSM message without its 4 KiB payload dropped");
-                    break;
-                }
-                let (d, t) = tail.split_at(PAGE_SIZE as usize);
-                (Some(d), t)
-            } else {
-                (None, tail)
-            };
-            count += 1;
-            self.receive_locked(&mut st, from, msg, data);
-            rest = tail;
+            }
         }
         if count > 1 {
             st.stats.batches_received += 1;

@@ -35,7 +35,9 @@ use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-pub use wire::{DecodeError, WIRE_MSG_LEN};
+pub use wire::{
+    pack_frames, parse_frame, DecodeError, FrameError, FrameMessages, PAGE_BYTES, WIRE_MSG_LEN,
+};
 
 /// Index of a dvmm node in the cluster, `0..nodes`.
 pub type NodeId = u16;

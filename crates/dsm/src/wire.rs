@@ -11,6 +11,10 @@
 //!
 //! When [`Msg::has_data`] is true the transport sends the page's 4 KiB right after
 //! the header; the header itself never contains page bytes.
+//!
+//! A frame (one transport message) carries one or more messages back to back, each a
+//! header and, when it has data, its page: [`pack_frames`] builds them, [`parse_frame`]
+//! reads them. Both sides of the wire use these two and nothing else.
 
 use crate::{Msg, PageNo};
 use zerocopy::little_endian::U64;
@@ -149,6 +153,100 @@ impl Msg {
     }
 }
 
+/// Bytes of page data that follow a header whose message has data.
+pub const PAGE_BYTES: usize = 4096;
+
+/// Packs `msgs` (all for one node) into frames of at most `max_frame` bytes, in order,
+/// and hands each frame to `emit` as its parts (headers and page data, to be sent back
+/// to back). A message never straddles two frames; one larger than `max_frame` gets a
+/// frame of its own. `data` must be [`PAGE_BYTES`] long exactly when the message
+/// [has data](Msg::has_data).
+pub fn pack_frames(
+    msgs: &[(Msg, Option<&[u8]>)],
+    max_frame: usize,
+    mut emit: impl FnMut(&[&[u8]]),
+) {
+    let headers: Vec<[u8; WIRE_MSG_LEN]> = msgs.iter().map(|(m, _)| m.encode()).collect();
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(msgs.len() * 2);
+    let mut size = 0;
+    for ((_, data), hdr) in msgs.iter().zip(&headers) {
+        let len = WIRE_MSG_LEN + data.map_or(0, <[u8]>::len);
+        if size + len > max_frame && !parts.is_empty() {
+            emit(&parts);
+            parts.clear();
+            size = 0;
+        }
+        parts.push(hdr);
+        if let Some(d) = data {
+            parts.push(d);
+        }
+        size += len;
+    }
+    if !parts.is_empty() {
+        emit(&parts);
+    }
+}
+
+/// Why the rest of a frame was dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// A header did not decode.
+    #[error(transparent)]
+    Header(#[from] DecodeError),
+    /// A message with data came without its whole page.
+    #[error("DSM message {msg:?} came with {got} bytes of its {PAGE_BYTES}-byte page")]
+    ShortPage {
+        /// The message.
+        msg: Msg,
+        /// Bytes that followed its header.
+        got: usize,
+    },
+}
+
+/// The messages of one frame, in order, each with its page when it has data; after the
+/// first error the iterator ends.
+pub fn parse_frame(frame: &[u8]) -> FrameMessages<'_> {
+    FrameMessages { rest: frame }
+}
+
+/// Iterator returned by [`parse_frame`].
+#[derive(Debug, Clone)]
+pub struct FrameMessages<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for FrameMessages<'a> {
+    type Item = Result<(Msg, Option<&'a [u8]>), FrameError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let (hdr, tail) = self.rest.split_at(self.rest.len().min(WIRE_MSG_LEN));
+        let msg = match Msg::decode(hdr) {
+            Ok(m) => m,
+            Err(e) => {
+                self.rest = &[];
+                return Some(Err(e.into()));
+            }
+        };
+        if !msg.has_data() {
+            self.rest = tail;
+            return Some(Ok((msg, None)));
+        }
+        if tail.len() < PAGE_BYTES {
+            self.rest = &[];
+            return Some(Err(FrameError::ShortPage {
+                msg,
+                got: tail.len(),
+            }));
+        }
+        let (page, tail) = tail.split_at(PAGE_BYTES);
+        self.rest = tail;
+        Some(Ok((msg, Some(page))))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,6 +333,29 @@ mod tests {
         assert_eq!(Msg::decode(&b), Err(DecodeError::ReservedNotZero));
     }
 
+    /// Data for message `i` of a batch: a page whose bytes say which message it is.
+    fn page_for(i: usize) -> Vec<u8> {
+        (0..PAGE_BYTES).map(|b| (i * 31 + b) as u8).collect()
+    }
+
+    #[test]
+    fn a_short_page_ends_the_frame() {
+        let msg = Msg::FetchReply { page: 9 };
+        let mut frame = msg.encode().to_vec();
+        frame.extend_from_slice(&[0; 100]);
+        let got: Vec<_> = parse_frame(&frame).collect();
+        assert_eq!(got, vec![Err(FrameError::ShortPage { msg, got: 100 })]);
+        let mut frame = Msg::Fetch { page: 1 }.encode().to_vec();
+        frame.extend_from_slice(&[0; 3]);
+        let got: Vec<_> = parse_frame(&frame).collect();
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0], Ok((Msg::Fetch { page: 1 }, None)));
+        assert_eq!(
+            got[1],
+            Err(FrameError::Header(DecodeError::WrongLength { got: 3 }))
+        );
+    }
+
     proptest! {
         #[test]
         fn roundtrip(page in any::<u64>(), idx in 0usize..14) {
@@ -247,6 +368,48 @@ mod tests {
             if let Ok(msg) = Msg::decode(&bytes) {
                 prop_assert_eq!(&msg.encode()[..], &bytes[..]);
             }
+        }
+
+        /// Packing then parsing gives back every message and page, in order, in frames
+        /// no larger than the limit (unless one message alone is larger).
+        #[test]
+        fn frames_roundtrip(
+            picks in proptest::collection::vec((0usize..14, any::<u64>()), 0..40),
+            max_frame in 1usize..20_000,
+        ) {
+            let pages: Vec<Vec<u8>> = (0..picks.len()).map(page_for).collect();
+            let msgs: Vec<(Msg, Option<&[u8]>)> = picks
+                .iter()
+                .zip(&pages)
+                .map(|(&(idx, page), data)| {
+                    let m = all_msgs(page)[idx];
+                    (m, m.has_data().then_some(&data[..]))
+                })
+                .collect();
+            let mut frames: Vec<Vec<u8>> = Vec::new();
+            pack_frames(&msgs, max_frame, |parts| frames.push(parts.concat()));
+            let mut back = Vec::new();
+            for f in &frames {
+                let parsed: Vec<_> = parse_frame(f).collect::<Result<_, _>>().unwrap();
+                prop_assert!(!parsed.is_empty());
+                prop_assert!(f.len() <= max_frame || parsed.len() == 1, "frame of {} bytes", f.len());
+                back.extend(parsed.into_iter().map(|(m, d)| (m, d.map(<[u8]>::to_vec))));
+            }
+            let want: Vec<(Msg, Option<Vec<u8>>)> =
+                msgs.iter().map(|(m, d)| (*m, d.map(<[u8]>::to_vec))).collect();
+            prop_assert_eq!(back, want);
+        }
+
+        #[test]
+        fn parse_frame_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..9000)) {
+            let mut total = 0;
+            for item in parse_frame(&bytes) {
+                match item {
+                    Ok((_, d)) => total += WIRE_MSG_LEN + d.map_or(0, <[u8]>::len),
+                    Err(_) => break,
+                }
+            }
+            prop_assert!(total <= bytes.len());
         }
 
         #[test]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use dvmm_cluster::wire::{StopCode, KIND_CONTROL, KIND_DSM};
 use dvmm_cluster::{ClusterConfig, ControlMsg, IoSpace};
-use dvmm_dsm::{Msg as DsmMsg, Node as DsmNode, WIRE_MSG_LEN};
+use dvmm_dsm::{Msg as DsmMsg, Node as DsmNode};
 use dvmm_dsm_uffd::{DsmEngine, GuestPages, PageNet};
 use dvmm_irq::lapic::ApicView;
 use dvmm_irq::msg::InterruptMessage;
@@ -168,27 +168,11 @@ impl PageNet for DsmNet {
     }
 
     /// Packs consecutive messages to one node into as few frames as the transport's
-    /// payload limit allows (header, then the 4 KiB page for messages with data).
+    /// payload limit allows (the layout is `dvmm_dsm`'s).
     fn send_batch(&self, to: u16, msgs: &[(DsmMsg, Option<&[u8]>)]) {
-        let headers: Vec<[u8; WIRE_MSG_LEN]> = msgs.iter().map(|(m, _)| m.encode()).collect();
-        let mut parts: Vec<&[u8]> = Vec::with_capacity(msgs.len() * 2);
-        let mut size = 0;
-        for ((_, data), hdr) in msgs.iter().zip(&headers) {
-            let len = WIRE_MSG_LEN + data.map_or(0, <[u8]>::len);
-            if size + len > dvmm_transport::MAX_PAYLOAD && !parts.is_empty() {
-                self.0.send_dsm(to, &parts);
-                parts.clear();
-                size = 0;
-            }
-            parts.push(hdr);
-            if let Some(d) = data {
-                parts.push(d);
-            }
-            size += len;
-        }
-        if !parts.is_empty() {
-            self.0.send_dsm(to, &parts);
-        }
+        dvmm_dsm::pack_frames(msgs, dvmm_transport::MAX_PAYLOAD, |parts| {
+            self.0.send_dsm(to, parts);
+        });
     }
 }
 
