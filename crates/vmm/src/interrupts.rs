@@ -16,7 +16,7 @@ use dvmm_irq::msg::{
 use dvmm_irq::{ioapic::IoApic, route};
 
 use crate::kick::Kicker;
-use crate::timers::TimerService;
+use crate::timers::{min_opt, TimerService, TimerTargets};
 
 /// What other threads share with one vCPU thread.
 pub struct VcpuHandle {
@@ -162,6 +162,27 @@ fn reset_view(apic_id: u32) -> ApicView {
         dfr: 0xffff_ffff,
         arbitration_priority: 0,
         enabled: true,
+    }
+}
+
+impl TimerTargets for InterruptHub {
+    fn fire_lapic_timers(&self, now: u64) -> Option<u64> {
+        let mut next = None;
+        for v in self.vcpus() {
+            let mut lapic = v.lock();
+            if lapic.timer_deadline().is_some_and(|d| d <= now) && lapic.timer_tick(now) {
+                drop(lapic);
+                v.notify();
+                lapic = v.lock();
+            }
+            next = min_opt(next, lapic.timer_deadline());
+        }
+        next
+    }
+
+    fn pulse_gsi(&self, gsi: usize) {
+        self.set_gsi(gsi, true);
+        self.set_gsi(gsi, false);
     }
 }
 

@@ -8,6 +8,7 @@
 pub mod cmdline;
 pub mod control;
 pub mod cpuid;
+pub mod device_space;
 pub mod emulation;
 pub mod guest_access;
 pub mod guest_paging;

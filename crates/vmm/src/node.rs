@@ -24,8 +24,8 @@ use dvmm_layout::PAGE_SIZE;
 use dvmm_transport::{Event, Transport, TransportConfig};
 
 use crate::control::{VmControl, VmOutcome};
+use crate::device_space::{DeviceSpace, RemoteIo};
 use crate::interrupts::RemoteInterrupts;
-use crate::vcpu::RemoteIo;
 use crate::vm::{Placement, Vm, VmConfig};
 use crate::VmmError;
 
@@ -258,8 +258,7 @@ struct Dispatch {
     link: Arc<NodeLink>,
     dsm: Arc<DsmEngine>,
     vm_hub: Arc<crate::interrupts::InterruptHub>,
-    pio: dvmm_devices::bus::Bus,
-    mmio: dvmm_devices::bus::Bus,
+    devices: DeviceSpace,
     control: Arc<VmControl>,
     ready: Mutex<usize>,
     ready_cond: std::sync::Condvar,
@@ -320,19 +319,8 @@ impl Dispatch {
                 write,
                 mut data,
             } => {
-                let bus = match space {
-                    IoSpace::Pio => &self.pio,
-                    IoSpace::Mmio => &self.mmio,
-                };
                 let buf = &mut data[..usize::from(len)];
-                let done = if write {
-                    bus.write(addr, buf)
-                } else {
-                    bus.read(addr, buf)
-                };
-                if !done && !write {
-                    buf.fill(0xff);
-                }
+                self.devices.local(space, addr, buf, write);
                 let mut reply = [0u8; 8];
                 if !write {
                     reply[..usize::from(len)].copy_from_slice(&data[..usize::from(len)]);
@@ -523,13 +511,11 @@ pub fn run_node(
         memory: ram.size(),
     }));
     let _ = link.control.set(control.clone());
-    let (pio, mmio) = vm.buses();
     let dispatch = Arc::new(Dispatch {
         link: link.clone(),
         dsm: dsm.clone(),
         vm_hub: vm.hub(),
-        pio,
-        mmio,
+        devices: vm.devices(),
         control: control.clone(),
         ready: Mutex::new(0),
         ready_cond: std::sync::Condvar::new(),

@@ -13,7 +13,15 @@ use dvmm_irq::clock::Clock;
 use dvmm_irq::pit::Pit;
 use dvmm_layout::PIT_GSI;
 
-use crate::interrupts::InterruptHub;
+/// What the timer thread drives; the interrupt hub implements it (so this module needs
+/// nothing of the hub's, and tests drive the thread with a fake).
+pub trait TimerTargets {
+    /// Fires every LAPIC timer due at `now` (setting IRR, waking its vCPU); returns the
+    /// earliest LAPIC deadline still armed.
+    fn fire_lapic_timers(&self, now: u64) -> Option<u64>;
+    /// Pulses IOAPIC pin `gsi` (an edge: high, then low).
+    fn pulse_gsi(&self, gsi: usize);
+}
 
 #[derive(Default)]
 struct State {
@@ -49,19 +57,10 @@ impl TimerService {
     }
 
     /// The timer thread's body. Returns when [`TimerService::stop`] is called.
-    pub fn run(&self, hub: &InterruptHub, pit: &Mutex<Pit>, clock: &dyn Clock) {
+    pub fn run(&self, targets: &dyn TimerTargets, pit: &Mutex<Pit>, clock: &dyn Clock) {
         loop {
             let now = clock.now_ns();
-            let mut next: Option<u64> = None;
-            for v in hub.vcpus() {
-                let mut lapic = v.lock();
-                if lapic.timer_deadline().is_some_and(|d| d <= now) && lapic.timer_tick(now) {
-                    drop(lapic);
-                    v.notify();
-                    lapic = v.lock();
-                }
-                next = min_opt(next, lapic.timer_deadline());
-            }
+            let mut next = targets.fire_lapic_timers(now);
             let edge = {
                 let mut p = pit.locked();
                 let edge = p.poll_irq0(now);
@@ -69,8 +68,7 @@ impl TimerService {
                 edge
             };
             if edge {
-                hub.set_gsi(PIT_GSI as usize, true);
-                hub.set_gsi(PIT_GSI as usize, false);
+                targets.pulse_gsi(PIT_GSI as usize);
             }
 
             let mut s = self.state.locked();
@@ -94,7 +92,8 @@ impl TimerService {
     }
 }
 
-fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+/// The earlier of two optional deadlines.
+pub fn min_opt(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     match (a, b) {
         (Some(x), Some(y)) => Some(x.min(y)),
         (x, None) => x,
@@ -149,7 +148,58 @@ impl dvmm_devices::bus::BusDevice for PitPorts {
 
 #[cfg(test)]
 mod tests {
-    use super::min_opt;
+    use super::*;
+    use dvmm_irq::clock::MonotonicClock;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// LAPIC timers that are always due again 1 ms later.
+    #[derive(Default)]
+    struct EveryMs {
+        fired: AtomicU32,
+        pulses: AtomicU32,
+    }
+
+    impl TimerTargets for EveryMs {
+        fn fire_lapic_timers(&self, now: u64) -> Option<u64> {
+            self.fired.fetch_add(1, Ordering::SeqCst);
+            Some(now + 1_000_000)
+        }
+
+        fn pulse_gsi(&self, _gsi: usize) {
+            self.pulses.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_thread_wakes_at_the_deadline_it_was_given_and_stops_on_request() {
+        let service = Arc::new(TimerService::new());
+        let targets = Arc::new(EveryMs::default());
+        let pit = Arc::new(Mutex::new(Pit::new(MonotonicClock.now_ns())));
+        let thread = {
+            let (service, targets, pit) = (service.clone(), targets.clone(), pit.clone());
+            std::thread::spawn(move || service.run(&*targets, &pit, &MonotonicClock))
+        };
+        // No poke: only the returned deadlines wake the thread.
+        let t0 = std::time::Instant::now();
+        while targets.fired.load(Ordering::SeqCst) < 5 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the thread slept past its deadlines"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        service.stop();
+        thread.join().unwrap();
+        let after = targets.fired.load(Ordering::SeqCst);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            targets.fired.load(Ordering::SeqCst),
+            after,
+            "fired after stop"
+        );
+        // The PIT was never programmed: no edges.
+        assert_eq!(targets.pulses.load(Ordering::SeqCst), 0);
+    }
 
     #[test]
     fn min_of_options() {

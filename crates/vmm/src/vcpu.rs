@@ -8,7 +8,7 @@ use dvmm_sync::CondvarExt;
 use std::sync::Arc;
 
 use dvmm_boot::cpu::{CpuBootState, Segment};
-use dvmm_devices::bus::Bus;
+use dvmm_cluster::IoSpace;
 use dvmm_irq::clock::Clock;
 use dvmm_irq::lapic::LapicEvent;
 use dvmm_layout::{APIC_MMIO_SIZE, LAPIC_ADDR};
@@ -17,6 +17,7 @@ use kvm_ioctls::VcpuFd;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use crate::control::{VmControl, VmOutcome};
+use crate::device_space::DeviceSpace;
 use crate::emulation::{self, InternalError};
 use crate::guest_access::GuestAccess;
 use crate::interrupts::{Activity, InterruptHub, VcpuHandle};
@@ -93,21 +94,12 @@ pub fn is_lapic_msr(msr: u32) -> bool {
     msr == MSR_APIC_BASE || msr == MSR_TSC_DEADLINE || (0x800..=0x8ff).contains(&msr)
 }
 
-/// Device accesses that no local device claims, forwarded to the node that has the
-/// devices (node 0). Blocks until the reply arrives.
-pub trait RemoteIo: Send + Sync {
-    /// Performs the access remotely; for reads, fills `data`.
-    fn io(&self, space: dvmm_cluster::IoSpace, addr: u64, data: &mut [u8], write: bool);
-}
-
 /// Everything a vCPU thread shares with the rest of the VM.
 pub struct VcpuEnv {
     /// Interrupt routing and all LAPICs.
     pub hub: Arc<InterruptHub>,
-    /// Port I/O devices.
-    pub pio: Bus,
-    /// MMIO devices (the IOAPIC).
-    pub mmio: Bus,
+    /// Port I/O and MMIO devices, and where accesses none of them claims go.
+    pub devices: DeviceSpace,
     /// Guest RAM (the VMM's view).
     pub ram: Arc<GuestRam>,
     /// How the VMM itself reads and writes guest memory (through the DSM in a cluster).
@@ -116,9 +108,6 @@ pub struct VcpuEnv {
     pub clock: Arc<dyn Clock>,
     /// End-of-VM state.
     pub control: Arc<VmControl>,
-    /// Where unclaimed device accesses go (None on a single node: reads ~0, writes
-    /// are dropped).
-    pub remote_io: Option<Arc<dyn RemoteIo>>,
     /// Completes the guest's system calls where the host's KVM leaves them at CPL3.
     pub syscalls: Arc<crate::syscall_completion::SyscallCompletion>,
     /// The guest profiler, when profiling.
@@ -619,23 +608,27 @@ fn handle_io(run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) {
     let port = u64::from(io.port);
     let write = io.direction != 0;
     for chunk in data.chunks_mut(size.max(1)) {
-        let done = if write {
-            env.pio.write(port, chunk)
-        } else {
-            env.pio.read(port, chunk)
-        };
-        if !done {
-            match &env.remote_io {
-                Some(r) => {
-                    handle.set_activity(Activity::RemoteIo);
-                    r.io(dvmm_cluster::IoSpace::Pio, port, chunk, write);
-                    handle.set_activity(Activity::Running);
-                }
-                None if !write => chunk.fill(0xff),
-                None => {}
-            }
-        }
+        device_access(IoSpace::Pio, port, chunk, write, handle, env);
     }
+}
+
+/// A port or MMIO access by the one rule of [`DeviceSpace`]; the vCPU's activity says
+/// when it waits for node 0.
+fn device_access(
+    space: IoSpace,
+    addr: u64,
+    data: &mut [u8],
+    write: bool,
+    handle: &VcpuHandle,
+    env: &VcpuEnv,
+) {
+    env.devices.access(space, addr, data, write, |forwarding| {
+        handle.set_activity(if forwarding {
+            Activity::RemoteIo
+        } else {
+            Activity::Running
+        });
+    });
 }
 
 /// Returns true if the exit was really an access to RAM (see [`ram_access_as_mmio`]).
@@ -668,22 +661,7 @@ fn handle_mmio(run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) -> bool {
         ram_access_as_mmio(addr, data, write, handle, env);
         return true;
     }
-    let done = if write {
-        env.mmio.write(addr, data)
-    } else {
-        env.mmio.read(addr, data)
-    };
-    if !done {
-        match &env.remote_io {
-            Some(r) => {
-                handle.set_activity(Activity::RemoteIo);
-                r.io(dvmm_cluster::IoSpace::Mmio, addr, data, write);
-                handle.set_activity(Activity::Running);
-            }
-            None if !write => data.fill(0xff),
-            None => {}
-        }
-    }
+    device_access(IoSpace::Mmio, addr, data, write, handle, env);
     false
 }
 

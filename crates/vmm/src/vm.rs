@@ -33,12 +33,13 @@ use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlag
 
 use crate::control::{VmControl, VmOutcome};
 use crate::cpuid;
+use crate::device_space::{DeviceSpace, RemoteIo};
 use crate::host::HostKvm;
 use crate::interrupts::{InterruptHub, IoApicMmio, IoApicPin, RemoteInterrupts, VcpuHandle};
 use crate::memory::GuestRam;
 use crate::syscall_completion::{self, HostSyscall, SyscallCompletion};
 use crate::timers::{PitPorts, TimerService};
-use crate::vcpu::{self, RemoteIo, VcpuEnv};
+use crate::vcpu::{self, VcpuEnv};
 use crate::VmmError;
 
 /// What to run.
@@ -573,18 +574,20 @@ impl Vm {
 
         let env = Arc::new(VcpuEnv {
             hub,
-            pio,
-            mmio,
+            // The node with the devices answers what none of them claims itself (as a
+            // single node does); only the others forward.
+            devices: DeviceSpace::new(
+                pio,
+                mmio,
+                placement
+                    .as_ref()
+                    .filter(|_| !has_devices)
+                    .map(|p| p.remote_io.clone()),
+            ),
             ram: ram.clone(),
             guest,
             clock,
             control: control.clone(),
-            // The node with the devices answers what none of them claims itself (as a
-            // single node does); only the others forward.
-            remote_io: placement
-                .as_ref()
-                .filter(|_| !has_devices)
-                .map(|p| p.remote_io.clone()),
             syscalls,
             sampler: profiling.as_ref().map(|p| p.sampler.clone()),
             emulated_kernel: host.emulates_guest_kernel(),
@@ -631,9 +634,10 @@ impl Vm {
         self.env.hub.clone()
     }
 
-    /// The port and MMIO buses (handles sharing the device maps).
-    pub fn buses(&self) -> (Bus, Bus) {
-        (self.env.pio.clone(), self.env.mmio.clone())
+    /// This node's devices (handles sharing the device maps), for serving accesses
+    /// forwarded from other nodes.
+    pub fn devices(&self) -> DeviceSpace {
+        self.env.devices.clone()
     }
 
     /// Routes the VMM's own guest-memory accesses through `dsm` (cluster nodes).
@@ -725,7 +729,7 @@ impl Vm {
             let timers = timers.clone();
             std::thread::Builder::new()
                 .name("timers".into())
-                .spawn(move || timers.run(&hub, &pit, clock.as_ref()))
+                .spawn(move || timers.run(&*hub, &pit, clock.as_ref()))
                 .map_err(VmmError::Thread)?
         };
         let mut threads: Vec<JoinHandle<()>> = Vec::new();
