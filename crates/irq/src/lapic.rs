@@ -16,6 +16,19 @@ pub const MSR_IA32_TSC_DEADLINE: u32 = 0x6E0;
 pub const MSR_X2APIC_FIRST: u32 = 0x800;
 /// Last MSR of the x2APIC range.
 pub const MSR_X2APIC_LAST: u32 = 0x8FF;
+/// Every MSR the LAPIC owns, as (first, count): the VMM routes exactly these here.
+pub const LAPIC_MSR_RANGES: [(u32, u32); 3] = [
+    (MSR_IA32_APIC_BASE, 1),
+    (MSR_IA32_TSC_DEADLINE, 1),
+    (MSR_X2APIC_FIRST, MSR_X2APIC_LAST - MSR_X2APIC_FIRST + 1),
+];
+
+/// Whether the LAPIC owns `msr` (one of [`LAPIC_MSR_RANGES`]).
+pub fn is_lapic_msr(msr: u32) -> bool {
+    LAPIC_MSR_RANGES
+        .iter()
+        .any(|&(first, count)| msr >= first && msr - first < count)
+}
 
 /// IA32_APIC_BASE: this is the bootstrap processor.
 pub const APIC_BASE_BSP: u64 = 1 << 8;

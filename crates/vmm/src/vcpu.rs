@@ -73,8 +73,6 @@ const KVM_EXIT_X86_WRMSR: u32 = 30;
 const MSR_IA32_TSC: u32 = 0x10;
 /// Nice value of vCPU threads (see [`run`]).
 const VCPU_NICE: i32 = 5;
-const MSR_APIC_BASE: u32 = 0x1b;
-const MSR_TSC_DEADLINE: u32 = 0x6e0;
 
 /// The guest's TSC right now, as KVM sees it.
 pub fn guest_tsc(vcpu: &VcpuFd) -> Option<u64> {
@@ -87,11 +85,6 @@ pub fn guest_tsc(vcpu: &VcpuFd) -> Option<u64> {
         Ok(1) => Some(msrs.as_slice()[0].data),
         _ => None,
     }
-}
-
-/// Is `msr` one our userspace LAPIC owns?
-pub fn is_lapic_msr(msr: u32) -> bool {
-    msr == MSR_APIC_BASE || msr == MSR_TSC_DEADLINE || (0x800..=0x8ff).contains(&msr)
 }
 
 /// Everything a vCPU thread shares with the rest of the VM.
@@ -741,7 +734,7 @@ fn handle_msr(vcpu: &VcpuFd, run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuE
         msr.error = u8::from(!syscall_msr_write(vcpu, msr.index, msr.data, env));
         return;
     }
-    if !is_lapic_msr(msr.index) {
+    if !dvmm_irq::lapic::is_lapic_msr(msr.index) {
         // An MSR KVM does not know: what real hardware does for an unknown MSR.
         tracing::debug!(
             vcpu = handle.index,
@@ -754,7 +747,7 @@ fn handle_msr(vcpu: &VcpuFd, run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuE
     }
     let result = if write {
         let mut lapic = handle.lock();
-        if msr.index == MSR_TSC_DEADLINE {
+        if msr.index == dvmm_irq::lapic::MSR_IA32_TSC_DEADLINE {
             if let Some(tsc) = guest_tsc(vcpu) {
                 let mut map = lapic.tsc_map();
                 map.base_ns = now;

@@ -172,28 +172,22 @@ fn route_msrs_to_userspace(vm: &VmFd, syscall_msrs: bool) -> Result<(), VmmError
         "enabling userspace MSR exits (KVM_CAP_X86_USER_SPACE_MSR)",
     ))?;
     let deny_one = [0u8; 1];
-    let deny_x2apic = [0u8; 32];
+    // One bit per MSR, 0 = filtered (sent to us).
+    let bitmaps: Vec<Vec<u8>> = dvmm_irq::lapic::LAPIC_MSR_RANGES
+        .iter()
+        .map(|&(_, count)| vec![0u8; (count as usize).div_ceil(8)])
+        .collect();
     let rw = MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE;
-    let mut ranges = vec![
-        MsrFilterRange {
+    let mut ranges: Vec<MsrFilterRange> = dvmm_irq::lapic::LAPIC_MSR_RANGES
+        .iter()
+        .zip(&bitmaps)
+        .map(|(&(base, msr_count), bitmap)| MsrFilterRange {
             flags: rw,
-            base: 0x1b,
-            msr_count: 1,
-            bitmap: &deny_one,
-        },
-        MsrFilterRange {
-            flags: rw,
-            base: 0x6e0,
-            msr_count: 1,
-            bitmap: &deny_one,
-        },
-        MsrFilterRange {
-            flags: rw,
-            base: 0x800,
-            msr_count: 256,
-            bitmap: &deny_x2apic,
-        },
-    ];
+            base,
+            msr_count,
+            bitmap,
+        })
+        .collect();
     if syscall_msrs {
         ranges.push(MsrFilterRange {
             flags: MsrFilterRangeFlags::WRITE,
