@@ -331,7 +331,33 @@ fn merge_profiles(output: &std::path::Path, nodes: usize) {
 
 #[cfg(test)]
 mod tests {
-    use super::split;
+    use super::{local_cluster, split};
+    use crate::{ProfileArgs, RunArgs};
+
+    #[test]
+    fn a_local_cluster_gets_distinct_ports_and_a_valid_shape() {
+        let args = RunArgs {
+            kernel: std::env::current_exe().unwrap(),
+            initramfs: None,
+            cmdline: String::new(),
+            cpus: 64,
+            memory: 1 << 30,
+            nodes: 64,
+            insecure_transport: false,
+            profile: ProfileArgs {
+                profile: None,
+                profile_interval: 2,
+                system_map: None,
+            },
+        };
+        let c = local_cluster(&args).unwrap();
+        let mut ports: Vec<u16> = c.nodes.iter().map(|n| n.address.port()).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), 64, "a port was handed out twice");
+        assert_eq!(c.vcpus(), 64);
+        assert_eq!(c.memory(), 1 << 30);
+    }
 
     #[test]
     fn splits_memory_in_aligned_blocks() {

@@ -647,7 +647,17 @@ fn the_lapic_owns_exactly_its_msrs() {
     for msr in [0x1b, 0x6e0, 0x800, 0x802, 0x830, 0x8ff] {
         assert!(is_lapic_msr(msr), "{msr:#x}");
     }
-    for msr in [0x0, 0x1a, 0x1c, 0x6df, 0x6e1, 0x7ff, 0x900, 0xc000_0080, u32::MAX] {
+    for msr in [
+        0x0,
+        0x1a,
+        0x1c,
+        0x6df,
+        0x6e1,
+        0x7ff,
+        0x900,
+        0xc000_0080,
+        u32::MAX,
+    ] {
         assert!(!is_lapic_msr(msr), "{msr:#x}");
     }
 }
