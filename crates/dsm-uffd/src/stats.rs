@@ -1,0 +1,86 @@
+//! The engine's counters.
+
+/// Counters of one engine (see [`crate::DsmEngine::stats`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DsmStats {
+    /// Userfaultfd read faults.
+    pub read_faults: u64,
+    /// Userfaultfd write faults (write or write-protect).
+    pub write_faults: u64,
+    /// Faults on holes (MISSING).
+    pub missing_faults: u64,
+    /// Faults on unmapped page-cache pages (MINOR).
+    pub minor_faults: u64,
+    /// Faults on write-protected pages (WP).
+    pub wp_faults: u64,
+    /// Faults already satisfied when handled (raced with an install).
+    pub spurious_faults: u64,
+    /// Requests made by [`crate::DsmEngine::access`] (VMM accesses that missed).
+    pub vmm_faults: u64,
+    /// Messages sent.
+    pub msgs_sent: u64,
+    /// Messages received.
+    pub msgs_received: u64,
+    /// Messages sent with a 4 KiB payload.
+    pub pages_sent: u64,
+    /// Messages received with a 4 KiB payload.
+    pub pages_received: u64,
+    /// Grants received (or made locally by the home) saying "zero page, no payload".
+    pub zero_grants: u64,
+    /// Times derived local state (KVM's shadow page tables) was dropped.
+    pub derived_drops: u64,
+    /// Times the users of derived state were asked to quiesce.
+    pub quiesces: u64,
+    /// Quiesces given up after 200 ms (the message was delivered anyway).
+    pub quiesce_timeouts: u64,
+    /// Quiesces cut short because the users left waited in faults (delivered at once,
+    /// the drop made once they stopped).
+    pub quiesce_blocked: u64,
+    /// Drops made after the pages had left (see `quiesce_blocked`).
+    pub late_drops: u64,
+    /// Drops abandoned after 1 s.
+    pub drops_abandoned: u64,
+    /// Time spent quiesced or waiting for it.
+    pub quiesce_ns: u64,
+    /// Pages mapped read-only.
+    pub installs_read_only: u64,
+    /// Pages mapped writable.
+    pub installs_writable: u64,
+    /// Mappings dropped (`MADV_DONTNEED`).
+    pub invalidations: u64,
+    /// Mappings write-protected.
+    pub downgrades: u64,
+    /// Messages held back because their page was pinned.
+    pub deferred_msgs: u64,
+    /// Protocol errors reported by the state machine (ignored messages).
+    pub protocol_errors: u64,
+    /// Malformed messages dropped by the engine (bad page, missing/short payload, ...).
+    pub bad_msgs: u64,
+    /// Failed userfaultfd / madvise calls.
+    pub io_errors: u64,
+    /// Faults that waited for a grant, and their total wait (fault event to wake-up).
+    pub faults_resolved: u64,
+    /// Total time faulting threads waited, in nanoseconds.
+    pub fault_wait_ns: u64,
+    /// Time spent handling faults and messages under the engine lock, in nanoseconds.
+    pub busy_ns: u64,
+    /// [`crate::PageNet::send_batch`] calls with more than one message.
+    pub batches_sent: u64,
+    /// Frames given to [`crate::DsmEngine::receive_frame`] that held more than one message.
+    pub batches_received: u64,
+    /// Read-ahead batches issued (a sequential read fault that requested more pages).
+    pub readahead_batches: u64,
+    /// Pages requested speculatively by read-ahead.
+    pub prefetched: u64,
+    /// Prefetched pages the stream went on to use: faulted on, or passed over by a later
+    /// fault of the same stream (accesses to mapped pages are invisible to userfaultfd, so
+    /// "passed over" is inferred from the stream's progress).
+    pub prefetch_used: u64,
+    /// Faults on a prefetched page whose grant had not arrived yet (read-ahead too shallow).
+    pub prefetch_late: u64,
+    /// Faults on a page already waiting for the answer to an earlier fault (a thread
+    /// that was interrupted in its fault, or another thread on the same page).
+    pub faults_on_pending: u64,
+    /// Kicks held back until the kicked thread's fault was answered.
+    pub kicks_deferred: u64,
+}
