@@ -161,3 +161,56 @@ fn signals_stop_the_vm_cleanly() {
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
+
+/// A guest that prints nothing for a while gets a progress line on stderr saying what
+/// its vCPUs do (here: testos idles with every vCPU halted after PASS).
+#[test]
+fn a_silent_guest_gets_a_progress_line() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let _alone = one_guest_at_a_time();
+    let cmdline = format!("testos {}", dvmm_testos::CMDLINE_IDLE);
+    let mut child = Command::new(common::dvmm_bin())
+        .args(["run", "--kernel", dvmm_testos::TESTOS_ELF, "--cpus", "2"])
+        .args(["--cmdline", &cmdline])
+        .env("DVMM_QUIET_NOTE_SECS", "2")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dvmm");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    let note = loop {
+        match rx.recv_timeout(LIMIT) {
+            Ok(l) if l.contains("the guest has printed nothing for") => break l,
+            Ok(l) => seen.push(l),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("no progress line within {LIMIT:?}: {seen:#?}");
+            }
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    // Counts of the 2 vCPUs by what they do (a timer tick may find one running).
+    let counts: Vec<u32> = note
+        .split("vCPUs:")
+        .nth(1)
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|part| part.split_whitespace().next()?.parse().ok())
+        .collect();
+    assert_eq!(counts.len(), 4, "{note}");
+    assert_eq!(counts.iter().sum::<u32>(), 2, "{note}");
+    assert!(note.contains("halted"), "{note}");
+}

@@ -21,6 +21,8 @@ use crate::session::{
 mod setup;
 use setup::{accept_loop, connect_loop, HandshakeSlots, Setup, SetupCtx, MAX_HANDSHAKES};
 
+/// How often a node still waiting for peers at start-up says which.
+const WAITING_NOTE_EVERY: Duration = Duration::from_secs(5);
 /// Read buffer of a receive thread (a few full frames).
 const RX_BUFFER: usize = 256 * 1024;
 
@@ -420,15 +422,35 @@ impl Transport {
             drop(setup_tx);
 
             let mut missing = usize::from(nodes) - 1;
+            let started = Instant::now();
+            let mut next_note = started + WAITING_NOTE_EVERY;
             while missing > 0 {
-                let left = ctx.deadline.saturating_duration_since(Instant::now());
+                let now = Instant::now();
+                if now >= ctx.deadline {
+                    break;
+                }
+                if now >= next_note {
+                    let waiting: Vec<String> = (0..nodes)
+                        .filter(|&n| n != cfg.id && inner.peers[usize::from(n)].get().is_none())
+                        .map(|n| n.to_string())
+                        .collect();
+                    info!(
+                        "transport: waiting for node(s) {} to connect ({} s of {} s)",
+                        waiting.join(", "),
+                        now.duration_since(started).as_secs(),
+                        cfg.connect_timeout.as_secs()
+                    );
+                    next_note += WAITING_NOTE_EVERY;
+                }
+                let wait = ctx.deadline.min(next_note).saturating_duration_since(now);
                 let Setup::Connected {
                     session,
                     stream,
                     addr,
-                } = match setup_rx.recv_timeout(left) {
+                } = match setup_rx.recv_timeout(wait) {
                     Ok(s) => s,
-                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => break,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => break,
                 };
                 let node = session.peer;
                 if inner.peers[usize::from(node)].get().is_some() {

@@ -52,6 +52,22 @@ impl VmControl {
         self.stopping.load(Ordering::SeqCst)
     }
 
+    /// Waits up to `timeout` for the VM to end; None if it still runs.
+    pub fn wait_timeout(&self, timeout: std::time::Duration) -> Option<VmOutcome> {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut o = self.outcome.locked();
+        loop {
+            if let Some(outcome) = o.clone() {
+                return Some(outcome);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            o = self.cond.wait_timeout_locked(o, left).0;
+        }
+    }
+
     /// Blocks until the VM ends and returns why.
     pub fn wait(&self) -> VmOutcome {
         let mut o = self.outcome.locked();

@@ -7,9 +7,10 @@
 use dvmm_sync::MutexExt;
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use dvmm_boot::loader::{BootSpec, EntryKind};
 use dvmm_boot::topology::Topology;
@@ -106,8 +107,51 @@ pub struct Vm {
     pit: Arc<Mutex<Pit>>,
     boot: Option<dvmm_boot::cpu::CpuBootState>,
     console: Option<ConsoleInput>,
+    /// When the guest last wrote to the console (only the node with the devices).
+    console_watch: Option<Arc<ConsoleWatch>>,
     ram: Arc<GuestRam>,
     profiling: Option<Profiling>,
+}
+
+/// When the guest last printed something on its console.
+struct ConsoleWatch {
+    started: Instant,
+    last_ms: AtomicU64,
+}
+
+impl ConsoleWatch {
+    fn quiet_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+}
+
+/// The console output, noting when the guest last wrote to it.
+struct WatchedConsole {
+    out: Box<dyn Write + Send>,
+    watch: Arc<ConsoleWatch>,
+}
+
+impl Write for WatchedConsole {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let ms = u64::try_from(self.watch.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.watch.last_ms.store(ms, Ordering::Relaxed);
+        self.out.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
+/// How long the guest may print nothing before dvmm says what its vCPUs are doing
+/// (and again each time as long again passes); `DVMM_QUIET_NOTE_SECS` changes it.
+fn quiet_note_every() -> Duration {
+    std::env::var("DVMM_QUIET_NOTE_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&s: &u64| s > 0)
+        .map_or(Duration::from_secs(30), Duration::from_secs)
 }
 
 /// A profiled run: where the report goes and how to name what it found.
@@ -546,7 +590,13 @@ impl Vm {
         // Port 0x80 is only a delay: every node answers it locally.
         add(&mut pio, Sink, u64::from(layout::POST_PORT), 1)?;
         let guest = Arc::new(crate::guest_access::GuestMemoryPath::new(ram.clone()));
+        let mut console_watch = None;
         let console = if has_devices {
+            let watch = Arc::new(ConsoleWatch {
+                started: Instant::now(),
+                last_ms: AtomicU64::new(0),
+            });
+            console_watch = Some(watch.clone());
             let serial = attach_devices(
                 &mut pio,
                 &mut mmio,
@@ -555,7 +605,10 @@ impl Vm {
                 &clock,
                 &timers,
                 events,
-                console_out,
+                Box::new(WatchedConsole {
+                    out: console_out,
+                    watch,
+                }),
                 guest.clone(),
             )?;
             Some(ConsoleInput {
@@ -595,6 +648,7 @@ impl Vm {
             pit,
             boot: local.contains(&0).then_some(loaded.cpu),
             console,
+            console_watch,
             ram,
             profiling,
         })
@@ -712,6 +766,48 @@ impl Vm {
         }
     }
 
+    /// Waits for the outcome; while the guest prints nothing for a long time, says every
+    /// so often what its vCPUs do (a boot of emulated kernel code can be silent for
+    /// minutes, and a silent hang should not look like one).
+    fn wait_noting_silence(&self) -> VmOutcome {
+        let Some(watch) = &self.console_watch else {
+            return self.env.control.wait();
+        };
+        use crate::interrupts::Activity;
+        let every = quiet_note_every();
+        let mut noted = Duration::ZERO;
+        loop {
+            if let Some(o) = self.env.control.wait_timeout(Duration::from_secs(1)) {
+                return o;
+            }
+            let quiet = watch.quiet_for();
+            if quiet < noted {
+                noted = Duration::ZERO; // it printed since
+            }
+            if quiet >= noted + every {
+                noted = quiet;
+                let mut counts = [0usize; 4];
+                for h in &self.handles {
+                    counts[h.activity() as usize] += 1;
+                }
+                tracing::info!(
+                    "the guest has printed nothing for {} s; this node's vCPUs: {} running, \
+                     {} halted, {} waiting for SIPI, {} in a device access on node 0{}",
+                    quiet.as_secs(),
+                    counts[Activity::Running as usize],
+                    counts[Activity::Halted as usize],
+                    counts[Activity::WaitingForSipi as usize],
+                    counts[Activity::RemoteIo as usize],
+                    if self.env.emulated_kernel {
+                        " (guest kernel code is emulated on this host: a boot takes minutes)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+    }
+
     /// Runs the guest until it powers off, resets, panics, fails or is stopped.
     pub fn run(mut self) -> Result<VmOutcome, VmmError> {
         crate::kick::install_handler();
@@ -754,7 +850,7 @@ impl Vm {
             )?),
             None => None,
         };
-        let outcome = self.explain(self.env.control.wait());
+        let outcome = self.explain(self.wait_noting_silence());
         for h in &self.handles {
             // Taking the LAPIC lock orders this wake-up after any check the vCPU made.
             drop(h.lock());
