@@ -312,7 +312,7 @@ fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
         memory: args.memory,
         profile: args.profile.config(),
     };
-    let vm = Vm::build(&cfg, None, Box::new(ConsoleOut))?;
+    let vm = Vm::build(&cfg, Box::new(ConsoleOut))?;
     let _raw = attach_console(set, vm.console_input(), vm.control())?;
     let outcome = vm.run()?;
     Ok(exit_code(outcome))

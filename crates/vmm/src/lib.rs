@@ -27,7 +27,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use control::{VmControl, VmOutcome};
-pub use vm::{ConsoleInput, Vm, VmConfig};
+pub use vm::{ConsoleInput, UnsharedVm, Vm, VmConfig};
 
 /// Errors building or running a VM.
 #[derive(Debug, thiserror::Error)]

@@ -11,7 +11,7 @@ use dvmm_sync::{CondvarExt, MutexExt};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dvmm_cluster::wire::{StopCode, KIND_CONTROL, KIND_DSM};
@@ -49,7 +49,7 @@ pub struct NodeLink {
     owner: Vec<u16>,
     pending_io: Mutex<HashMap<u64, SyncSender<[u8; 8]>>>,
     next_io: AtomicU64,
-    control: OnceLock<Arc<VmControl>>,
+    control: Arc<VmControl>,
 }
 
 impl NodeLink {
@@ -68,7 +68,7 @@ impl NodeLink {
     }
 
     fn stopping(&self) -> bool {
-        self.control.get().is_some_and(|c| c.stopping())
+        self.control.stopping()
     }
 
     /// Sends DSM traffic (used by the DSM engine's network adapter).
@@ -137,12 +137,10 @@ impl RemoteIo for NodeLink {
                         if write { "write" } else { "read" }
                     );
                     if waited >= IO_GIVE_UP {
-                        if let Some(c) = self.control.get() {
-                            c.finish(VmOutcome::Failed(format!(
-                                "a vCPU waited {} s for {what}; giving up",
-                                waited.as_secs()
-                            )));
-                        }
+                        self.control.finish(VmOutcome::Failed(format!(
+                            "a vCPU waited {} s for {what}; giving up",
+                            waited.as_secs()
+                        )));
                     } else if waited >= next_note {
                         tracing::warn!("a vCPU has waited {} s for {what}", waited.as_secs());
                         next_note += IO_NOTE_AFTER;
@@ -415,13 +413,14 @@ pub fn run_node(
         owner,
         pending_io: Mutex::new(HashMap::new()),
         next_io: AtomicU64::new(0),
-        control: OnceLock::new(),
+        control: Arc::new(VmControl::new()),
     });
     let placement = Placement {
         node: id,
         shares: cluster.nodes.iter().map(|n| (n.vcpus, n.memory)).collect(),
         remote_irq: link.clone(),
         remote_io: link.clone(),
+        control: link.control.clone(),
     };
     let cfg = VmConfig {
         kernel: cluster.guest.kernel.clone(),
@@ -432,7 +431,7 @@ pub fn run_node(
         profile,
     };
     let shares = placement.shares.clone();
-    let vm = Vm::build(&cfg, Some(placement), console_out)?;
+    let vm = Vm::build_node(&cfg, placement, console_out)?;
     let control = vm.control();
 
     // Guest RAM becomes shared: every node loaded the same image, so the pages the
@@ -506,11 +505,10 @@ pub fn run_node(
         tracing::info!(us, "fixed DSM holds (DVMM_DSM_HOLD_US)");
         dsm.set_fixed_hold(Some(Duration::from_micros(us)));
     }
-    vm.use_dsm(Arc::new(DsmAccess {
+    let vm = vm.share(Arc::new(DsmAccess {
         dsm: dsm.clone(),
         memory: ram.size(),
     }));
-    let _ = link.control.set(control.clone());
     let dispatch = Arc::new(Dispatch {
         link: link.clone(),
         dsm: dsm.clone(),

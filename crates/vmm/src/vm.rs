@@ -70,6 +70,9 @@ pub struct Placement {
     pub remote_irq: Arc<dyn RemoteInterrupts>,
     /// Device accesses forwarded to node 0.
     pub remote_io: Arc<dyn RemoteIo>,
+    /// The VM's end state, made by the node runtime before the VM (its link to the
+    /// other nodes needs it from the start: a peer may stop the VM at any time).
+    pub control: Arc<VmControl>,
 }
 
 /// Feeds console input to the guest's serial port.
@@ -431,12 +434,97 @@ fn spawn_sampler(
         .map_err(VmmError::Thread)
 }
 
+/// A cluster node's VM before its guest memory is shared: it gives what the DSM needs
+/// (RAM, the shadow page tables, the kick hooks) but cannot run. [`UnsharedVm::share`]
+/// hands in the DSM's access path and makes it a [`Vm`]; so no node runs a vCPU, nor a
+/// device touches memory, before the DSM is in place.
+pub struct UnsharedVm(Vm);
+
+impl UnsharedVm {
+    /// Guest RAM.
+    pub fn ram(&self) -> Arc<GuestRam> {
+        self.0.ram.clone()
+    }
+
+    /// The VM's end state.
+    pub fn control(&self) -> Arc<VmControl> {
+        self.0.env.control.clone()
+    }
+
+    /// Has every kick of this VM's vCPUs ask `deferral` before it signals.
+    pub fn defer_kicks(&self, deferral: crate::kick::KickDeferral) {
+        for h in &self.0.handles {
+            h.kicker.set_deferral(deferral.clone());
+        }
+    }
+
+    /// Sends the kick signal to the vCPU thread with kernel id `tid` (completing a kick
+    /// whose signal was held back, see [`UnsharedVm::defer_kicks`]).
+    pub fn signal_kick_fn(&self) -> impl Fn(i32) + Send + Sync + 'static {
+        let handles = self.0.handles.clone();
+        move |tid| {
+            for h in handles.iter().filter(|h| h.kicker.thread_id() == tid) {
+                h.kicker.signal();
+            }
+        }
+    }
+
+    /// From now on the VMM's own guest-memory accesses (devices, emulation) go through
+    /// `dsm`; the VM may run.
+    pub fn share(self, dsm: Arc<dyn crate::guest_access::GuestAccess>) -> Vm {
+        self.0.env.guest.use_dsm(dsm);
+        self.0
+    }
+
+    /// On hosts whose KVM shadows guest page tables: what keeps those shadows correct
+    /// when the DSM takes page tables away from this node (see [`crate::shadow_mmu`]).
+    pub fn shadow_page_tables(
+        &self,
+    ) -> Result<Option<crate::shadow_mmu::ShadowPageTables>, VmmError> {
+        if !HostKvm::detect().shadow_paging {
+            return Ok(None);
+        }
+        use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd};
+        // SAFETY: the VM fd is open for as long as `self`, beyond this borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(self.0._vm.as_raw_fd()) }
+            .try_clone_to_owned()
+            .map_err(|e| VmmError::Internal(format!("cannot duplicate the VM fd: {e}")))?;
+        let kvm = Kvm::new().map_err(|source| VmmError::KvmUnavailable { source })?;
+        // SAFETY: `fd` is a fresh duplicate of this VM's fd, handed over to the new VmFd
+        // and used by nothing else.
+        let vm = unsafe { kvm.create_vmfd_from_rawfd(fd.into_raw_fd()) }
+            .map_err(kvm_err("duplicating the VM fd"))?;
+        let phys_end = (4u64 << 30).max(dvmm_layout::ram_offset_to_gpa(self.0.ram.size()));
+        crate::shadow_mmu::ShadowPageTables::new(
+            vm,
+            phys_end,
+            self.0.handles.clone(),
+            self.0.env.gate.clone(),
+        )
+        .map(Some)
+        .map_err(|e| VmmError::Internal(e.to_string()))
+    }
+}
+
 impl Vm {
-    /// Creates the VM: memory, vCPUs, devices, and the loaded guest. With a
-    /// `placement`, this is one node of a cluster: it creates only its own vCPUs, and only
-    /// node 0 gets the devices and starts the boot vCPU. (Every node loads the guest
-    /// image the same way, so their RAM starts identical.)
-    pub fn build(
+    /// Creates a single-node VM: memory, vCPUs, devices, and the loaded guest.
+    pub fn build(cfg: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Vm, VmmError> {
+        Vm::build_any(cfg, None, console_out)
+    }
+
+    /// Creates node `placement.node`'s part of a cluster VM: only its own vCPUs, and
+    /// only node 0 gets the devices and starts the boot vCPU. (Every node loads the guest
+    /// image the same way, so their RAM starts identical.) It cannot run until its
+    /// memory is shared ([`UnsharedVm::share`]).
+    pub fn build_node(
+        cfg: &VmConfig,
+        placement: Placement,
+        console_out: Box<dyn Write + Send>,
+    ) -> Result<UnsharedVm, VmmError> {
+        Vm::build_any(cfg, Some(placement), console_out).map(UnsharedVm)
+    }
+
+    fn build_any(
         cfg: &VmConfig,
         placement: Option<Placement>,
         console_out: Box<dyn Write + Send>,
@@ -581,7 +669,9 @@ impl Vm {
             timers.clone(),
             placement.as_ref().map(|p| p.remote_irq.clone()),
         ));
-        let control = Arc::new(VmControl::new());
+        let control = placement
+            .as_ref()
+            .map_or_else(|| Arc::new(VmControl::new()), |p| p.control.clone());
         let events: Arc<dyn VmEventSink> = control.clone();
         let pit = Arc::new(Mutex::new(Pit::new(now)));
 
@@ -654,24 +744,6 @@ impl Vm {
         })
     }
 
-    /// Has every kick of this VM's vCPUs ask `deferral` before it signals.
-    pub fn defer_kicks(&self, deferral: crate::kick::KickDeferral) {
-        for h in &self.handles {
-            h.kicker.set_deferral(deferral.clone());
-        }
-    }
-
-    /// Sends the kick signal to the vCPU thread with kernel id `tid` (completing a kick
-    /// whose signal was held back, see [`Vm::defer_kicks`]).
-    pub fn signal_kick_fn(&self) -> impl Fn(i32) + Send + Sync + 'static {
-        let handles = self.handles.clone();
-        move |tid| {
-            for h in handles.iter().filter(|h| h.kicker.thread_id() == tid) {
-                h.kicker.signal();
-            }
-        }
-    }
-
     /// The VM's end-state, e.g. to stop it from a signal handler thread.
     pub fn control(&self) -> Arc<VmControl> {
         self.env.control.clone()
@@ -686,40 +758,6 @@ impl Vm {
     /// forwarded from other nodes.
     pub fn devices(&self) -> DeviceSpace {
         self.env.devices.clone()
-    }
-
-    /// Routes the VMM's own guest-memory accesses through `dsm` (cluster nodes).
-    pub fn use_dsm(&self, dsm: Arc<dyn crate::guest_access::GuestAccess>) {
-        self.env.guest.use_dsm(dsm);
-    }
-
-    /// On hosts whose KVM shadows guest page tables: what keeps those shadows correct
-    /// when the DSM takes page tables away from this node (see [`crate::shadow_mmu`]).
-    pub fn shadow_page_tables(
-        &self,
-    ) -> Result<Option<crate::shadow_mmu::ShadowPageTables>, VmmError> {
-        if !HostKvm::detect().shadow_paging {
-            return Ok(None);
-        }
-        use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd};
-        // SAFETY: the VM fd is open for as long as `self`, beyond this borrow.
-        let fd = unsafe { BorrowedFd::borrow_raw(self._vm.as_raw_fd()) }
-            .try_clone_to_owned()
-            .map_err(|e| VmmError::Internal(format!("cannot duplicate the VM fd: {e}")))?;
-        let kvm = Kvm::new().map_err(|source| VmmError::KvmUnavailable { source })?;
-        // SAFETY: `fd` is a fresh duplicate of this VM's fd, handed over to the new VmFd
-        // and used by nothing else.
-        let vm = unsafe { kvm.create_vmfd_from_rawfd(fd.into_raw_fd()) }
-            .map_err(kvm_err("duplicating the VM fd"))?;
-        let phys_end = (4u64 << 30).max(dvmm_layout::ram_offset_to_gpa(self.ram.size()));
-        crate::shadow_mmu::ShadowPageTables::new(
-            vm,
-            phys_end,
-            self.handles.clone(),
-            self.env.gate.clone(),
-        )
-        .map(Some)
-        .map_err(|e| VmmError::Internal(e.to_string()))
     }
 
     /// Guest RAM.
