@@ -2,7 +2,7 @@
 //!
 //! On some hosts without VT-x/AMD-V (KVM's software "PVM" mode) a `syscall` from guest
 //! user mode jumps to LSTAR but stays at CPL3, so the kernel's first instruction raises
-//! a #PF, and `int $0x80` raises #UD. No exit reaches the VMM by itself. [`probe`] finds
+//! a #PF, and `int $0x80` raises #UD. No exit reaches the VMM by itself. [`probe()`] finds
 //! out at start-up whether this host does that; only then does dvmm arm the completion:
 //!
 //! 1. KVM's MSR filter sends the guest's writes of STAR/LSTAR/CSTAR/FMASK to us (we

@@ -7,7 +7,7 @@
 //!   host's unfinished SYSCALL (RCX, R11 and the FMASK-masked RFLAGS are already right;
 //!   only CS/SS are still the user's). A user program that jumps to LSTAR itself faults
 //!   the same way but with IF set (user code cannot clear IF), so it is not taken for a
-//!   system call. The stub enters LSTAR as SYSCALL would: SS = STAR[47:32] + 8,
+//!   system call. The stub enters LSTAR as SYSCALL would: SS = STAR\[47:32\] + 8,
 //!   RFLAGS = the frame's minus RF, RSP = the user's; the CPU already loaded the kernel
 //!   CS from the gate. Anything else goes to the guest's own #PF handler.
 //! - **#UD entry**: from CPL3 it executes `hlt`, an exit that dvmm recognises by RIP
@@ -96,7 +96,7 @@ const TEMPLATE: [u8; STUB_LEN] = [
 pub struct StubParams {
     /// The guest's IA32_LSTAR (its 64-bit system-call entry).
     pub lstar: u64,
-    /// The kernel stack segment SYSCALL loads: STAR[47:32] + 8.
+    /// The kernel stack segment SYSCALL loads: STAR\[47:32\] + 8.
     pub kernel_ss: u16,
     /// The guest's own #PF handler.
     pub orig_pf: u64,
@@ -265,7 +265,7 @@ mod tests {
 
     #[test]
     fn kernel_ss_follows_star() {
-        // Linux: STAR[47:32] = __KERNEL_CS (0x10), SS = 0x18.
+        // Linux: STAR\[47:32\] = __KERNEL_CS (0x10), SS = 0x18.
         assert_eq!(kernel_ss(0x0023_0010_0000_0000), 0x18);
     }
 
