@@ -1,8 +1,8 @@
 //! Builds and runs one dvmm VM on KVM, without KVM's in-kernel interrupt controllers.
 //!
 //! Data flows one way: a [`VmConfig`] becomes guest RAM ([`memory`]), vCPUs with their
-//! CPUID ([`cpuid`]), userspace LAPICs/IOAPIC routed by [`interrupts`], timers
-//! ([`timers`]) and devices on port/MMIO buses; then [`vm::Vm::run`] starts one thread
+//! CPUID ([`cpuid`]), userspace LAPICs/IOAPIC routed by the [`irqchip`], timers
+//! ([`irqchip::timers`]) and devices on port/MMIO buses; then [`vm::Vm::run`] starts one thread
 //! per vCPU ([`vcpu`]) and waits for the [`control::VmOutcome`].
 
 pub mod cmdline;
@@ -13,7 +13,7 @@ pub mod emulation;
 pub mod guest_access;
 pub mod guest_paging;
 pub mod host;
-pub mod interrupts;
+pub mod irqchip;
 pub mod kick;
 pub mod memory;
 pub mod node;
@@ -22,7 +22,6 @@ pub mod run_gate;
 pub mod shadow_mmu;
 pub mod stats;
 pub mod syscall_completion;
-pub mod timers;
 pub mod vcpu;
 pub mod vm;
 

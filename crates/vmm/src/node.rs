@@ -25,7 +25,7 @@ use dvmm_transport::{Event, Transport, TransportConfig};
 
 use crate::control::{VmControl, VmOutcome};
 use crate::device_space::{DeviceSpace, RemoteIo};
-use crate::interrupts::RemoteInterrupts;
+use crate::irqchip::RemoteInterrupts;
 use crate::vm::{Placement, Vm, VmConfig};
 use crate::VmmError;
 
@@ -255,7 +255,7 @@ fn outcome_of(from: u16, code: StopCode, reason: String) -> VmOutcome {
 struct Dispatch {
     link: Arc<NodeLink>,
     dsm: Arc<DsmEngine>,
-    vm_hub: Arc<crate::interrupts::InterruptHub>,
+    vm_hub: Arc<crate::irqchip::InterruptHub>,
     devices: DeviceSpace,
     control: Arc<VmControl>,
     ready: Mutex<usize>,

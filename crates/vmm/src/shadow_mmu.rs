@@ -35,7 +35,7 @@ use std::sync::Arc;
 use dvmm_dsm_uffd::{LocalDerived, PageNo};
 use kvm_ioctls::VmFd;
 
-use crate::interrupts::VcpuHandle;
+use crate::irqchip::VcpuHandle;
 use crate::run_gate::RunGate;
 
 /// The scratch slot's number: far above the RAM slots.

@@ -20,7 +20,7 @@ use crate::control::{VmControl, VmOutcome};
 use crate::device_space::DeviceSpace;
 use crate::emulation::{self, InternalError};
 use crate::guest_access::GuestAccess;
-use crate::interrupts::{Activity, InterruptHub, VcpuHandle};
+use crate::irqchip::{Activity, InterruptHub, VcpuHandle};
 use crate::memory::GuestRam;
 use crate::stats::{ExitKind, ExitStats};
 

@@ -36,10 +36,10 @@ use crate::control::{VmControl, VmOutcome};
 use crate::cpuid;
 use crate::device_space::{DeviceSpace, RemoteIo};
 use crate::host::HostKvm;
-use crate::interrupts::{InterruptHub, IoApicMmio, IoApicPin, RemoteInterrupts, VcpuHandle};
+use crate::irqchip::timers::{PitPorts, TimerService};
+use crate::irqchip::{InterruptHub, IoApicMmio, IoApicPin, RemoteInterrupts, VcpuHandle};
 use crate::memory::GuestRam;
 use crate::syscall_completion::{self, HostSyscall, SyscallCompletion};
-use crate::timers::{PitPorts, TimerService};
 use crate::vcpu::{self, VcpuEnv};
 use crate::VmmError;
 
@@ -412,7 +412,7 @@ fn spawn_sampler(
     handles: Vec<Arc<VcpuHandle>>,
     control: Arc<VmControl>,
 ) -> Result<JoinHandle<()>, VmmError> {
-    use crate::interrupts::Activity;
+    use crate::irqchip::Activity;
     use crate::profile::Sample;
     std::thread::Builder::new()
         .name("profiler".into())
@@ -811,7 +811,7 @@ impl Vm {
         let Some(watch) = &self.console_watch else {
             return self.env.control.wait();
         };
-        use crate::interrupts::Activity;
+        use crate::irqchip::Activity;
         let every = quiet_note_every();
         let mut noted = Duration::ZERO;
         loop {

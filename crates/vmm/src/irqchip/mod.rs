@@ -1,5 +1,7 @@
-//! Interrupt delivery: per-vCPU LAPIC state, the IOAPIC, and routing of interrupt
-//! messages (IPIs, IOAPIC and MSI messages) to the LAPICs they address.
+//! The userspace irqchip: per-vCPU LAPIC state, the IOAPIC and its MMIO window, routing
+//! of interrupt messages (IPIs, IOAPIC and MSI messages) to the LAPICs they address, and
+//! ([`timers`]) the timer thread with the PIT's ports. The device models themselves are
+//! `dvmm_irq`'s (pure, time passed in), as is the set of LAPIC MSRs.
 //!
 //! Lock order: a device's bus mutex, then the IOAPIC, then one LAPIC at a time. Nobody
 //! holds a LAPIC lock while taking another lock.
@@ -15,8 +17,10 @@ use dvmm_irq::msg::{
 };
 use dvmm_irq::{ioapic::IoApic, route};
 
+pub mod timers;
+
 use crate::kick::Kicker;
-use crate::timers::{min_opt, TimerService, TimerTargets};
+use timers::{min_opt, TimerService, TimerTargets};
 
 /// What other threads share with one vCPU thread.
 pub struct VcpuHandle {
