@@ -2248,6 +2248,7 @@ static void bench(void)
     if (ncpus < 2)
         return;
     uint32_t target = cpus[(bsp_index + 1) % ncpus].apic_id;
+    sti(); /* the pong is an interrupt; the checks may have left IF clear */
     for (int i = 0; i < BENCH_N; i++) {
         pong_flag = 0;
         uint64_t t0 = rdtsc();
