@@ -172,7 +172,7 @@ fn crates_depend_only_downwards() {
     let deps = |c: &str| -> String {
         std::fs::read_to_string(root.join("crates").join(c).join("Cargo.toml")).unwrap()
     };
-    for leaf in ["dsm", "layout", "sync", "irq", "transport"] {
+    for leaf in ["dsm", "layout", "sync", "irq", "transport", "hypervisor"] {
         let t = deps(leaf);
         for up in [
             "dvmm-vmm",

@@ -14,7 +14,7 @@
 use std::fmt;
 
 use crate::guest_access::GuestAccess;
-use kvm_ioctls::VcpuFd;
+use dvmm_hypervisor::Vcpu;
 
 /// `KVM_INTERNAL_ERROR_EMULATION`.
 pub const SUBERROR_EMULATION: u32 = 1;
@@ -361,7 +361,7 @@ pub fn lsl_limit(selector: u16, descriptor: u64, cpl: u8) -> Option<u32> {
 /// Reads the descriptor `selector` names from the GDT or LDT, as `lsl` would (`None`:
 /// a null selector or one past the table's limit).
 fn read_descriptor(
-    vcpu: &VcpuFd,
+    vcpu: &dyn Vcpu,
     mem: &dyn GuestAccess,
     sregs: &kvm_bindings::kvm_sregs,
     selector: u16,
@@ -382,13 +382,13 @@ fn read_descriptor(
         return Ok(None);
     }
     let linear = base.wrapping_add(offset);
-    let t = vcpu.translate_gva(linear).map_err(|_| ())?;
+    let gpa = vcpu.translate(linear).map_err(|_| ())?;
     // Descriptors are 8-byte aligned in every table Linux builds, so one never spans pages.
-    if t.valid == 0 || linear & 7 != 0 {
+    let Some(gpa) = gpa.filter(|_| linear & 7 == 0) else {
         return Err(());
-    }
+    };
     let mut d = [0u8; 8];
-    mem.read(t.physical_address, &mut d).map_err(|_| ())?;
+    mem.read(gpa, &mut d).map_err(|_| ())?;
     Ok(Some(u64::from_le_bytes(d)))
 }
 
@@ -511,19 +511,17 @@ pub fn classify(bytes: &[u8], cpl: u8) -> Option<Fixup> {
 }
 
 fn instruction_bytes(
-    vcpu: &VcpuFd,
+    vcpu: &dyn Vcpu,
     mem: &dyn GuestAccess,
     linear_rip: u64,
     err: &InternalError,
 ) -> Vec<u8> {
-    if let Ok(t) = vcpu.translate_gva(linear_rip) {
-        if t.valid != 0 {
-            let mut buf = [0u8; 15];
-            // Read up to the end of the page, then the rest if it is contiguous in RAM.
-            let n = (0x1000 - (t.physical_address & 0xfff)).min(15) as usize;
-            if mem.read(t.physical_address, &mut buf[..n]).is_ok() {
-                return buf[..n].to_vec();
-            }
+    if let Ok(Some(gpa)) = vcpu.translate(linear_rip) {
+        let mut buf = [0u8; 15];
+        // Read up to the end of the page, then the rest if it is contiguous in RAM.
+        let n = (0x1000 - (gpa & 0xfff)).min(15) as usize;
+        if mem.read(gpa, &mut buf[..n]).is_ok() {
+            return buf[..n].to_vec();
         }
     }
     // Fall back on the bytes KVM may have attached: data[0] flags, data[1] length,
@@ -542,12 +540,12 @@ fn instruction_bytes(
 /// Handles an internal-error exit: either fixes the vCPU up so it can re-enter
 /// (returns a short description), or returns why it cannot.
 pub fn recover(
-    vcpu: &VcpuFd,
+    vcpu: &dyn Vcpu,
     mem: &dyn GuestAccess,
     err: &InternalError,
 ) -> Result<&'static str, EmulationFailure> {
-    let regs = vcpu.get_regs();
-    let sregs = vcpu.get_sregs();
+    let regs = vcpu.regs();
+    let sregs = vcpu.sregs();
     let (mut regs, sregs) = match (regs, sregs) {
         (Ok(r), Ok(s)) => (r, s),
         _ => {
@@ -574,14 +572,14 @@ pub fn recover(
     }
     match classify(&bytes, cpl) {
         Some(Fixup::InjectVector { len, vector }) => {
-            let mut events = vcpu.get_vcpu_events().map_err(|_| failure())?;
+            let mut events = vcpu.events().map_err(|_| failure())?;
             regs.rip = regs.rip.wrapping_add(u64::from(len));
             vcpu.set_regs(&regs).map_err(|_| failure())?;
             events.exception.injected = 1;
             events.exception.nr = vector;
             events.exception.has_error_code = 0;
             events.exception.error_code = 0;
-            vcpu.set_vcpu_events(&events).map_err(|_| failure())?;
+            vcpu.set_events(&events).map_err(|_| failure())?;
             Ok(if vector == 3 {
                 "int3 at CPL0: injected #BP"
             } else {
@@ -590,13 +588,12 @@ pub fn recover(
         }
         Some(Fixup::Mxcsr { len, load, mem: op }) => {
             let linear = linear_address(&op, &mut regs, &sregs, len);
-            let t = vcpu.translate_gva(linear).map_err(|_| failure())?;
+            let gpa = vcpu.translate(linear).map_err(|_| failure())?;
             // The 4 bytes must not cross a page, which Linux's aligned operands never do.
-            if t.valid == 0 || linear & 0xfff > 0xffc {
+            let Some(gpa) = gpa.filter(|_| linear & 0xfff <= 0xffc) else {
                 return Err(failure());
-            }
-            let gpa = t.physical_address;
-            let mut fpu = vcpu.get_fpu().map_err(|_| failure())?;
+            };
+            let mut fpu = vcpu.fpu().map_err(|_| failure())?;
             if load {
                 let mut v = [0u8; 4];
                 mem.read(gpa, &mut v).map_err(|_| failure())?;
@@ -882,14 +879,14 @@ pub struct StuckHypercall {
 impl StuckHypercall {
     /// Called when `KVM_RUN` returned because of a kick. Returns the hypercall number
     /// if it completed one.
-    pub fn on_kick(&mut self, vcpu: &VcpuFd, mem: &dyn GuestAccess) -> Option<u64> {
-        let mut regs = vcpu.get_regs().ok()?;
+    pub fn on_kick(&mut self, vcpu: &dyn Vcpu, mem: &dyn GuestAccess) -> Option<u64> {
+        let mut regs = vcpu.regs().ok()?;
         let again = self.last_kick_rip == Some(regs.rip);
         self.last_kick_rip = Some(regs.rip);
         if !again {
             return None;
         }
-        let sregs = vcpu.get_sregs().ok()?;
+        let sregs = vcpu.sregs().ok()?;
         if sregs.cs.dpl != 0 {
             return None;
         }

@@ -11,8 +11,6 @@
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicPtr, AtomicU8, Ordering};
 use std::sync::{Arc, Once, OnceLock};
 
-use kvm_bindings::kvm_run;
-
 /// The signal used for kicks.
 fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN() + 1
@@ -44,7 +42,8 @@ pub type KickDeferral = Arc<dyn Fn(i32) -> bool + Send + Sync>;
 
 /// A handle that can kick one vCPU thread.
 pub struct Kicker {
-    run: AtomicPtr<kvm_run>,
+    /// The vCPU's `immediate_exit` byte (see [`dvmm_hypervisor::Vcpu::immediate_exit`]).
+    immediate_exit: AtomicPtr<u8>,
     thread: std::sync::Mutex<Option<libc::pthread_t>>,
     tid: AtomicI32,
     armed: AtomicBool,
@@ -62,7 +61,7 @@ impl Kicker {
     /// caller's own state, which the thread checks first thing).
     pub fn new() -> Kicker {
         Kicker {
-            run: AtomicPtr::new(std::ptr::null_mut()),
+            immediate_exit: AtomicPtr::new(std::ptr::null_mut()),
             thread: std::sync::Mutex::new(None),
             tid: AtomicI32::new(0),
             armed: AtomicBool::new(false),
@@ -70,13 +69,13 @@ impl Kicker {
         }
     }
 
-    /// Binds the kicker to the calling thread and its vCPU's `kvm_run` page.
+    /// Binds the kicker to the calling thread and its vCPU's `immediate_exit` byte.
     ///
     /// # Safety
-    /// `run` must point to the vCPU's mapped `kvm_run` structure and stay valid until
+    /// `immediate_exit` must point to the vCPU's flag and stay valid until
     /// [`Kicker::unbind`] is called.
-    pub unsafe fn bind(&self, run: *mut kvm_run) {
-        self.run.store(run, Ordering::SeqCst);
+    pub unsafe fn bind(&self, immediate_exit: *mut u8) {
+        self.immediate_exit.store(immediate_exit, Ordering::SeqCst);
         // SAFETY: pthread_self has no preconditions.
         let me = unsafe { libc::pthread_self() };
         if let Ok(mut t) = self.thread.lock() {
@@ -87,24 +86,25 @@ impl Kicker {
         self.armed.store(true, Ordering::SeqCst);
     }
 
-    /// Detaches the thread (before its `kvm_run` mapping goes away).
+    /// Detaches the thread (before its vCPU goes away).
     pub fn unbind(&self) {
         self.armed.store(false, Ordering::SeqCst);
         self.tid.store(0, Ordering::SeqCst);
         if let Ok(mut t) = self.thread.lock() {
             *t = None;
         }
-        self.run.store(std::ptr::null_mut(), Ordering::SeqCst);
+        self.immediate_exit
+            .store(std::ptr::null_mut(), Ordering::SeqCst);
     }
 
     fn immediate_exit(&self) -> Option<&AtomicU8> {
-        let run = self.run.load(Ordering::SeqCst);
-        if run.is_null() {
+        let flag = self.immediate_exit.load(Ordering::SeqCst);
+        if flag.is_null() {
             return None;
         }
-        // SAFETY: `bind`'s contract keeps `run` valid while it is stored; immediate_exit is
-        // a u8 the kernel reads on entry, so accessing it atomically is sound.
-        Some(unsafe { AtomicU8::from_ptr(std::ptr::addr_of_mut!((*run).immediate_exit)) })
+        // SAFETY: `bind`'s contract keeps `flag` valid while it is stored; it is a u8 the
+        // kernel reads on entry, so accessing it atomically is sound.
+        Some(unsafe { AtomicU8::from_ptr(flag) })
     }
 
     /// Called by the vCPU thread before it checks for pending work.

@@ -42,6 +42,7 @@ use crate::memory::GuestRam;
 use crate::syscall_completion::{self, HostSyscall, SyscallCompletion};
 use crate::vcpu::{self, VcpuEnv};
 use crate::VmmError;
+use dvmm_hypervisor::kvm::KvmVcpu;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -175,7 +176,7 @@ fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
 /// hosts this relies on the hosts' TSCs and clocks being in step.
 fn align_clocks(vm: &VmFd, vcpus: &[VcpuFd]) {
     for v in vcpus {
-        if let Err(e) = vcpu::zero_tsc_offset(v) {
+        if let Err(e) = dvmm_hypervisor::kvm::zero_tsc_offset(v) {
             tracing::warn!(error = %e, "cannot set the guest TSC offset to 0");
         }
     }
@@ -619,7 +620,7 @@ impl Vm {
         let tsc = TscMap {
             tsc_khz: u64::from(tsc_khz),
             base_ns: now,
-            ref_tsc: vcpu::guest_tsc(&vcpus[0]).unwrap_or(0),
+            ref_tsc: dvmm_hypervisor::kvm::guest_tsc(&vcpus[0]).unwrap_or(0),
         };
 
         let cmdline = match dvmm_boot::identify::kernel_os(&cfg.kernel) {
@@ -868,7 +869,7 @@ impl Vm {
             let boot = if i == 0 { self.boot } else { None };
             match std::thread::Builder::new()
                 .name(format!("vcpu{i}"))
-                .spawn(move || vcpu::run(fd, handle, env, boot))
+                .spawn(move || vcpu::run(KvmVcpu::new(fd), handle, env, boot))
             {
                 Ok(t) => threads.push(t),
                 Err(e) => {

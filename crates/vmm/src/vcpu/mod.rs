@@ -9,12 +9,10 @@ use std::sync::Arc;
 
 use dvmm_boot::cpu::{CpuBootState, Segment};
 use dvmm_cluster::IoSpace;
+use dvmm_hypervisor::{kvm_fpu, kvm_regs, kvm_segment, HypervisorError, Vcpu, VmExit};
 use dvmm_irq::clock::Clock;
 use dvmm_irq::lapic::LapicEvent;
 use dvmm_layout::{APIC_MMIO_SIZE, LAPIC_ADDR};
-use kvm_bindings::{kvm_fpu, kvm_interrupt, kvm_regs, kvm_run, kvm_segment, kvm_sregs, Msrs};
-use kvm_ioctls::VcpuFd;
-use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use crate::control::{VmControl, VmOutcome};
 use crate::device_space::DeviceSpace;
@@ -24,68 +22,9 @@ use crate::irqchip::{Activity, InterruptHub, VcpuHandle};
 use crate::memory::GuestRam;
 use crate::stats::{ExitKind, ExitStats};
 
-/// `KVM_INTERRUPT`, which kvm-ioctls does not wrap (it assumes an in-kernel irqchip).
-mod ioctls {
-    #![allow(missing_docs)]
-    use kvm_bindings::kvm_interrupt;
-    use vmm_sys_util::ioctl_iow_nr;
-    const KVMIO: u32 = 0xAE;
-    ioctl_iow_nr!(KVM_INTERRUPT, KVMIO, 0x86, kvm_interrupt);
-    ioctl_iow_nr!(
-        KVM_SET_DEVICE_ATTR,
-        KVMIO,
-        0xe1,
-        kvm_bindings::kvm_device_attr
-    );
-}
-use ioctls::{KVM_INTERRUPT, KVM_SET_DEVICE_ATTR};
-
-/// Sets the vCPU's TSC offset to 0 (guest TSC = host TSC). kvm-ioctls wraps the vCPU
-/// device-attribute ioctl only for other architectures.
-pub fn zero_tsc_offset(vcpu: &VcpuFd) -> std::io::Result<()> {
-    let zero: u64 = 0;
-    let attr = kvm_bindings::kvm_device_attr {
-        group: kvm_bindings::KVM_VCPU_TSC_CTRL,
-        attr: u64::from(kvm_bindings::KVM_VCPU_TSC_OFFSET),
-        addr: &zero as *const u64 as u64,
-        flags: 0,
-    };
-    // SAFETY: KVM_SET_DEVICE_ATTR reads the attribute struct and the u64 it points to,
-    // both alive on our stack for the duration of the call.
-    let ret = unsafe { ioctl_with_ref(vcpu, KVM_SET_DEVICE_ATTR(), &attr) };
-    if ret < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-const KVM_EXIT_IO: u32 = 2;
-const KVM_EXIT_HLT: u32 = 5;
-const KVM_EXIT_MMIO: u32 = 6;
-const KVM_EXIT_IRQ_WINDOW_OPEN: u32 = 7;
-const KVM_EXIT_SHUTDOWN: u32 = 8;
-const KVM_EXIT_FAIL_ENTRY: u32 = 9;
-const KVM_EXIT_INTR: u32 = 10;
-const KVM_EXIT_INTERNAL_ERROR: u32 = 17;
-const KVM_EXIT_X86_RDMSR: u32 = 29;
-const KVM_EXIT_X86_WRMSR: u32 = 30;
-
 const MSR_IA32_TSC: u32 = 0x10;
 /// Nice value of vCPU threads (see [`run`]).
 const VCPU_NICE: i32 = 5;
-
-/// The guest's TSC right now, as KVM sees it.
-pub fn guest_tsc(vcpu: &VcpuFd) -> Option<u64> {
-    let mut msrs = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-        index: MSR_IA32_TSC,
-        ..Default::default()
-    }])
-    .ok()?;
-    match vcpu.get_msrs(&mut msrs) {
-        Ok(1) => Some(msrs.as_slice()[0].data),
-        _ => None,
-    }
-}
 
 /// Everything a vCPU thread shares with the rest of the VM.
 pub struct VcpuEnv {
@@ -140,8 +79,8 @@ fn segment(s: &Segment) -> kvm_segment {
 }
 
 /// Loads a full architectural start state into the vCPU.
-pub fn load_state(vcpu: &VcpuFd, st: &CpuBootState) -> Result<(), kvm_ioctls::Error> {
-    let mut sregs: kvm_sregs = vcpu.get_sregs()?;
+pub fn load_state(vcpu: &dyn Vcpu, st: &CpuBootState) -> Result<(), HypervisorError> {
+    let mut sregs = vcpu.sregs()?;
     sregs.cs = segment(&st.cs);
     let data = segment(&st.data);
     sregs.ds = data;
@@ -184,18 +123,12 @@ pub fn load_state(vcpu: &VcpuFd, st: &CpuBootState) -> Result<(), kvm_ioctls::Er
 /// Why a vCPU had to stop the VM.
 #[derive(Debug, thiserror::Error)]
 pub enum VcpuError {
-    /// A KVM vCPU call failed.
-    #[error("{what} failed: {source}")]
-    Kvm {
-        /// The call, e.g. "KVM_RUN".
-        what: &'static str,
-        /// KVM's error.
-        #[source]
-        source: kvm_ioctls::Error,
-    },
+    /// A call into KVM failed.
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
     /// The boot vCPU's start state could not be loaded.
     #[error("cannot load the boot CPU state: {0}")]
-    BootState(#[source] kvm_ioctls::Error),
+    BootState(#[source] HypervisorError),
     /// An AP's SIPI start state could not be loaded.
     #[error("cannot start at SIPI vector {vector:#x}: {source}")]
     Sipi {
@@ -203,16 +136,7 @@ pub enum VcpuError {
         vector: u8,
         /// KVM's error.
         #[source]
-        source: kvm_ioctls::Error,
-    },
-    /// An interrupt could not be injected.
-    #[error("KVM_INTERRUPT of vector {vector:#x} failed: {source}")]
-    Inject {
-        /// The vector.
-        vector: u8,
-        /// The ioctl's error.
-        #[source]
-        source: std::io::Error,
+        source: HypervisorError,
     },
     /// KVM could not emulate an instruction and dvmm could not complete it.
     #[error("{0}")]
@@ -227,8 +151,8 @@ pub enum VcpuError {
 
 /// Runs one vCPU until the VM stops. `boot` is the BSP's start state; APs start
 /// waiting for INIT/SIPI.
-pub fn run(
-    mut vcpu: VcpuFd,
+pub fn run<V: Vcpu>(
+    mut vcpu: V,
     handle: Arc<VcpuHandle>,
     env: Arc<VcpuEnv>,
     boot: Option<CpuBootState>,
@@ -248,7 +172,7 @@ pub fn run(
     handle.kicker.unbind();
     if let Some(s) = &env.sampler {
         s.collect(&profile);
-        if let Some(l) = read_msr(&vcpu, crate::syscall_completion::MSR_LSTAR) {
+        if let Some(l) = vcpu.msr(crate::syscall_completion::MSR_LSTAR) {
             s.note_lstar(l);
         }
     }
@@ -262,18 +186,17 @@ pub fn run(
     }
 }
 
-fn run_loop(
-    vcpu: &mut VcpuFd,
+fn run_loop<V: Vcpu>(
+    vcpu: &mut V,
     handle: &VcpuHandle,
     env: &VcpuEnv,
     boot: Option<CpuBootState>,
     stats: &mut ExitStats,
     profile: &mut crate::profile::Profile,
 ) -> Result<(), VcpuError> {
-    let run_ptr: *mut kvm_run = vcpu.get_kvm_run();
-    // SAFETY: the kvm_run mapping belongs to `vcpu`, which outlives this loop; `run`
-    // unbinds the kicker before `vcpu` is dropped.
-    unsafe { handle.kicker.bind(run_ptr) };
+    // SAFETY: the flag belongs to `vcpu`, which outlives this loop; `run` unbinds the
+    // kicker before `vcpu` is dropped.
+    unsafe { handle.kicker.bind(vcpu.immediate_exit()) };
 
     let mut mode = match boot {
         Some(st) => {
@@ -290,7 +213,7 @@ fn run_loop(
     loop {
         handle.kicker.clear();
         if env.control.stopping() {
-            if let Ok(r) = vcpu.get_regs() {
+            if let Ok(r) = vcpu.regs() {
                 tracing::debug!(
                     vcpu = handle.index,
                     rip = format_args!("{:#x}", r.rip),
@@ -315,9 +238,6 @@ fn run_loop(
 
         // Deliver what is pending before entering the guest.
         {
-            // SAFETY: `run_ptr` is this vCPU's kvm_run; the kernel only writes it during
-            // KVM_RUN, which this thread alone issues.
-            let run = unsafe { &mut *run_ptr };
             let mut lapic = handle.lock();
             if lapic.take_init() {
                 drop(lapic);
@@ -325,30 +245,27 @@ fn run_loop(
                 continue;
             }
             nmi = nmi || lapic.take_nmi();
-            if run.ready_for_interrupt_injection != 0 && run.if_flag != 0 {
+            if vcpu.can_inject() {
                 if let Some(vector) = lapic.acknowledge() {
                     drop(lapic);
-                    inject(vcpu, vector)?;
+                    vcpu.inject(vector)?;
                     lapic = handle.lock();
                 }
             }
-            run.request_interrupt_window = u8::from(lapic.pending_vector().is_some());
+            vcpu.set_interrupt_window(lapic.pending_vector().is_some());
         }
         if std::mem::take(&mut nmi) {
-            vcpu.nmi().map_err(|source| VcpuError::Kvm {
-                what: "KVM_NMI",
-                source,
-            })?;
+            vcpu.nmi()?;
         }
         if env.syscalls.verify_due(env.clock.now_ns()) {
-            if let Ok(sregs) = vcpu.get_sregs() {
+            if let Ok(sregs) = vcpu.sregs() {
                 env.syscalls
                     .verify(env.clock.now_ns(), false, &sregs, &*env.guest);
             }
         }
 
         env.gate.pass(handle.quiet_flag());
-        let ran = vcpu.run().map(|_| ());
+        let exit = vcpu.run();
         if handle.take_sample_request() {
             if let Some(regs) = take_sample(vcpu, profile) {
                 if trace_samples() {
@@ -356,65 +273,58 @@ fn run_loop(
                 }
             }
         }
-        match ran {
-            Ok(_) => {}
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+        let exit = exit?;
+        if !matches!(exit, VmExit::InternalError { .. } | VmExit::Interrupted) {
+            gap_retried_at = None;
+        }
+        match exit {
+            VmExit::Interrupted => {
                 stats.count(ExitKind::Kick);
                 if env.emulated_kernel && stuck.on_kick(vcpu, &*env.guest).is_some() {
                     stats.count(ExitKind::Emulation);
                 }
-                continue;
             }
-            Err(source) => {
-                return Err(VcpuError::Kvm {
-                    what: "KVM_RUN",
-                    source,
-                })
-            }
-        }
-        // SAFETY: as above; KVM_RUN has returned, so the kernel is done writing.
-        let run = unsafe { &mut *run_ptr };
-        if run.exit_reason != KVM_EXIT_INTERNAL_ERROR {
-            gap_retried_at = None;
-        }
-        match run.exit_reason {
-            KVM_EXIT_IO => {
+            VmExit::Io {
+                port, size, write, ..
+            } => {
                 stats.count(ExitKind::Pio);
-                handle_io(run, handle, env);
+                for chunk in vcpu.exit_data().chunks_mut(usize::from(size).max(1)) {
+                    device_access(IoSpace::Pio, u64::from(port), chunk, write, handle, env);
+                }
             }
-            KVM_EXIT_MMIO => {
+            VmExit::Mmio { addr, write, .. } => {
                 stats.count(ExitKind::Mmio);
-                if handle_mmio(run, handle, env) {
+                if handle_mmio(addr, vcpu.exit_data(), write, handle, env) {
                     stats.count(ExitKind::RamAsMmio);
                 }
             }
-            KVM_EXIT_X86_RDMSR | KVM_EXIT_X86_WRMSR => {
+            VmExit::RdMsr { index } => {
                 stats.count(ExitKind::Msr);
-                handle_msr(vcpu, run, handle, env);
+                let reply = handle_msr(vcpu, index, None, handle, env);
+                vcpu.complete_msr(reply);
             }
-            KVM_EXIT_HLT => {
+            VmExit::WrMsr { index, data } => {
+                stats.count(ExitKind::Msr);
+                let reply = handle_msr(vcpu, index, Some(data), handle, env);
+                vcpu.complete_msr(reply);
+            }
+            VmExit::Hlt => {
                 stats.count(ExitKind::Hlt);
                 if env.syscalls.active() && syscall_hlt(vcpu, env)? {
                     stats.count(ExitKind::SyscallCompletion);
                     continue;
                 }
-                match halt(handle, env, run.if_flag != 0) {
+                match halt(handle, env, vcpu.interrupts_enabled()) {
                     Wake::Resume => {}
                     Wake::Nmi => nmi = true,
                     Wake::Init => mode = Mode::WaitForSipi,
                 }
             }
-            KVM_EXIT_IRQ_WINDOW_OPEN => stats.count(ExitKind::IrqWindow),
-            KVM_EXIT_INTR => stats.count(ExitKind::Kick),
-            KVM_EXIT_INTERNAL_ERROR => {
+            VmExit::IrqWindowOpen => stats.count(ExitKind::IrqWindow),
+            VmExit::SignalPending => stats.count(ExitKind::Kick),
+            VmExit::InternalError { suberror, data } => {
                 stats.count(ExitKind::Emulation);
-                // SAFETY: exit_reason says the `internal` member of the union is valid.
-                let internal = unsafe { run.__bindgen_anon_1.internal };
-                let n = (internal.ndata as usize).min(internal.data.len());
-                let err = InternalError {
-                    suberror: internal.suberror,
-                    data: internal.data[..n].to_vec(),
-                };
+                let err = InternalError { suberror, data };
                 match emulation::recover(vcpu, &*env.guest, &err) {
                     Ok(what) => tracing::debug!(vcpu = handle.index, what, "emulation gap"),
                     // The bytes read now may not be those KVM failed on: kernel code
@@ -431,36 +341,23 @@ fn run_loop(
                     Err(f) => return Err(VcpuError::Emulation(f)),
                 }
             }
-            KVM_EXIT_SHUTDOWN => {
-                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+            VmExit::Shutdown => {
+                let rip = vcpu.regs().map(|r| r.rip).unwrap_or(0);
                 env.control.finish(VmOutcome::Reset(format!(
                     "vCPU {} triple-faulted (KVM_EXIT_SHUTDOWN) at RIP {rip:#x}",
                     handle.index
                 )));
                 return Ok(());
             }
-            KVM_EXIT_FAIL_ENTRY => {
-                // SAFETY: exit_reason says `fail_entry` is valid.
-                let reason = unsafe {
-                    run.__bindgen_anon_1
-                        .fail_entry
-                        .hardware_entry_failure_reason
-                };
-                return Err(VcpuError::FailEntry(reason));
-            }
-            other => {
-                return Err(VcpuError::UnexpectedExit(other));
-            }
+            VmExit::FailEntry { reason } => return Err(VcpuError::FailEntry(reason)),
+            VmExit::Unknown(other) => return Err(VcpuError::UnexpectedExit(other)),
         }
     }
 }
 
 /// Counts where the vCPU is (RIP and CPL) in `profile`; returns the registers read.
-fn take_sample(
-    vcpu: &VcpuFd,
-    profile: &mut crate::profile::Profile,
-) -> Option<kvm_bindings::kvm_regs> {
-    let (r, s) = (vcpu.get_regs().ok()?, vcpu.get_sregs().ok()?);
+fn take_sample(vcpu: &dyn Vcpu, profile: &mut crate::profile::Profile) -> Option<kvm_regs> {
+    let (r, s) = (vcpu.regs().ok()?, vcpu.sregs().ok()?);
     profile.add(crate::profile::Sample::Guest {
         rip: s.cs.base.wrapping_add(r.rip),
         cpl: s.cs.dpl,
@@ -476,7 +373,7 @@ fn trace_samples() -> bool {
     *ON.get_or_init(|| std::env::var("DVMM_TRACE_SAMPLES").as_deref() == Ok("1"))
 }
 
-fn trace_sample(r: &kvm_bindings::kvm_regs, index: u32, stats: &ExitStats) {
+fn trace_sample(r: &kvm_regs, index: u32, stats: &ExitStats) {
     tracing::info!(
         vcpu = index,
         rip = format_args!("{:#x}", r.rip),
@@ -487,35 +384,6 @@ fn trace_sample(r: &kvm_bindings::kvm_regs, index: u32, stats: &ExitStats) {
         hlt = stats.get(ExitKind::Hlt),
         "sample"
     );
-}
-
-/// Reads one MSR of the vCPU.
-fn read_msr(vcpu: &VcpuFd, index: u32) -> Option<u64> {
-    let mut msrs = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-        index,
-        ..Default::default()
-    }])
-    .ok()?;
-    match vcpu.get_msrs(&mut msrs) {
-        Ok(1) => Some(msrs.as_slice()[0].data),
-        _ => None,
-    }
-}
-
-fn inject(vcpu: &VcpuFd, vector: u8) -> Result<(), VcpuError> {
-    let irq = kvm_interrupt {
-        irq: u32::from(vector),
-    };
-    // SAFETY: KVM_INTERRUPT reads a kvm_interrupt from the pointer we pass, which lives
-    // on our stack for the duration of the call.
-    let ret = unsafe { ioctl_with_ref(vcpu, KVM_INTERRUPT(), &irq) };
-    if ret < 0 {
-        return Err(VcpuError::Inject {
-            vector,
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
 }
 
 /// Waits for a SIPI after INIT. None when the VM stops.
@@ -588,23 +456,6 @@ fn halt(handle: &VcpuHandle, env: &VcpuEnv, if_flag: bool) -> Wake {
     }
 }
 
-fn handle_io(run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) {
-    // SAFETY: exit_reason is KVM_EXIT_IO, so `io` is the valid union member.
-    let io = unsafe { run.__bindgen_anon_1.io };
-    let size = usize::from(io.size);
-    let count = io.count as usize;
-    let base = (run as *mut kvm_run).cast::<u8>();
-    // SAFETY: the kernel places count * size bytes of data at data_offset inside the
-    // kvm_run mapping, which is larger than one page.
-    let data =
-        unsafe { std::slice::from_raw_parts_mut(base.add(io.data_offset as usize), size * count) };
-    let port = u64::from(io.port);
-    let write = io.direction != 0;
-    for chunk in data.chunks_mut(size.max(1)) {
-        device_access(IoSpace::Pio, port, chunk, write, handle, env);
-    }
-}
-
 /// A port or MMIO access by the one rule of [`DeviceSpace`]; the vCPU's activity says
 /// when it waits for node 0.
 fn device_access(
@@ -625,16 +476,17 @@ fn device_access(
 }
 
 /// Returns true if the exit was really an access to RAM (see [`ram_access_as_mmio`]).
-fn handle_mmio(run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) -> bool {
-    // SAFETY: exit_reason is KVM_EXIT_MMIO, so `mmio` is the valid union member.
-    let mmio = unsafe { &mut run.__bindgen_anon_1.mmio };
-    let len = (mmio.len as usize).min(8);
-    let addr = mmio.phys_addr;
-    let data = &mut mmio.data[..len];
+fn handle_mmio(
+    addr: u64,
+    data: &mut [u8],
+    write: bool,
+    handle: &VcpuHandle,
+    env: &VcpuEnv,
+) -> bool {
     if (LAPIC_ADDR..LAPIC_ADDR + APIC_MMIO_SIZE).contains(&addr) {
         let offset = addr - LAPIC_ADDR;
         let now = env.clock.now_ns();
-        if mmio.is_write != 0 {
+        if write {
             let mut v = [0u8; 4];
             for (i, b) in data.iter().take(4).enumerate() {
                 v[i] = *b;
@@ -649,7 +501,6 @@ fn handle_mmio(run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) -> bool {
         }
         return false;
     }
-    let write = mmio.is_write != 0;
     if dvmm_layout::gpa_to_ram_offset(addr, env.ram.size()).is_some() {
         ram_access_as_mmio(addr, data, write, handle, env);
         return true;
@@ -688,14 +539,13 @@ fn ram_access_as_mmio(addr: u64, data: &mut [u8], write: bool, handle: &VcpuHand
 /// A HLT exit while the system-call completion is armed: the #UD stub's exit is
 /// completed here (true); any other HLT is first an occasion to check that the
 /// completion is still in place (false: the caller halts).
-fn syscall_hlt(vcpu: &VcpuFd, env: &VcpuEnv) -> Result<bool, VcpuError> {
-    let kvm = |what| move |source| VcpuError::Kvm { what, source };
-    let mut regs = vcpu.get_regs().map_err(kvm("KVM_GET_REGS"))?;
-    let sregs = vcpu.get_sregs().map_err(kvm("KVM_GET_SREGS"))?;
+fn syscall_hlt(vcpu: &dyn Vcpu, env: &VcpuEnv) -> Result<bool, VcpuError> {
+    let mut regs = vcpu.regs()?;
+    let sregs = vcpu.sregs()?;
     if env.syscalls.is_ud_exit(regs.rip) {
         if let Some(outcome) = env.syscalls.complete_ud(&mut regs, &sregs, &*env.guest) {
             tracing::trace!(?outcome, "user #UD");
-            vcpu.set_regs(&regs).map_err(kvm("KVM_SET_REGS"))?;
+            vcpu.set_regs(&regs)?;
             return Ok(true);
         }
     }
@@ -707,71 +557,74 @@ fn syscall_hlt(vcpu: &VcpuFd, env: &VcpuEnv) -> Result<bool, VcpuError> {
 /// The guest writes a system-call MSR (STAR, LSTAR, CSTAR, FMASK), which the MSR filter
 /// sends us only where dvmm completes system calls: perform it, then let the completion
 /// see it.
-fn syscall_msr_write(vcpu: &VcpuFd, index: u32, data: u64, env: &VcpuEnv) -> bool {
-    let Ok(msrs) = Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
-        index,
-        data,
-        ..Default::default()
-    }]) else {
-        return false;
-    };
-    if !matches!(vcpu.set_msrs(&msrs), Ok(1)) {
+fn syscall_msr_write(vcpu: &dyn Vcpu, index: u32, data: u64, env: &VcpuEnv) -> bool {
+    if !vcpu.set_msr(index, data) {
         // What KVM itself would have done with a value it refuses: #GP.
         return false;
     }
-    if let Ok(sregs) = vcpu.get_sregs() {
+    if let Ok(sregs) = vcpu.sregs() {
         env.syscalls.msr_written(index, data, &sregs, &*env.guest);
     }
     true
 }
 
-fn handle_msr(vcpu: &VcpuFd, run: &mut kvm_run, handle: &VcpuHandle, env: &VcpuEnv) {
-    // SAFETY: exit_reason is an MSR exit, so `msr` is the valid union member.
-    let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+/// An MSR exit (`write`: the value WRMSR writes); returns the answer for
+/// [`Vcpu::complete_msr`] (`None`: #GP).
+fn handle_msr(
+    vcpu: &dyn Vcpu,
+    index: u32,
+    write: Option<u64>,
+    handle: &VcpuHandle,
+    env: &VcpuEnv,
+) -> Option<u64> {
     let now = env.clock.now_ns();
-    let write = run.exit_reason == KVM_EXIT_X86_WRMSR;
-    if write && crate::syscall_completion::is_syscall_msr(msr.index) {
-        msr.error = u8::from(!syscall_msr_write(vcpu, msr.index, msr.data, env));
-        return;
+    if let Some(data) = write {
+        if crate::syscall_completion::is_syscall_msr(index) {
+            return syscall_msr_write(vcpu, index, data, env).then_some(0);
+        }
     }
-    if !dvmm_irq::lapic::is_lapic_msr(msr.index) {
+    if !dvmm_irq::lapic::is_lapic_msr(index) {
         // An MSR KVM does not know: what real hardware does for an unknown MSR.
         tracing::debug!(
             vcpu = handle.index,
-            msr = format_args!("{:#x}", msr.index),
-            write,
+            msr = format_args!("{index:#x}"),
+            write = write.is_some(),
             "unknown MSR: #GP"
         );
-        msr.error = 1;
-        return;
+        return None;
     }
-    let result = if write {
-        let mut lapic = handle.lock();
-        if msr.index == dvmm_irq::lapic::MSR_IA32_TSC_DEADLINE {
-            if let Some(tsc) = guest_tsc(vcpu) {
-                let mut map = lapic.tsc_map();
-                map.base_ns = now;
-                map.ref_tsc = tsc;
-                lapic.set_tsc_map(map);
+    let result = match write {
+        Some(data) => {
+            let mut lapic = handle.lock();
+            if index == dvmm_irq::lapic::MSR_IA32_TSC_DEADLINE {
+                if let Some(tsc) = vcpu.msr(MSR_IA32_TSC) {
+                    let mut map = lapic.tsc_map();
+                    map.base_ns = now;
+                    map.ref_tsc = tsc;
+                    lapic.set_tsc_map(map);
+                }
             }
+            let r = lapic.msr_write(index, data, now);
+            drop(lapic);
+            r.map(|ev| {
+                lapic_event(ev, handle, env);
+                0
+            })
         }
-        let r = lapic.msr_write(msr.index, msr.data, now);
-        drop(lapic);
-        r.map(|ev| lapic_event(ev, handle, env))
-    } else {
-        handle.lock().msr_read(msr.index, now).map(|v| msr.data = v)
+        None => handle.lock().msr_read(index, now),
     };
     tracing::trace!(
         vcpu = handle.index,
-        msr = format_args!("{:#x}", msr.index),
-        write,
-        data = format_args!("{:#x}", msr.data),
+        msr = format_args!("{index:#x}"),
+        write = write.is_some(),
+        data = format_args!(
+            "{:#x}",
+            write.or(result.as_ref().ok().copied()).unwrap_or(0)
+        ),
         ok = result.is_ok(),
         "LAPIC MSR"
     );
-    if result.is_err() {
-        msr.error = 1;
-    }
+    result.ok()
 }
 
 fn lapic_event(ev: Option<LapicEvent>, handle: &VcpuHandle, env: &VcpuEnv) {
@@ -783,3 +636,6 @@ fn lapic_event(ev: Option<LapicEvent>, handle: &VcpuHandle, env: &VcpuEnv) {
         Some(LapicEvent::TimerChanged) => env.hub.timers().poke(),
     }
 }
+
+#[cfg(test)]
+mod tests;
