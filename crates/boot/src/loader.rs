@@ -12,6 +12,10 @@ use dvmm_layout::{
     ZERO_PAGE_ADDR,
 };
 use linux_loader::bootparam::{boot_e820_entry, boot_params, setup_header};
+use linux_loader::cmdline::Cmdline;
+use linux_loader::configurator::linux::LinuxBootConfigurator;
+use linux_loader::configurator::pvh::PvhBootConfigurator;
+use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
@@ -248,11 +252,12 @@ fn check_cmdline(cmdline: &str, max: usize) -> Result<(), BootError> {
     Ok(())
 }
 
+/// Writes `cmdline` (already checked: no NUL, within the kernel's limit) at
+/// `CMDLINE_ADDR`, NUL-terminated.
 fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), BootError> {
-    let mut bytes = Vec::with_capacity(cmdline.len() + 1);
-    bytes.extend_from_slice(cmdline.as_bytes());
-    bytes.push(0);
-    mem.write_slice(&bytes, GuestAddress(CMDLINE_ADDR))
+    let err = |e| mem_err("the command line", CMDLINE_ADDR, e);
+    let cmdline = Cmdline::try_from(cmdline, cmdline.len() + 1).map_err(err)?;
+    linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cmdline)
         .map_err(|e| mem_err("the command line", CMDLINE_ADDR, e))
 }
 
@@ -488,8 +493,11 @@ fn load_bzimage(
     }
     params.e820_table = table;
     params.e820_entries = n;
-    mem.write_obj(params, GuestAddress(ZERO_PAGE_ADDR))
-        .map_err(|e| mem_err("boot_params", ZERO_PAGE_ADDR, e))?;
+    LinuxBootConfigurator::write_bootparams(
+        &BootParams::new(&params, GuestAddress(ZERO_PAGE_ADDR)),
+        mem,
+    )
+    .map_err(|e| mem_err("boot_params", ZERO_PAGE_ADDR, e))?;
 
     let gdt = write_gdt(mem, GDT_CODE64)?;
     write_page_tables(mem)?;
@@ -740,16 +748,17 @@ fn write_start_info(
         memmap_entries: map.len() as u32,
         reserved: 0,
     };
-    let mut bytes = info.as_slice().to_vec();
-    for e in map {
-        let entry = hvm_memmap_table_entry {
+    let entries: Vec<hvm_memmap_table_entry> = map
+        .iter()
+        .map(|e| hvm_memmap_table_entry {
             addr: e.addr,
             size: e.size,
             type_: e.kind,
             reserved: 0,
-        };
-        bytes.extend_from_slice(entry.as_slice());
-    }
+        })
+        .collect();
+    let mut params = BootParams::new(&info, GuestAddress(PVH_INFO_ADDR));
+    params.set_sections(&entries, GuestAddress(memmap_paddr));
     if let Some(r) = initramfs {
         let module = hvm_modlist_entry {
             paddr: r.start,
@@ -757,9 +766,9 @@ fn write_start_info(
             cmdline_paddr: 0,
             reserved: 0,
         };
-        bytes.extend_from_slice(module.as_slice());
+        params.set_modules(&[module], GuestAddress(modlist_paddr));
     }
-    mem.write_slice(&bytes, GuestAddress(PVH_INFO_ADDR))
+    PvhBootConfigurator::write_bootparams(&params, mem)
         .map_err(|e| mem_err("the PVH start info", PVH_INFO_ADDR, e))
 }
 

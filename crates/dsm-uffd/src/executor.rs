@@ -1,6 +1,7 @@
 //! The engine's core: faults, incoming messages, the state machine's actions (UFFDIO_COPY/CONTINUE, write protection, sends), holds and deferral.
 
 use super::*;
+use std::os::fd::AsRawFd;
 
 /// How many holds may pile up before the expired ones are swept.
 pub(crate) const HOLDS_SWEEP: usize = 256;
@@ -61,7 +62,7 @@ impl Inner {
             if self.stopped.load(Ordering::Acquire) {
                 return;
             }
-            if let Err(e) = sys::poll2(self.uffd.raw(), self.stop_fd.raw()) {
+            if let Err(e) = sys::poll2(self.uffd.raw(), self.stop_fd.as_raw_fd()) {
                 tracing::error!("DSM fault thread: poll failed: {e}");
                 return;
             }

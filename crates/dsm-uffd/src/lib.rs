@@ -217,7 +217,7 @@ struct Inner {
     /// Wakes the hold thread: a message was deferred behind a hold, or the engine stops.
     hold_cv: Condvar,
     uffd: sys::Uffd,
-    stop_fd: sys::EventFd,
+    stop_fd: vmm_sys_util::eventfd::EventFd,
     stopped: AtomicBool,
     pages: GuestPages,
     npages: u64,
@@ -277,7 +277,7 @@ impl DsmEngine {
         let uffd = sys::Uffd::open().map_err(os("open and API handshake"))?;
         uffd.register(pages.view_a as u64, pages.len)
             .map_err(os("register view A for MISSING|MINOR|WP"))?;
-        let stop_fd = sys::EventFd::new().map_err(os("eventfd"))?;
+        let stop_fd = sys::stop_eventfd().map_err(os("eventfd"))?;
         let zero = sys::ZeroPage::new().map_err(os("zero page"))?;
         let inner = Arc::new(Inner {
             st: Mutex::new(State {
@@ -611,7 +611,8 @@ impl DsmEngine {
         if inner.stopped.swap(true, Ordering::AcqRel) {
             return;
         }
-        inner.stop_fd.signal();
+        // A full counter (2^64 - 2 signals) is the only failure, and it is readable then.
+        let _ = inner.stop_fd.write(1);
         let handle = self.thread.locked().take();
         if let Some(h) = handle {
             if h.thread().id() != std::thread::current().id() && h.join().is_err() {

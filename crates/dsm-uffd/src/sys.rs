@@ -2,6 +2,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use vmm_sys_util::eventfd::EventFd;
 
 const UFFDIO: u64 = 0xAA;
 const UFFD_API: u64 = 0xAA;
@@ -272,36 +273,9 @@ pub fn zap(addr: u64) -> io::Result<()> {
     })
 }
 
-/// An eventfd used to stop the fault thread's poll.
-pub struct EventFd {
-    fd: OwnedFd,
-}
-
-impl EventFd {
-    /// A new non-blocking eventfd.
-    pub fn new() -> io::Result<EventFd> {
-        // SAFETY: plain syscall; the result is checked.
-        let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(EventFd {
-            // SAFETY: fresh descriptor owned by nobody else.
-            fd: unsafe { OwnedFd::from_raw_fd(raw) },
-        })
-    }
-
-    /// The raw descriptor (for poll).
-    pub fn raw(&self) -> libc::c_int {
-        self.fd.as_raw_fd()
-    }
-
-    /// Makes the descriptor readable.
-    pub fn signal(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a local u64 to our eventfd.
-        unsafe { libc::write(self.raw(), (&one as *const u64).cast(), 8) };
-    }
+/// An eventfd used to stop the fault thread's poll (non-blocking, close-on-exec).
+pub fn stop_eventfd() -> io::Result<EventFd> {
+    EventFd::new(libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)
 }
 
 /// Waits until `a` or `b` is readable (or the wait is interrupted); returns

@@ -3,6 +3,7 @@
 //! userfaultfd round trip that bounds what the engine can reach.
 
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
@@ -236,7 +237,7 @@ impl Drop for Cluster {
 pub struct UffdFloor {
     ram: TestRam,
     uffd: Arc<sys::Uffd>,
-    stop: Arc<sys::EventFd>,
+    stop: Arc<vmm_sys_util::eventfd::EventFd>,
     stopped: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
@@ -247,7 +248,7 @@ impl UffdFloor {
         let ram = TestRam::new(pages * crate::PAGE_SIZE as usize)?;
         let uffd = Arc::new(sys::Uffd::open()?);
         uffd.register(ram.view_a() as u64, ram.len() as u64)?;
-        let stop = Arc::new(sys::EventFd::new()?);
+        let stop = Arc::new(sys::stop_eventfd()?);
         let stopped = Arc::new(AtomicBool::new(false));
         let src = vec![0x5au8; crate::PAGE_SIZE as usize];
         let (u, e, s) = (Arc::clone(&uffd), Arc::clone(&stop), Arc::clone(&stopped));
@@ -256,7 +257,7 @@ impl UffdFloor {
             .spawn(move || {
                 let mut buf = [sys::UffdMsg::default(); 16];
                 while !s.load(Ordering::Acquire) {
-                    if sys::poll2(u.raw(), e.raw()).is_err() {
+                    if sys::poll2(u.raw(), e.as_raw_fd()).is_err() {
                         return;
                     }
                     let Ok(n) = u.read_events(&mut buf) else {
@@ -305,7 +306,7 @@ impl UffdFloor {
 impl Drop for UffdFloor {
     fn drop(&mut self) {
         self.stopped.store(true, Ordering::Release);
-        self.stop.signal();
+        let _ = self.stop.write(1);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

@@ -6,6 +6,8 @@
 //! of emulated code (emulated-kernel hosts only), and make a kernel panic end the VM
 //! instead of hanging it.
 
+use linux_loader::cmdline::Cmdline;
+
 /// Linux `X86_FEATURE_*` numbers of extensions a kernel must not use where KVM emulates
 /// its code: PCLMULQDQ 4*32+1, SSSE3 4*32+9, SSE4.1 4*32+19, SSE4.2 4*32+20, AES 4*32+25,
 /// AVX 4*32+28, AVX2 9*32+5, AVX-512F 9*32+16, SHA 9*32+29 (the emulator cannot run
@@ -23,9 +25,12 @@ pub struct Added {
     pub reason: &'static str,
 }
 
+/// Whether the kernel's part of `cmdline` (what comes before a `--`, after which the
+/// words are init's) sets `key`.
 fn has_key(cmdline: &str, key: &str) -> bool {
     cmdline
         .split_whitespace()
+        .take_while(|w| *w != "--")
         .any(|w| w == key || w.strip_prefix(key).is_some_and(|r| r.starts_with('=')))
 }
 
@@ -58,19 +63,26 @@ pub fn for_linux(user: &str, emulated_kernel: bool) -> (String, Vec<Added>) {
              emulated code here; the algorithms are unchanged (a FIPS kernel runs them anyway)",
         ));
     }
-    let mut out = user.trim().to_string();
+    // linux-loader's Cmdline keeps the kernel's options apart from init's (after `--`),
+    // so ours go before the separator. A line it cannot hold (a NUL byte) is passed on
+    // as it is, for the loader to refuse with the offset of the NUL.
+    let capacity = user.len() + wanted.iter().map(|w| w.1.len() + 1).sum::<usize>() + 1;
+    let Ok(mut line) = Cmdline::try_from(user, capacity) else {
+        return (user.to_string(), Vec::new());
+    };
     let mut added = Vec::new();
     for (key, option, reason) in wanted {
         if has_key(user, key) {
             continue;
         }
-        if !out.is_empty() {
-            out.push(' ');
+        if line.insert_str(&option).is_ok() {
+            added.push(Added { option, reason });
         }
-        out.push_str(&option);
-        added.push(Added { option, reason });
     }
-    (out, added)
+    match line.as_cstring().map(|c| c.into_string()) {
+        Ok(Ok(s)) => (s, added),
+        _ => (user.to_string(), Vec::new()),
+    }
 }
 
 #[cfg(test)]
@@ -91,6 +103,18 @@ mod tests {
         let (c, added) = for_linux("console=ttyS0 clearcpuid=1", false);
         assert_eq!(c, "console=ttyS0 clearcpuid=1 panic=-1");
         assert_eq!(added[0].option, "panic=-1");
+    }
+
+    #[test]
+    fn options_go_before_inits_arguments() {
+        let (c, added) = for_linux("console=ttyS0 -- single panic=3", false);
+        assert_eq!(c, "console=ttyS0 panic=-1 -- single panic=3");
+        assert_eq!(added.len(), 1, "init's panic=3 is not the kernel's");
+        let (c, _) = for_linux("", false);
+        assert_eq!(c, "panic=-1");
+        // A NUL is left for the loader to refuse.
+        let (c, added) = for_linux("a\0b", false);
+        assert_eq!((c.as_str(), added.len()), ("a\0b", 0));
     }
 
     #[test]

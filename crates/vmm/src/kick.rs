@@ -16,21 +16,15 @@ fn kick_signal() -> libc::c_int {
     libc::SIGRTMIN() + 1
 }
 
-extern "C" fn on_kick(_: libc::c_int) {}
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// Installs the (empty) kick signal handler once per process. Without `SA_RESTART`, so
-/// the blocking `KVM_RUN` returns `EINTR`.
+/// Installs the (empty) kick signal handler once per process, with vmm-sys-util, which
+/// does not set `SA_RESTART`: the blocking `KVM_RUN` returns `EINTR`.
 pub fn install_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        // SAFETY: installs an async-signal-safe handler that does nothing; the sigaction
-        // struct is fully initialised.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_kick as extern "C" fn(libc::c_int) as usize;
-            sa.sa_flags = 0;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(kick_signal(), &sa, std::ptr::null_mut());
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick) {
+            tracing::error!("cannot install the vCPU kick signal handler: {e}");
         }
     });
 }
