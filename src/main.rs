@@ -322,7 +322,7 @@ fn node(args: NodeArgs, set: libc::sigset_t) -> Result<u8> {
     let cluster = dvmm_cluster::ClusterConfig::load(&args.cluster)?;
     let mut raw = None;
     let mut attach_err = None;
-    let outcome = dvmm_vmm::node::run_node(
+    let outcome = dvmm_node::run_node(
         &cluster,
         args.id,
         args.profile.config(),

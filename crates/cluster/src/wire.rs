@@ -9,14 +9,7 @@ pub const KIND_DSM: u16 = 1;
 /// Transport message kind of [`ControlMsg`]s.
 pub const KIND_CONTROL: u16 = 2;
 
-/// Port I/O or memory-mapped I/O.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum IoSpace {
-    /// x86 I/O ports.
-    Pio,
-    /// Guest-physical MMIO.
-    Mmio,
-}
+pub use dvmm_layout::IoSpace;
 
 /// Why a VM stopped, as carried between nodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

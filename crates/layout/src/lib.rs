@@ -180,6 +180,15 @@ pub fn gpa_to_ram_offset(gpa: u64, memory: u64) -> Option<u64> {
     (offset < memory).then_some(offset)
 }
 
+/// Port I/O or memory-mapped I/O: the two spaces a device access is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoSpace {
+    /// x86 I/O ports.
+    Pio,
+    /// Guest-physical MMIO.
+    Mmio,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,9 +5,13 @@
 //! and the boot vCPU. A dispatcher thread per node turns incoming messages into local
 //! actions: interrupts for local LAPICs, device accesses (node 0), LAPIC views, DSM
 //! traffic, and the end of the VM.
+//!
+//! This crate is the cluster runtime: it sits above `dvmm_vmm` (which builds and runs
+//! one node's part of the VM and knows nothing of the network) and wires it to the
+//! transport, the cluster file's control messages and the DSM engine.
 
-use crate::guest_access::GuestAccessError;
 use dvmm_sync::{CondvarExt, MutexExt};
+use dvmm_vmm::guest_access::GuestAccessError;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender};
@@ -23,11 +27,65 @@ use dvmm_irq::msg::InterruptMessage;
 use dvmm_layout::PAGE_SIZE;
 use dvmm_transport::{Event, Transport, TransportConfig};
 
-use crate::control::{VmControl, VmOutcome};
-use crate::device_space::{DeviceSpace, RemoteIo};
-use crate::irqchip::RemoteInterrupts;
-use crate::vm::{Placement, Vm, VmConfig};
-use crate::VmmError;
+use dvmm_vmm::control::{VmControl, VmOutcome};
+use dvmm_vmm::device_space::{DeviceSpace, RemoteIo};
+use dvmm_vmm::irqchip::RemoteInterrupts;
+use dvmm_vmm::shadow_mmu::ShadowPageTables;
+use dvmm_vmm::vm::{Placement, Vm, VmConfig};
+use dvmm_vmm::VmmError;
+
+/// Why a node could not run its part of the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// Building or running this node's VM failed.
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+    /// This node cannot read the guest it is to load.
+    #[error(transparent)]
+    Boot(#[from] dvmm_boot::BootError),
+    /// The DSM could not be set up.
+    #[error("cluster: DSM: {0}")]
+    Dsm(#[source] dvmm_dsm_uffd::DsmError),
+    /// The node-to-node transport could not be set up.
+    #[error("cluster: {0}")]
+    Transport(#[source] dvmm_transport::TransportError),
+    /// `--id` names no node of the cluster file.
+    #[error("--id {id} is not a node of the cluster file: it lists {nodes} nodes, ids 0 to {}", nodes - 1)]
+    NotInCluster {
+        /// The id asked for.
+        id: usize,
+        /// Nodes in the cluster file (at least 1).
+        nodes: usize,
+    },
+    /// A thread could not be started.
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// KVM's shadow page tables as the DSM engine's derived state: dropped whenever a page
+/// table leaves this node.
+struct Shadows(ShadowPageTables);
+
+impl dvmm_dsm_uffd::LocalDerived for Shadows {
+    fn derives_from(&self, _page: dvmm_dsm_uffd::PageNo, contents: &[u8]) -> bool {
+        self.0.derives_from(contents)
+    }
+    fn quiesce(&self, defer_kick: &mut dyn FnMut(i32) -> bool) {
+        self.0.quiesce(defer_kick)
+    }
+    fn quiesced(&self) -> bool {
+        self.0.quiesced()
+    }
+    fn blocked_in_faults(&self, waiting: &dyn Fn(i32) -> bool) -> bool {
+        self.0.blocked_in_faults(waiting)
+    }
+    fn resume(&self) {
+        self.0.resume()
+    }
+    fn drop_derived(&self) -> bool {
+        self.0.drop_derived()
+    }
+}
 
 /// How long a node waits for all peers to connect at start-up (the environment
 /// variable `DVMM_CONNECT_TIMEOUT_SECS` overrides it).
@@ -202,7 +260,7 @@ impl DsmAccess {
     }
 }
 
-impl crate::guest_access::GuestAccess for DsmAccess {
+impl dvmm_vmm::guest_access::GuestAccess for DsmAccess {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestAccessError> {
         self.with(gpa, buf.len(), dvmm_dsm::Access::Read, |g, off| {
             g.read(off, buf)
@@ -255,7 +313,7 @@ fn outcome_of(from: u16, code: StopCode, reason: String) -> VmOutcome {
 struct Dispatch {
     link: Arc<NodeLink>,
     dsm: Arc<DsmEngine>,
-    vm_hub: Arc<crate::irqchip::InterruptHub>,
+    vm_hub: Arc<dvmm_vmm::irqchip::InterruptHub>,
     devices: DeviceSpace,
     control: Arc<VmControl>,
     ready: Mutex<usize>,
@@ -367,13 +425,13 @@ fn check_readable(path: &std::path::Path) -> std::io::Result<()> {
 pub fn run_node(
     cluster: &ClusterConfig,
     id: usize,
-    profile: Option<crate::profile::ProfileConfig>,
+    profile: Option<dvmm_vmm::profile::ProfileConfig>,
     console_out: Box<dyn std::io::Write + Send>,
-    on_console: impl FnOnce(Option<crate::ConsoleInput>, Arc<VmControl>),
-) -> Result<VmOutcome, VmmError> {
+    on_console: impl FnOnce(Option<dvmm_vmm::ConsoleInput>, Arc<VmControl>),
+) -> Result<VmOutcome, NodeError> {
     let nodes = cluster.nodes.len();
     if id >= nodes {
-        return Err(VmmError::NotInCluster { id, nodes });
+        return Err(NodeError::NotInCluster { id, nodes });
     }
     // A node that cannot read the guest would fail only after every peer connected
     // (up to the connect timeout later, with the others waiting on it): look first.
@@ -400,7 +458,7 @@ pub fn run_node(
     if cluster.insecure_transport {
         tracing::warn!("--insecure-transport: node traffic is authenticated but NOT encrypted");
     }
-    let (transport, events) = Transport::start(tcfg).map_err(VmmError::Transport)?;
+    let (transport, events) = Transport::start(tcfg).map_err(NodeError::Transport)?;
     tracing::info!(node = id, nodes, "connected to all peers");
 
     let mut owner = Vec::new();
@@ -440,7 +498,7 @@ pub fn run_node(
     let (view_a, view_b) = ram.views();
     // SAFETY: both views map the whole memfd and live as long as `ram`, which this
     // function keeps until after the engine is stopped.
-    let pages = unsafe { GuestPages::new(view_a, view_b, ram.size()) }.map_err(VmmError::Dsm)?;
+    let pages = unsafe { GuestPages::new(view_a, view_b, ram.size()) }.map_err(NodeError::Dsm)?;
     let homes = home_table(&shares);
     let dsm_node = DsmNode::new(id as u16, nodes as u16, move |page| {
         homes
@@ -450,7 +508,7 @@ pub fn run_node(
     });
     let shared = ram.populated_pages();
     tracing::info!(node = id, shared = shared.len(), "starting the DSM");
-    let shadow = vm.shadow_page_tables()?.map(Arc::new);
+    let shadow = vm.shadow_page_tables()?.map(|s| Arc::new(Shadows(s)));
     if shadow.is_some() {
         tracing::info!(
             "this host's KVM shadows the guest's page tables: they are dropped whenever a \
@@ -466,7 +524,7 @@ pub fn run_node(
             .clone()
             .map(|s| s as Arc<dyn dvmm_dsm_uffd::LocalDerived>),
     )
-    .map_err(VmmError::Dsm)?;
+    .map_err(NodeError::Dsm)?;
     // DSM frames are served on the connection's reader thread: a fault's request and
     // its reply each skip a hop through node-rx. (The engine sends replies but never
     // waits for a message.)
@@ -523,7 +581,7 @@ pub fn run_node(
         std::thread::Builder::new()
             .name("node-rx".into())
             .spawn(move || d.run(events))
-            .map_err(VmmError::Thread)?;
+            .map_err(NodeError::Thread)?;
     }
     on_console(vm.console_input(), control.clone());
     {
@@ -537,7 +595,7 @@ pub fn run_node(
                 control.wait();
                 dsm.stop();
             })
-            .map_err(VmmError::Thread)?;
+            .map_err(NodeError::Thread)?;
     }
 
     if id == 0 {

@@ -7,8 +7,8 @@
 
 use std::sync::Arc;
 
-use dvmm_cluster::IoSpace;
 use dvmm_devices::bus::Bus;
+use dvmm_layout::IoSpace;
 
 /// Device accesses that no local device claims, forwarded to the node that has the
 /// devices (node 0). Blocks until the reply arrives.

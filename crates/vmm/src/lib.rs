@@ -16,7 +16,6 @@ pub mod host;
 pub mod irqchip;
 pub mod kick;
 pub mod memory;
-pub mod node;
 pub mod profile;
 pub mod run_gate;
 pub mod shadow_mmu;
@@ -57,21 +56,22 @@ pub enum VmmError {
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
-    /// The DSM could not be set up.
-    #[error("cluster: DSM: {0}")]
-    Dsm(#[source] dvmm_dsm_uffd::DsmError),
-    /// The node-to-node transport could not be set up.
-    #[error("cluster: {0}")]
-    Transport(#[source] dvmm_transport::TransportError),
-    /// `--id` names no node of the cluster file.
-    #[error("--id {id} is not a node of the cluster file: it lists {nodes} nodes, ids 0 to {}", nodes - 1)]
-    NotInCluster {
-        /// The id asked for.
-        id: usize,
-        /// Nodes in the cluster file (at least 1).
-        nodes: usize,
+    /// Two devices were given overlapping addresses (a bug in dvmm's device map).
+    #[error("dvmm's device map is wrong: {0}")]
+    DeviceMap(#[source] dvmm_devices::bus::BusError),
+    /// The VM's file descriptor could not be duplicated (for the shadow-page drops).
+    #[error("cannot duplicate the VM file descriptor: {0}")]
+    DuplicateVmFd(#[source] std::io::Error),
+    /// The shadow-page-table control could not be set up.
+    #[error(transparent)]
+    ShadowPageTables(#[from] shadow_mmu::ShadowError),
+    /// The placement names a node the topology does not have (a bug in the caller).
+    #[error("no node {node} in the VM's topology")]
+    NoSuchNode {
+        /// The node asked for.
+        node: usize,
     },
-    /// A bug in dvmm.
-    #[error("internal error: {0}")]
-    Internal(String),
+    /// KVM's CPUID table could not be built from dvmm's entries (too many entries).
+    #[error("cannot build the CPUID table: {0}")]
+    CpuidTable(String),
 }

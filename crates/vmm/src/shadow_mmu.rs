@@ -32,7 +32,6 @@
 use dvmm_sync::MutexExt;
 use std::sync::Arc;
 
-use dvmm_dsm_uffd::{LocalDerived, PageNo};
 use kvm_ioctls::VmFd;
 
 use crate::irqchip::VcpuHandle;
@@ -163,12 +162,18 @@ impl Drop for ShadowPageTables {
     }
 }
 
-impl LocalDerived for ShadowPageTables {
-    fn derives_from(&self, _page: PageNo, contents: &[u8]) -> bool {
+/// The DSM's view of the shadows (the node runtime hands these to the DSM engine as its
+/// `LocalDerived` state).
+impl ShadowPageTables {
+    /// Whether KVM may have shadowed `contents`, this node's bytes of a page: it looks
+    /// like a page table.
+    pub fn derives_from(&self, contents: &[u8]) -> bool {
         looks_like_page_table(contents, self.max_frame)
     }
 
-    fn quiesce(&self, defer_kick: &mut dyn FnMut(i32) -> bool) {
+    /// Closes the run gate and kicks every vCPU that is not quiet (asking
+    /// `defer_kick(tid)` first, see `Kicker::kick_unless`).
+    pub fn quiesce(&self, defer_kick: &mut dyn FnMut(i32) -> bool) {
         self.gate.close();
         for v in &self.vcpus {
             if !v.is_quiet() {
@@ -178,21 +183,26 @@ impl LocalDerived for ShadowPageTables {
         }
     }
 
-    fn quiesced(&self) -> bool {
+    /// Whether every vCPU is quiet behind a closed gate.
+    pub fn quiesced(&self) -> bool {
         self.gate.is_closed() && self.vcpus.iter().all(|v| v.is_quiet())
     }
 
-    fn blocked_in_faults(&self, waiting: &dyn Fn(i32) -> bool) -> bool {
+    /// Whether every vCPU that is not quiet waits in a DSM fault (`waiting(tid)`).
+    pub fn blocked_in_faults(&self, waiting: &dyn Fn(i32) -> bool) -> bool {
         self.vcpus
             .iter()
             .all(|v| v.is_quiet() || (v.thread_id() > 0 && waiting(v.thread_id())))
     }
 
-    fn resume(&self) {
+    /// Opens the gate.
+    pub fn resume(&self) {
         self.gate.open();
     }
 
-    fn drop_derived(&self) -> bool {
+    /// Drops KVM's shadow pages if the vCPUs are quiesced (false, dropping nothing, if
+    /// not).
+    pub fn drop_derived(&self) -> bool {
         if !self.quiesced() {
             // Changing the slot now could deadlock (see the module documentation); the
             // DSM asks again once the vCPUs are quiet.

@@ -8,10 +8,10 @@ use dvmm_sync::CondvarExt;
 use std::sync::Arc;
 
 use dvmm_boot::cpu::{CpuBootState, Segment};
-use dvmm_cluster::IoSpace;
 use dvmm_hypervisor::{kvm_fpu, kvm_regs, kvm_segment, HypervisorError, Vcpu, VmExit};
 use dvmm_irq::clock::Clock;
 use dvmm_irq::lapic::LapicEvent;
+use dvmm_layout::IoSpace;
 use dvmm_layout::{APIC_MMIO_SIZE, LAPIC_ADDR};
 
 use crate::control::{VmControl, VmOutcome};

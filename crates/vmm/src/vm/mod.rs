@@ -14,35 +14,35 @@ use std::time::{Duration, Instant};
 
 use dvmm_boot::loader::{BootSpec, EntryKind};
 use dvmm_boot::topology::Topology;
-use dvmm_devices::acpi_pm::{AcpiPm, ResetPort};
-use dvmm_devices::bus::{Bus, BusDevice};
-use dvmm_devices::i8042::I8042;
-use dvmm_devices::pic::Pic;
-use dvmm_devices::pvpanic::PvPanic;
-use dvmm_devices::rtc::Rtc;
+use dvmm_devices::bus::Bus;
 use dvmm_devices::serial::Serial;
 use dvmm_devices::sink::Sink;
-use dvmm_devices::DmaTest;
 use dvmm_devices::VmEventSink;
 use dvmm_irq::clock::{Clock, MonotonicClock, TscMap};
 use dvmm_irq::ioapic::IoApic;
 use dvmm_irq::lapic::Lapic;
 use dvmm_irq::pit::Pit;
 use dvmm_layout as layout;
-use kvm_bindings::{kvm_enable_cap, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd};
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
 use crate::control::{VmControl, VmOutcome};
 use crate::cpuid;
 use crate::device_space::{DeviceSpace, RemoteIo};
 use crate::host::HostKvm;
-use crate::irqchip::timers::{PitPorts, TimerService};
-use crate::irqchip::{InterruptHub, IoApicMmio, IoApicPin, RemoteInterrupts, VcpuHandle};
+use crate::irqchip::timers::TimerService;
+use crate::irqchip::{InterruptHub, RemoteInterrupts, VcpuHandle};
 use crate::memory::GuestRam;
-use crate::syscall_completion::{self, HostSyscall, SyscallCompletion};
+use crate::syscall_completion::SyscallCompletion;
 use crate::vcpu::{self, VcpuEnv};
 use crate::VmmError;
+
+mod devices;
+mod host_setup;
+
+use devices::{add, attach_devices};
 use dvmm_hypervisor::kvm::KvmVcpu;
+use host_setup::{align_clocks, host_syscall, route_msrs_to_userspace};
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -170,220 +170,6 @@ fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
 }
 
-/// Makes the guest's clocks the host's, so that every node of a cluster (each its own
-/// KVM VM, created at its own moment) shows the guest the same time: the TSC offset is
-/// set to 0 (guest TSC = host TSC) and kvmclock to the host's boot-time clock. Across
-/// hosts this relies on the hosts' TSCs and clocks being in step.
-fn align_clocks(vm: &VmFd, vcpus: &[VcpuFd]) {
-    for v in vcpus {
-        if let Err(e) = dvmm_hypervisor::kvm::zero_tsc_offset(v) {
-            tracing::warn!(error = %e, "cannot set the guest TSC offset to 0");
-        }
-    }
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime fills the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    let clock = kvm_bindings::kvm_clock_data {
-        clock: (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64,
-        ..Default::default()
-    };
-    if let Err(e) = vm.set_clock(&clock) {
-        tracing::warn!(error = %e, "cannot align kvmclock with the host clock");
-    }
-}
-
-/// Makes KVM hand the LAPIC's MSRs (and MSRs it does not know) to us.
-///
-/// KVM never filters the x2APIC range 0x800-0x8ff; without an in-kernel LAPIC it
-/// treats those accesses as invalid, so the INVAL reason is what routes them to us.
-/// With `syscall_msrs`, the guest's writes of STAR/LSTAR/CSTAR/FMASK exit too (for the
-/// system-call completion, see [`crate::syscall_completion`]).
-fn route_msrs_to_userspace(vm: &VmFd, syscall_msrs: bool) -> Result<(), VmmError> {
-    let cap = kvm_enable_cap {
-        cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
-        args: [
-            u64::from(
-                kvm_bindings::KVM_MSR_EXIT_REASON_FILTER
-                    | kvm_bindings::KVM_MSR_EXIT_REASON_UNKNOWN
-                    | kvm_bindings::KVM_MSR_EXIT_REASON_INVAL,
-            ),
-            0,
-            0,
-            0,
-        ],
-        ..Default::default()
-    };
-    vm.enable_cap(&cap).map_err(kvm_err(
-        "enabling userspace MSR exits (KVM_CAP_X86_USER_SPACE_MSR)",
-    ))?;
-    let deny_one = [0u8; 1];
-    // One bit per MSR, 0 = filtered (sent to us).
-    let bitmaps: Vec<Vec<u8>> = dvmm_irq::lapic::LAPIC_MSR_RANGES
-        .iter()
-        .map(|&(_, count)| vec![0u8; (count as usize).div_ceil(8)])
-        .collect();
-    let rw = MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE;
-    let mut ranges: Vec<MsrFilterRange> = dvmm_irq::lapic::LAPIC_MSR_RANGES
-        .iter()
-        .zip(&bitmaps)
-        .map(|(&(base, msr_count), bitmap)| MsrFilterRange {
-            flags: rw,
-            base,
-            msr_count,
-            bitmap,
-        })
-        .collect();
-    if syscall_msrs {
-        ranges.push(MsrFilterRange {
-            flags: MsrFilterRangeFlags::WRITE,
-            base: crate::syscall_completion::MSR_STAR,
-            msr_count: 4,
-            bitmap: &deny_one,
-        });
-    }
-    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
-        .map_err(kvm_err(
-            "installing the LAPIC MSR filter (KVM_X86_SET_MSR_FILTER)",
-        ))
-}
-
-/// What this host does with system calls from guest user mode: probed once per process
-/// with a tiny VM, said in one log line where dvmm has to complete them.
-fn host_syscall() -> HostSyscall {
-    static PROBED: std::sync::OnceLock<HostSyscall> = std::sync::OnceLock::new();
-    *PROBED.get_or_init(|| match syscall_completion::probe() {
-        Ok((h, took)) => {
-            if h.needs_completion() {
-                tracing::info!(
-                    "this host's KVM leaves SYSCALL from guest user mode at CPL3{} (probe VM, \
-                     {:.1} ms): dvmm completes the guest's system calls",
-                    if h.int_n_raises_ud {
-                        " and turns int $0x80 into #UD"
-                    } else {
-                        ""
-                    },
-                    took.as_secs_f64() * 1e3
-                );
-            } else {
-                tracing::debug!(?h, ?took, "SYSCALL from guest user mode works on this host");
-            }
-            h
-        }
-        Err(e) => {
-            tracing::warn!("cannot probe this host's SYSCALL behaviour ({e}); assuming it works");
-            HostSyscall::default()
-        }
-    })
-}
-
-fn add(bus: &mut Bus, dev: impl BusDevice + 'static, base: u64, len: u64) -> Result<(), VmmError> {
-    bus.insert(Arc::new(Mutex::new(dev)), base, len)
-        .map_err(|e| VmmError::Internal(format!("device map: {e}")))
-}
-
-/// Presents a device's register at `shift` as if it were at offset 0 of its own range.
-struct Shifted<D> {
-    inner: Arc<Mutex<D>>,
-    shift: u64,
-}
-
-impl<D: BusDevice> BusDevice for Shifted<D> {
-    fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.inner.locked().read(offset + self.shift, data);
-    }
-
-    fn write(&mut self, offset: u64, data: &[u8]) {
-        self.inner.locked().write(offset + self.shift, data);
-    }
-}
-
-/// The devices that live on node 0: UART, PIT, RTC, i8042, ACPI PM, reset, pvpanic,
-/// the DMA test engine, PICs, and the IOAPIC's MMIO window. Returns the UART (for console input).
-#[allow(clippy::too_many_arguments)]
-fn attach_devices(
-    pio: &mut Bus,
-    mmio: &mut Bus,
-    hub: &Arc<InterruptHub>,
-    pit: &Arc<Mutex<Pit>>,
-    clock: &Arc<dyn Clock>,
-    timers: &Arc<TimerService>,
-    events: Arc<dyn VmEventSink>,
-    console_out: Box<dyn Write + Send>,
-    guest: Arc<crate::guest_access::GuestMemoryPath>,
-) -> Result<Arc<Mutex<Serial>>, VmmError> {
-    let serial = Arc::new(Mutex::new(Serial::new(
-        Arc::new(IoApicPin::new(hub.clone(), layout::COM1_IRQ as usize)),
-        console_out,
-    )));
-    pio.insert(serial.clone(), u64::from(layout::COM1_PORT), 8)
-        .map_err(|e| VmmError::Internal(format!("device map: {e}")))?;
-    add(
-        pio,
-        PitPorts::new(pit.clone(), layout::PIT_PORT, clock.clone(), timers.clone()),
-        u64::from(layout::PIT_PORT),
-        4,
-    )?;
-    add(
-        pio,
-        PitPorts::new(pit.clone(), layout::PORT_61, clock.clone(), timers.clone()),
-        u64::from(layout::PORT_61),
-        1,
-    )?;
-    add(pio, Rtc::new(), u64::from(layout::RTC_PORT), 2)?;
-    // One i8042 answers at 0x60 and 0x64, around port 0x61 (which is the PIT's).
-    let i8042 = Arc::new(Mutex::new(I8042::new(events.clone())));
-    let i8042_cmd = u64::from(layout::I8042_CMD_PORT - layout::I8042_DATA_PORT);
-    pio.insert(i8042.clone(), u64::from(layout::I8042_DATA_PORT), 1)
-        .map_err(|e| VmmError::Internal(format!("device map: {e}")))?;
-    add(
-        pio,
-        Shifted {
-            inner: i8042,
-            shift: i8042_cmd,
-        },
-        u64::from(layout::I8042_CMD_PORT),
-        1,
-    )?;
-    add(
-        pio,
-        AcpiPm::new(events.clone()),
-        u64::from(layout::PM1A_EVT_PORT),
-        12,
-    )?;
-    add(
-        pio,
-        ResetPort::new(events.clone()),
-        u64::from(layout::RESET_PORT),
-        1,
-    )?;
-    add(
-        pio,
-        PvPanic::new(events.clone()),
-        u64::from(layout::PVPANIC_PORT),
-        1,
-    )?;
-    add(
-        pio,
-        DmaTest::new(guest),
-        u64::from(layout::DMA_TEST_PORT),
-        dvmm_devices::dma_test::REGS_LEN,
-    )?;
-    add(pio, Pic::new(), u64::from(layout::PIC_MASTER_PORT), 2)?;
-    add(pio, Pic::new(), u64::from(layout::PIC_SLAVE_PORT), 2)?;
-
-    add(
-        mmio,
-        IoApicMmio::new(hub.clone()),
-        layout::IOAPIC_ADDR,
-        layout::APIC_MMIO_SIZE,
-    )?;
-
-    Ok(serial)
-}
-
 impl Profiling {
     fn write(&self) -> Result<(), VmmError> {
         let (profile, lstar) = self.sampler.result();
@@ -489,7 +275,7 @@ impl UnsharedVm {
         // SAFETY: the VM fd is open for as long as `self`, beyond this borrow.
         let fd = unsafe { BorrowedFd::borrow_raw(self.0._vm.as_raw_fd()) }
             .try_clone_to_owned()
-            .map_err(|e| VmmError::Internal(format!("cannot duplicate the VM fd: {e}")))?;
+            .map_err(VmmError::DuplicateVmFd)?;
         let kvm = Kvm::new().map_err(|source| VmmError::KvmUnavailable { source })?;
         // SAFETY: `fd` is a fresh duplicate of this VM's fd, handed over to the new VmFd
         // and used by nothing else.
@@ -503,7 +289,7 @@ impl UnsharedVm {
             self.0.env.gate.clone(),
         )
         .map(Some)
-        .map_err(|e| VmmError::Internal(e.to_string()))
+        .map_err(VmmError::ShadowPageTables)
     }
 }
 
@@ -539,7 +325,7 @@ impl Vm {
             .nodes
             .get(node)
             .map(|n| n.vcpus.clone())
-            .ok_or_else(|| VmmError::Internal(format!("no node {node} in the topology")))?;
+            .ok_or(VmmError::NoSuchNode { node })?;
         let total_vcpus = topology.vcpus;
         // Read the symbols first: a bad --system-map should fail before the guest runs.
         let profiling = match &cfg.profile {
@@ -610,8 +396,8 @@ impl Vm {
                 tsc_khz,
                 host.emulates_guest_kernel(),
             );
-            let table = cpuid::to_kvm(&entries)
-                .map_err(|e| VmmError::Internal(format!("CPUID table: {e:?}")))?;
+            let table =
+                cpuid::to_kvm(&entries).map_err(|e| VmmError::CpuidTable(format!("{e:?}")))?;
             v.set_cpuid2(&table).map_err(kvm_err("setting CPUID"))?;
         }
 

@@ -1,0 +1,132 @@
+//! The devices of the node that has them, on its port and MMIO buses.
+
+use dvmm_sync::MutexExt;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use dvmm_devices::acpi_pm::{AcpiPm, ResetPort};
+use dvmm_devices::bus::{Bus, BusDevice};
+use dvmm_devices::i8042::I8042;
+use dvmm_devices::pic::Pic;
+use dvmm_devices::pvpanic::PvPanic;
+use dvmm_devices::rtc::Rtc;
+use dvmm_devices::serial::Serial;
+use dvmm_devices::DmaTest;
+use dvmm_devices::VmEventSink;
+use dvmm_irq::clock::Clock;
+use dvmm_irq::pit::Pit;
+use dvmm_layout as layout;
+
+use crate::irqchip::timers::{PitPorts, TimerService};
+use crate::irqchip::{InterruptHub, IoApicMmio, IoApicPin};
+use crate::VmmError;
+
+pub(super) fn add(
+    bus: &mut Bus,
+    dev: impl BusDevice + 'static,
+    base: u64,
+    len: u64,
+) -> Result<(), VmmError> {
+    bus.insert(Arc::new(Mutex::new(dev)), base, len)
+        .map_err(VmmError::DeviceMap)
+}
+
+/// Presents a device's register at `shift` as if it were at offset 0 of its own range.
+struct Shifted<D> {
+    inner: Arc<Mutex<D>>,
+    shift: u64,
+}
+
+impl<D: BusDevice> BusDevice for Shifted<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.inner.locked().read(offset + self.shift, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.inner.locked().write(offset + self.shift, data);
+    }
+}
+
+/// The devices that live on node 0: UART, PIT, RTC, i8042, ACPI PM, reset, pvpanic,
+/// the DMA test engine, PICs, and the IOAPIC's MMIO window. Returns the UART (for console input).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attach_devices(
+    pio: &mut Bus,
+    mmio: &mut Bus,
+    hub: &Arc<InterruptHub>,
+    pit: &Arc<Mutex<Pit>>,
+    clock: &Arc<dyn Clock>,
+    timers: &Arc<TimerService>,
+    events: Arc<dyn VmEventSink>,
+    console_out: Box<dyn Write + Send>,
+    guest: Arc<crate::guest_access::GuestMemoryPath>,
+) -> Result<Arc<Mutex<Serial>>, VmmError> {
+    let serial = Arc::new(Mutex::new(Serial::new(
+        Arc::new(IoApicPin::new(hub.clone(), layout::COM1_IRQ as usize)),
+        console_out,
+    )));
+    pio.insert(serial.clone(), u64::from(layout::COM1_PORT), 8)
+        .map_err(VmmError::DeviceMap)?;
+    add(
+        pio,
+        PitPorts::new(pit.clone(), layout::PIT_PORT, clock.clone(), timers.clone()),
+        u64::from(layout::PIT_PORT),
+        4,
+    )?;
+    add(
+        pio,
+        PitPorts::new(pit.clone(), layout::PORT_61, clock.clone(), timers.clone()),
+        u64::from(layout::PORT_61),
+        1,
+    )?;
+    add(pio, Rtc::new(), u64::from(layout::RTC_PORT), 2)?;
+    // One i8042 answers at 0x60 and 0x64, around port 0x61 (which is the PIT's).
+    let i8042 = Arc::new(Mutex::new(I8042::new(events.clone())));
+    let i8042_cmd = u64::from(layout::I8042_CMD_PORT - layout::I8042_DATA_PORT);
+    pio.insert(i8042.clone(), u64::from(layout::I8042_DATA_PORT), 1)
+        .map_err(VmmError::DeviceMap)?;
+    add(
+        pio,
+        Shifted {
+            inner: i8042,
+            shift: i8042_cmd,
+        },
+        u64::from(layout::I8042_CMD_PORT),
+        1,
+    )?;
+    add(
+        pio,
+        AcpiPm::new(events.clone()),
+        u64::from(layout::PM1A_EVT_PORT),
+        12,
+    )?;
+    add(
+        pio,
+        ResetPort::new(events.clone()),
+        u64::from(layout::RESET_PORT),
+        1,
+    )?;
+    add(
+        pio,
+        PvPanic::new(events.clone()),
+        u64::from(layout::PVPANIC_PORT),
+        1,
+    )?;
+    add(
+        pio,
+        DmaTest::new(guest),
+        u64::from(layout::DMA_TEST_PORT),
+        dvmm_devices::dma_test::REGS_LEN,
+    )?;
+    add(pio, Pic::new(), u64::from(layout::PIC_MASTER_PORT), 2)?;
+    add(pio, Pic::new(), u64::from(layout::PIC_SLAVE_PORT), 2)?;
+
+    add(
+        mmio,
+        IoApicMmio::new(hub.clone()),
+        layout::IOAPIC_ADDR,
+        layout::APIC_MMIO_SIZE,
+    )?;
+
+    Ok(serial)
+}

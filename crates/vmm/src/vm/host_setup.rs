@@ -1,0 +1,118 @@
+//! Per-VM KVM set-up that depends on what the host's KVM is: clocks in step across
+//! nodes, the MSR filter that hands the LAPIC's MSRs to dvmm, and the SYSCALL probe.
+
+use kvm_bindings::kvm_enable_cap;
+use kvm_ioctls::{MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd};
+
+use super::kvm_err;
+use crate::syscall_completion::{self, HostSyscall};
+use crate::VmmError;
+
+/// Makes the guest's clocks the host's, so that every node of a cluster (each its own
+/// KVM VM, created at its own moment) shows the guest the same time: the TSC offset is
+/// set to 0 (guest TSC = host TSC) and kvmclock to the host's boot-time clock. Across
+/// hosts this relies on the hosts' TSCs and clocks being in step.
+pub(super) fn align_clocks(vm: &VmFd, vcpus: &[VcpuFd]) {
+    for v in vcpus {
+        if let Err(e) = dvmm_hypervisor::kvm::zero_tsc_offset(v) {
+            tracing::warn!(error = %e, "cannot set the guest TSC offset to 0");
+        }
+    }
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime fills the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    let clock = kvm_bindings::kvm_clock_data {
+        clock: (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64,
+        ..Default::default()
+    };
+    if let Err(e) = vm.set_clock(&clock) {
+        tracing::warn!(error = %e, "cannot align kvmclock with the host clock");
+    }
+}
+
+/// Makes KVM hand the LAPIC's MSRs (and MSRs it does not know) to us.
+///
+/// KVM never filters the x2APIC range 0x800-0x8ff; without an in-kernel LAPIC it
+/// treats those accesses as invalid, so the INVAL reason is what routes them to us.
+/// With `syscall_msrs`, the guest's writes of STAR/LSTAR/CSTAR/FMASK exit too (for the
+/// system-call completion, see [`crate::syscall_completion`]).
+pub(super) fn route_msrs_to_userspace(vm: &VmFd, syscall_msrs: bool) -> Result<(), VmmError> {
+    let cap = kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+        args: [
+            u64::from(
+                kvm_bindings::KVM_MSR_EXIT_REASON_FILTER
+                    | kvm_bindings::KVM_MSR_EXIT_REASON_UNKNOWN
+                    | kvm_bindings::KVM_MSR_EXIT_REASON_INVAL,
+            ),
+            0,
+            0,
+            0,
+        ],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap).map_err(kvm_err(
+        "enabling userspace MSR exits (KVM_CAP_X86_USER_SPACE_MSR)",
+    ))?;
+    let deny_one = [0u8; 1];
+    // One bit per MSR, 0 = filtered (sent to us).
+    let bitmaps: Vec<Vec<u8>> = dvmm_irq::lapic::LAPIC_MSR_RANGES
+        .iter()
+        .map(|&(_, count)| vec![0u8; (count as usize).div_ceil(8)])
+        .collect();
+    let rw = MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE;
+    let mut ranges: Vec<MsrFilterRange> = dvmm_irq::lapic::LAPIC_MSR_RANGES
+        .iter()
+        .zip(&bitmaps)
+        .map(|(&(base, msr_count), bitmap)| MsrFilterRange {
+            flags: rw,
+            base,
+            msr_count,
+            bitmap,
+        })
+        .collect();
+    if syscall_msrs {
+        ranges.push(MsrFilterRange {
+            flags: MsrFilterRangeFlags::WRITE,
+            base: crate::syscall_completion::MSR_STAR,
+            msr_count: 4,
+            bitmap: &deny_one,
+        });
+    }
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
+        .map_err(kvm_err(
+            "installing the LAPIC MSR filter (KVM_X86_SET_MSR_FILTER)",
+        ))
+}
+
+/// What this host does with system calls from guest user mode: probed once per process
+/// with a tiny VM, said in one log line where dvmm has to complete them.
+pub(super) fn host_syscall() -> HostSyscall {
+    static PROBED: std::sync::OnceLock<HostSyscall> = std::sync::OnceLock::new();
+    *PROBED.get_or_init(|| match syscall_completion::probe() {
+        Ok((h, took)) => {
+            if h.needs_completion() {
+                tracing::info!(
+                    "this host's KVM leaves SYSCALL from guest user mode at CPL3{} (probe VM, \
+                     {:.1} ms): dvmm completes the guest's system calls",
+                    if h.int_n_raises_ud {
+                        " and turns int $0x80 into #UD"
+                    } else {
+                        ""
+                    },
+                    took.as_secs_f64() * 1e3
+                );
+            } else {
+                tracing::debug!(?h, ?took, "SYSCALL from guest user mode works on this host");
+            }
+            h
+        }
+        Err(e) => {
+            tracing::warn!("cannot probe this host's SYSCALL behaviour ({e}); assuming it works");
+            HostSyscall::default()
+        }
+    })
+}
