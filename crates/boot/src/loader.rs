@@ -893,8 +893,8 @@ mod tests {
         assert_eq!({ h.type_of_loader }, 0xFF);
         assert_eq!({ h.loadflags }, LOADED_HIGH | CAN_USE_HEAP);
         assert_eq!({ h.heap_end_ptr }, HEAP_END_PTR);
-        assert_eq!({ h.cmd_line_ptr } as u64, CMDLINE_ADDR);
-        assert_eq!({ h.ramdisk_image } as u64, r.start);
+        assert_eq!(u64::from(h.cmd_line_ptr), CMDLINE_ADDR);
+        assert_eq!(u64::from(h.ramdisk_image), r.start);
         assert_eq!({ h.ramdisk_size }, 5000);
         assert_eq!({ h.version }, 0x020F);
         assert_eq!({ p.acpi_rsdp_addr }, ACPI_TABLES_ADDR);

@@ -323,7 +323,7 @@ mod tests {
         assert_eq!(&tail[0..4], &1u32.to_le_bytes(), "status done");
         assert_eq!(&tail[4..8], &checksum(&src).to_le_bytes());
         assert_eq!(
-            reg(&mut dev, 0x0) as u64 | (reg(&mut dev, 0x4) as u64) << 32,
+            u64::from(reg(&mut dev, 0x0)) | u64::from(reg(&mut dev, 0x4)) << 32,
             desc
         );
     }

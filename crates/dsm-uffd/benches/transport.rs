@@ -428,7 +428,7 @@ fn main() -> Res<()> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    let mib = (stream_pages * PG) as f64 / (1 << 20) as f64;
+    let mib = (stream_pages * PG) as f64 / f64::from(1 << 20);
     println!();
     println!(
         "| {:<40} | {:>9} | {:>11} | {:>5} |",

@@ -87,9 +87,9 @@ pub struct TscMap {
 impl TscMap {
     /// Guest TSC value at host time `now_ns` (clamped to `0..=u64::MAX`).
     pub fn tsc_at(&self, now_ns: u64) -> u64 {
-        let dt = now_ns as i128 - self.base_ns as i128;
-        let tsc = self.ref_tsc as i128 + dt * self.tsc_khz as i128 / 1_000_000;
-        tsc.clamp(0, u64::MAX as i128) as u64
+        let dt = i128::from(now_ns) - i128::from(self.base_ns);
+        let tsc = i128::from(self.ref_tsc) + dt * i128::from(self.tsc_khz) / 1_000_000;
+        tsc.clamp(0, i128::from(u64::MAX)) as u64
     }
 
     /// Earliest host time at which the guest TSC reaches `tsc` (so that
@@ -99,12 +99,12 @@ impl TscMap {
         if self.tsc_khz == 0 {
             return u64::MAX;
         }
-        let khz = self.tsc_khz as i128;
-        let dtsc = tsc as i128 - self.ref_tsc as i128;
+        let khz = i128::from(self.tsc_khz);
+        let dtsc = i128::from(tsc) - i128::from(self.ref_tsc);
         // Ceiling division that also rounds negative values up.
         let dt = (dtsc * 1_000_000).div_euclid(khz)
             + i128::from((dtsc * 1_000_000).rem_euclid(khz) != 0);
-        (self.base_ns as i128 + dt).clamp(0, u64::MAX as i128) as u64
+        (i128::from(self.base_ns) + dt).clamp(0, i128::from(u64::MAX)) as u64
     }
 }
 

@@ -57,15 +57,15 @@ impl IoApic {
     /// MMIO read: IOREGSEL at 0x00, IOWIN at 0x10; anything else reads 0.
     pub fn mmio_read(&mut self, offset: u64) -> u32 {
         match offset {
-            IOREGSEL => self.ioregsel as u32,
-            IOWIN => self.read_register(self.ioregsel as u32),
+            IOREGSEL => u32::from(self.ioregsel),
+            IOWIN => self.read_register(u32::from(self.ioregsel)),
             _ => 0,
         }
     }
 
     fn read_register(&self, index: u32) -> u32 {
         match index {
-            REG_ID | REG_ARB => (self.id as u32) << 24,
+            REG_ID | REG_ARB => u32::from(self.id) << 24,
             REG_VERSION => IOAPIC_VERSION,
             _ => match Self::redirection_slot(index) {
                 Some((pin, high)) => {
@@ -96,7 +96,7 @@ impl IoApic {
                 self.ioregsel = value as u8;
                 Vec::new()
             }
-            IOWIN => self.write_register(self.ioregsel as u32, value),
+            IOWIN => self.write_register(u32::from(self.ioregsel), value),
             _ => Vec::new(),
         }
     }
@@ -111,11 +111,11 @@ impl IoApic {
         };
         let rte = &mut self.redirection[pin];
         if high {
-            *rte = (*rte & 0xFFFF_FFFF) | ((value & RTE_HIGH_WRITABLE) as u64) << 32;
+            *rte = (*rte & 0xFFFF_FFFF) | u64::from(value & RTE_HIGH_WRITABLE) << 32;
             return Vec::new();
         }
         let kept = *rte & (0xFFFF_FFFF_0000_0000 | RTE_REMOTE_IRR);
-        *rte = kept | (value & RTE_LOW_WRITABLE) as u64;
+        *rte = kept | u64::from(value & RTE_LOW_WRITABLE);
         if *rte & RTE_LEVEL == 0 {
             *rte &= !RTE_REMOTE_IRR;
         }

@@ -325,12 +325,12 @@ impl Lapic {
 
     /// Set the TPR, e.g. from `kvm_run.cr8` (CR8 = TPR >> 4) after a guest CR8 write.
     pub fn set_tpr(&mut self, tpr: u8) {
-        self.tpr = tpr as u32;
+        self.tpr = u32::from(tpr);
     }
 
     /// Processor priority register.
     pub fn ppr(&self) -> u8 {
-        let isrv = highest(&self.isr).unwrap_or(0) as u32;
+        let isrv = u32::from(highest(&self.isr).unwrap_or(0));
         let ppr = if self.tpr & 0xF0 >= isrv & 0xF0 {
             self.tpr
         } else {
@@ -342,8 +342,8 @@ impl Lapic {
     /// APR as the SDM defines it (10.6.2.4).
     fn apr(&self) -> u8 {
         let tpr = self.tpr & 0xFF;
-        let isrv = highest(&self.isr).unwrap_or(0) as u32;
-        let irrv = highest(&self.irr).unwrap_or(0) as u32;
+        let isrv = u32::from(highest(&self.isr).unwrap_or(0));
+        let irrv = u32::from(highest(&self.irr).unwrap_or(0));
         if tpr >> 4 >= irrv >> 4 && tpr >> 4 > isrv >> 4 {
             tpr as u8
         } else {
@@ -530,15 +530,16 @@ impl Lapic {
     }
 
     fn ticks_to_ns(&self, ticks: u64) -> u64 {
-        let ns = ticks as u128 * self.divisor() as u128 * 1_000_000_000 / LAPIC_TIMER_HZ as u128;
-        ns.clamp(1, u64::MAX as u128) as u64
+        let ns = u128::from(ticks) * u128::from(self.divisor()) * 1_000_000_000
+            / u128::from(LAPIC_TIMER_HZ);
+        ns.clamp(1, u128::from(u64::MAX)) as u64
     }
 
     /// Ticks (rounded up) left in `ns`.
     fn ns_to_ticks(&self, ns: u64) -> u64 {
-        let per = self.divisor() as u128 * 1_000_000_000;
-        let ticks = (ns as u128 * LAPIC_TIMER_HZ as u128).div_ceil(per);
-        ticks.min(u64::MAX as u128) as u64
+        let per = u128::from(self.divisor()) * 1_000_000_000;
+        let ticks = (u128::from(ns) * u128::from(LAPIC_TIMER_HZ)).div_ceil(per);
+        ticks.min(u128::from(u64::MAX)) as u64
     }
 
     fn timer_masked(&self) -> bool {
@@ -561,7 +562,8 @@ impl Lapic {
         } else {
             0
         };
-        self.ns_to_ticks(remaining).min(self.timer_initial as u64) as u32
+        self.ns_to_ticks(remaining)
+            .min(u64::from(self.timer_initial)) as u32
     }
 
     /// Host time at which the timer next fires (one-shot, periodic, or TSC-deadline via
@@ -607,8 +609,8 @@ impl Lapic {
             if self.timer_mode() == TIMER_MODE_PERIODIC && self.timer_period_ns > 0 {
                 let period = self.timer_period_ns;
                 let periods = (now_ns - next) / period + 1;
-                let next = next as u128 + periods as u128 * period as u128;
-                self.timer_next_ns = Some(next.min(u64::MAX as u128) as u64);
+                let next = u128::from(next) + u128::from(periods) * u128::from(period);
+                self.timer_next_ns = Some(next.min(u128::from(u64::MAX)) as u64);
             } else {
                 self.timer_next_ns = None;
             }
@@ -635,7 +637,7 @@ impl Lapic {
             self.timer_next_ns = None;
             self.timer_period_ns = 0;
         } else {
-            self.timer_period_ns = self.ticks_to_ns(value as u64);
+            self.timer_period_ns = self.ticks_to_ns(u64::from(value));
             self.timer_next_ns = Some(now_ns.saturating_add(self.timer_period_ns));
         }
         Some(LapicEvent::TimerChanged)
@@ -650,8 +652,8 @@ impl Lapic {
             return None;
         }
         // Keep the count where it is; it continues at the new rate.
-        self.timer_period_ns = self.ticks_to_ns(self.timer_initial as u64);
-        self.timer_next_ns = Some(now_ns.saturating_add(self.ticks_to_ns(left as u64)));
+        self.timer_period_ns = self.ticks_to_ns(u64::from(self.timer_initial));
+        self.timer_next_ns = Some(now_ns.saturating_add(self.ticks_to_ns(u64::from(left))));
         Some(LapicEvent::TimerChanged)
     }
 
@@ -702,8 +704,8 @@ impl Lapic {
             }
             REG_VERSION => APIC_VERSION,
             REG_TPR => self.tpr,
-            REG_APR => self.apr() as u32,
-            REG_PPR => self.ppr() as u32,
+            REG_APR => u32::from(self.apr()),
+            REG_PPR => u32::from(self.ppr()),
             REG_EOI | REG_RRD => 0,
             REG_LDR => self.current_ldr(),
             REG_DFR => self.dfr,
@@ -775,8 +777,8 @@ impl Lapic {
             }
             REG_ICR_LOW => {
                 self.icr_low = value & ICR_LOW_WRITABLE;
-                let dest = (self.icr_high >> 24) as u64;
-                self.send_ipi(dest << 32 | self.icr_low as u64)
+                let dest = u64::from(self.icr_high >> 24);
+                self.send_ipi(dest << 32 | u64::from(self.icr_low))
             }
             REG_ICR_HIGH => {
                 self.icr_high = value & 0xFF00_0000;
@@ -790,7 +792,7 @@ impl Lapic {
         if !self.x2apic_enabled() {
             return Err(LapicError::GeneralProtection { msr });
         }
-        Ok(((msr - MSR_X2APIC_FIRST) as u64) << 4)
+        Ok(u64::from(msr - MSR_X2APIC_FIRST) << 4)
     }
 
     /// RDMSR of IA32_APIC_BASE (0x1B), IA32_TSC_DEADLINE (0x6E0), x2APIC range 0x800..=0x8FF.
@@ -811,9 +813,9 @@ impl Lapic {
                 match offset {
                     REG_APR | REG_RRD | REG_DFR | REG_EOI | REG_ICR_HIGH | REG_LVT_CMCI
                     | REG_SELF_IPI => gp,
-                    REG_ICR_LOW => Ok((self.icr_high as u64) << 32 | self.icr_low as u64),
+                    REG_ICR_LOW => Ok(u64::from(self.icr_high) << 32 | u64::from(self.icr_low)),
                     _ => match self.read_reg(offset, now_ns) {
-                        Some(v) => Ok(v as u64),
+                        Some(v) => Ok(u64::from(v)),
                         None => gp,
                     },
                 }
@@ -851,7 +853,7 @@ impl Lapic {
                     let low = value as u32 & ICR_LOW_WRITABLE;
                     self.icr_low = low;
                     self.icr_high = (value >> 32) as u32;
-                    return Ok(self.send_ipi((value & !0xFFFF_FFFF) | low as u64));
+                    return Ok(self.send_ipi((value & !0xFFFF_FFFF) | u64::from(low)));
                 }
                 if value >> 32 != 0 {
                     return gp;

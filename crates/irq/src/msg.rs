@@ -196,7 +196,8 @@ impl InterruptMessage {
 
     /// The ICR encoding of this message (x2APIC layout, destination in bits 63:32).
     pub fn to_icr(&self) -> u64 {
-        let mut low = self.vector as u32 | self.delivery.bits() << 8 | self.shorthand.bits() << 18;
+        let mut low =
+            u32::from(self.vector) | self.delivery.bits() << 8 | self.shorthand.bits() << 18;
         if self.dest_mode == DestinationMode::Logical {
             low |= 1 << 11;
         }
@@ -206,7 +207,7 @@ impl InterruptMessage {
         if self.trigger == TriggerMode::Level {
             low |= 1 << 15;
         }
-        (self.destination as u64) << 32 | low as u64
+        u64::from(self.destination) << 32 | u64::from(low)
     }
 
     /// Compact 64-bit wire form (same as [`to_icr`](Self::to_icr)); decode with

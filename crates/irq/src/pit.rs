@@ -17,13 +17,13 @@ const ACCESS_HI: u8 = 2;
 const ACCESS_LOHI: u8 = 3;
 
 fn ticks_in(ns: u64) -> u64 {
-    (ns as u128 * PIT_HZ as u128 / 1_000_000_000) as u64
+    (u128::from(ns) * u128::from(PIT_HZ) / 1_000_000_000) as u64
 }
 
 /// Host ns after which `ticks` PIT ticks have elapsed.
 fn ns_for_ticks(ticks: u64) -> u64 {
-    let ns = (ticks as u128 * 1_000_000_000).div_ceil(PIT_HZ as u128);
-    ns.min(u64::MAX as u128) as u64
+    let ns = (u128::from(ticks) * 1_000_000_000).div_ceil(u128::from(PIT_HZ));
+    ns.min(u128::from(u64::MAX)) as u64
 }
 
 #[derive(Clone, Debug)]
@@ -86,7 +86,7 @@ impl Channel {
 
     /// The initial count as a number (0 means the full modulus).
     fn n(&self) -> u64 {
-        let r = self.reload as u64;
+        let r = u64::from(self.reload);
         let n = if self.bcd {
             (r >> 12 & 0xF) * 1000 + (r >> 8 & 0xF) * 100 + (r >> 4 & 0xF) * 10 + (r & 0xF)
         } else {
@@ -129,7 +129,7 @@ impl Channel {
                 };
                 c % m
             }
-            _ => (n as i128 - e as i128).rem_euclid(m as i128) as u64,
+            _ => (i128::from(n) - i128::from(e)).rem_euclid(i128::from(m)) as u64,
         }
     }
 
@@ -168,11 +168,11 @@ impl Channel {
     }
 
     fn status_byte(&self, now_ns: u64) -> u8 {
-        (self.out(now_ns) as u8) << 7
-            | (self.null_count as u8) << 6
+        u8::from(self.out(now_ns)) << 7
+            | u8::from(self.null_count) << 6
             | self.access << 4
             | self.mode << 1
-            | self.bcd as u8
+            | u8::from(self.bcd)
     }
 
     fn restart(&mut self, now_ns: u64) {
@@ -283,8 +283,8 @@ impl Channel {
 
     fn write(&mut self, value: u8, now_ns: u64) {
         match self.access {
-            ACCESS_LO => self.load(value as u16, now_ns),
-            ACCESS_HI => self.load((value as u16) << 8, now_ns),
+            ACCESS_LO => self.load(u16::from(value), now_ns),
+            ACCESS_HI => self.load(u16::from(value) << 8, now_ns),
             _ => match self.write_lo.take() {
                 Some(lo) => self.load(u16::from_le_bytes([lo, value]), now_ns),
                 None => {
@@ -337,8 +337,8 @@ impl Pit {
             PORT_61 => {
                 self.refresh = !self.refresh;
                 (self.port61 & 0x0F)
-                    | (self.refresh as u8) << 4
-                    | (self.channels[2].out(now_ns) as u8) << 5
+                    | u8::from(self.refresh) << 4
+                    | u8::from(self.channels[2].out(now_ns)) << 5
             }
             _ => 0xFF,
         }
@@ -429,7 +429,7 @@ mod tests {
 
     fn program(pit: &mut Pit, control: u8, count: u16, now: u64) {
         pit.write(0x43, control, now);
-        let ch = 0x40 + (control >> 6) as u16;
+        let ch = 0x40 + u16::from(control >> 6);
         let [lo, hi] = count.to_le_bytes();
         match (control >> 4) & 3 {
             1 => pit.write(ch, lo, now),

@@ -531,8 +531,8 @@ mod tests {
         let (facs_at, _) = table(&chunks, b"FACS");
         let (dsdt_at, _) = table(&chunks, b"DSDT");
         assert_eq!(facs_at % 64, 0);
-        assert_eq!(u32_at(fadt, 36) as u64, facs_at);
-        assert_eq!(u32_at(fadt, 40) as u64, dsdt_at);
+        assert_eq!(u64::from(u32_at(fadt, 36)), facs_at);
+        assert_eq!(u64::from(u32_at(fadt, 40)), dsdt_at);
         assert_eq!(u64_at(fadt, 132), 0, "only one FACS pointer may be set");
         assert_eq!(u64_at(fadt, 140), dsdt_at);
     }
@@ -546,9 +546,9 @@ mod tests {
         assert_eq!(f[8], 6);
         assert_eq!(u16_at(f, 46), SCI_IRQ as u16);
         assert_eq!(u32_at(f, 48), 0);
-        assert_eq!(u32_at(f, 56), PM1A_EVT_PORT as u32);
-        assert_eq!(u32_at(f, 64), PM1A_CNT_PORT as u32);
-        assert_eq!(u32_at(f, 76), PM_TMR_PORT as u32);
+        assert_eq!(u32_at(f, 56), u32::from(PM1A_EVT_PORT));
+        assert_eq!(u32_at(f, 64), u32::from(PM1A_CNT_PORT));
+        assert_eq!(u32_at(f, 76), u32::from(PM_TMR_PORT));
         assert_eq!((f[88], f[89], f[91]), (4, 2, 4));
         assert_eq!(u16_at(f, 109), 3);
         let flags = u32_at(f, 112);
@@ -557,15 +557,15 @@ mod tests {
         assert_eq!(flags & (1 << 8), 0, "PM timer is 24-bit");
         // RESET_REG: system I/O, 8 bits, at RESET_PORT; value follows.
         assert_eq!(&f[116..120], &[1, 8, 0, 1]);
-        assert_eq!(u64_at(f, 120), RESET_PORT as u64);
+        assert_eq!(u64_at(f, 120), u64::from(RESET_PORT));
         assert_eq!(f[128], RESET_VALUE);
         // X_ blocks agree with the 32-bit ones (width = 8 * length).
         assert_eq!((f[148], f[149]), (1, 32));
-        assert_eq!(u64_at(f, 152), PM1A_EVT_PORT as u64);
+        assert_eq!(u64_at(f, 152), u64::from(PM1A_EVT_PORT));
         assert_eq!((f[172], f[173]), (1, 16));
-        assert_eq!(u64_at(f, 176), PM1A_CNT_PORT as u64);
+        assert_eq!(u64_at(f, 176), u64::from(PM1A_CNT_PORT));
         assert_eq!((f[208], f[209]), (1, 32));
-        assert_eq!(u64_at(f, 212), PM_TMR_PORT as u64);
+        assert_eq!(u64_at(f, 212), u64::from(PM_TMR_PORT));
     }
 
     #[test]
@@ -614,7 +614,7 @@ mod tests {
                 0 => {
                     let dom = u32::from_le_bytes([b[2], b[9], b[10], b[11]]);
                     assert_eq!(u32_at(b, 4), 1);
-                    cpus.push((b[3] as u32, dom as usize));
+                    cpus.push((u32::from(b[3]), dom as usize));
                 }
                 1 => {
                     assert_eq!(u32_at(b, 28), 1);
