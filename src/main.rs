@@ -119,7 +119,9 @@ impl Write for ConsoleOut {
 
 /// Puts the terminal into raw mode and restores it on drop. Ctrl-C, Ctrl-Z and Ctrl-\\
 /// go to the guest (its shell's foreground program gets them); [`EscapeFilter`]'s
-/// Ctrl-A x stops dvmm.
+/// Ctrl-A x stops dvmm. (vmm-sys-util's `Terminal` does not fit: its raw mode leaves
+/// IXON and ICRNL on, so Ctrl-S/Ctrl-Q and a bare CR never reach the guest, and its
+/// canonical mode sets fixed flags instead of restoring the user's own settings.)
 struct RawTerminal {
     saved: Option<libc::termios>,
 }

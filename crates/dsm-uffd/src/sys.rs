@@ -1,4 +1,9 @@
 //! Thin wrappers over the userfaultfd ABI (`linux/userfaultfd.h`); libc does not define it.
+//!
+//! Why not the `userfaultfd` crate: the DSM installs a page read-only in the same call
+//! that resolves the fault (`UFFDIO_COPY_MODE_WP`, `UFFDIO_CONTINUE_MODE_WP`), so that a
+//! reader never holds a window in which its write would go unseen; the crate offers
+//! neither mode, and it hides the raw event records the engine batches (16 per read).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
