@@ -566,7 +566,7 @@ pub fn run_node(
     let vm = vm.share(Arc::new(DsmAccess {
         dsm: dsm.clone(),
         memory: ram.size(),
-    }));
+    }))?;
     let dispatch = Arc::new(Dispatch {
         link: link.clone(),
         dsm: dsm.clone(),

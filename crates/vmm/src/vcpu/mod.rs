@@ -35,7 +35,7 @@ pub struct VcpuEnv {
     /// Guest RAM (the VMM's view).
     pub ram: Arc<GuestRam>,
     /// How the VMM itself reads and writes guest memory (through the DSM in a cluster).
-    pub guest: Arc<crate::guest_access::GuestMemoryPath>,
+    pub guest: Arc<dyn GuestAccess>,
     /// Host time.
     pub clock: Arc<dyn Clock>,
     /// End-of-VM state.

@@ -74,7 +74,7 @@ fn rig(n: u32) -> Rig {
     let env = Arc::new(VcpuEnv {
         hub,
         devices: DeviceSpace::new(pio, Bus::new(), None),
-        guest: Arc::new(crate::guest_access::GuestMemoryPath::new(ram.clone())),
+        guest: Arc::new(crate::guest_access::LocalAccess(ram.clone())),
         ram,
         clock: Arc::new(FakeClock::new(1_000)),
         control: Arc::new(VmControl::new()),

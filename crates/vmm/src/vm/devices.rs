@@ -59,7 +59,7 @@ pub(super) fn attach_devices(
     timers: &Arc<TimerService>,
     events: Arc<dyn VmEventSink>,
     console_out: Box<dyn Write + Send>,
-    guest: Arc<crate::guest_access::GuestMemoryPath>,
+    guest: Arc<dyn crate::guest_access::GuestAccess>,
 ) -> Result<Arc<Mutex<Serial>>, VmmError> {
     let serial = Arc::new(Mutex::new(Serial::new(
         Arc::new(IoApicPin::new(hub.clone(), layout::COM1_IRQ as usize)),

@@ -221,11 +221,121 @@ fn spawn_sampler(
         .map_err(VmmError::Thread)
 }
 
+/// A VM built up to the point where it needs its path to guest memory: KVM's VM and
+/// vCPUs, the loaded guest, the interrupt hub, and the buses with what needs no memory
+/// access. [`Parts::assemble`] adds the devices and the vCPUs' environment.
+struct Parts {
+    // `vcpus` and `vm` before `ram`: KVM's memory slots point into it.
+    vcpus: Vec<VcpuFd>,
+    vm: VmFd,
+    handles: Vec<Arc<VcpuHandle>>,
+    hub: Arc<InterruptHub>,
+    timers: Arc<TimerService>,
+    control: Arc<VmControl>,
+    events: Arc<dyn VmEventSink>,
+    pit: Arc<Mutex<Pit>>,
+    pio: Bus,
+    mmio: Bus,
+    console_out: Box<dyn Write + Send>,
+    has_devices: bool,
+    remote_io: Option<Arc<dyn RemoteIo>>,
+    ram: Arc<GuestRam>,
+    clock: Arc<dyn Clock>,
+    syscalls: Arc<SyscallCompletion>,
+    profiling: Option<Profiling>,
+    emulated_kernel: bool,
+    gate: Arc<crate::run_gate::RunGate>,
+    boot: Option<dvmm_boot::cpu::CpuBootState>,
+}
+
+impl Parts {
+    /// The runnable VM, whose devices and vCPUs reach guest memory through `guest`.
+    fn assemble(self, guest: Arc<dyn crate::guest_access::GuestAccess>) -> Result<Vm, VmmError> {
+        let Parts {
+            vcpus,
+            vm,
+            handles,
+            hub,
+            timers,
+            control,
+            events,
+            pit,
+            mut pio,
+            mut mmio,
+            console_out,
+            has_devices,
+            remote_io,
+            ram,
+            clock,
+            syscalls,
+            profiling,
+            emulated_kernel,
+            gate,
+            boot,
+        } = self;
+        let mut console_watch = None;
+        let console = if has_devices {
+            let watch = Arc::new(ConsoleWatch {
+                started: Instant::now(),
+                last_ms: AtomicU64::new(0),
+            });
+            console_watch = Some(watch.clone());
+            let serial = attach_devices(
+                &mut pio,
+                &mut mmio,
+                &hub,
+                &pit,
+                &clock,
+                &timers,
+                events,
+                Box::new(WatchedConsole {
+                    out: console_out,
+                    watch,
+                }),
+                guest.clone(),
+            )?;
+            Some(ConsoleInput {
+                serial,
+                control: control.clone(),
+            })
+        } else {
+            None
+        };
+        let env = Arc::new(VcpuEnv {
+            hub,
+            // The node with the devices answers what none of them claims itself (as a
+            // single node does); only the others forward.
+            devices: DeviceSpace::new(pio, mmio, remote_io),
+            ram: ram.clone(),
+            guest,
+            clock,
+            control,
+            syscalls,
+            sampler: profiling.as_ref().map(|p| p.sampler.clone()),
+            emulated_kernel,
+            gate,
+        });
+        Ok(Vm {
+            vcpus,
+            _vm: vm,
+            handles,
+            env,
+            pit,
+            boot,
+            console,
+            console_watch,
+            ram,
+            profiling,
+        })
+    }
+}
+
 /// A cluster node's VM before its guest memory is shared: it gives what the DSM needs
-/// (RAM, the shadow page tables, the kick hooks) but cannot run. [`UnsharedVm::share`]
-/// hands in the DSM's access path and makes it a [`Vm`]; so no node runs a vCPU, nor a
-/// device touches memory, before the DSM is in place.
-pub struct UnsharedVm(Vm);
+/// (RAM, the shadow page tables, the kick hooks) but cannot run, and has no devices yet.
+/// [`UnsharedVm::share`] builds the devices and the vCPUs' environment on the DSM's
+/// access path and makes it a [`Vm`]: no device or vCPU of a cluster node exists
+/// before the DSM does, and none ever holds another path to guest memory.
+pub struct UnsharedVm(Parts);
 
 impl UnsharedVm {
     /// Guest RAM.
@@ -235,7 +345,7 @@ impl UnsharedVm {
 
     /// The VM's end state.
     pub fn control(&self) -> Arc<VmControl> {
-        self.0.env.control.clone()
+        self.0.control.clone()
     }
 
     /// Has every kick of this VM's vCPUs ask `deferral` before it signals.
@@ -256,11 +366,10 @@ impl UnsharedVm {
         }
     }
 
-    /// From now on the VMM's own guest-memory accesses (devices, emulation) go through
-    /// `dsm`; the VM may run.
-    pub fn share(self, dsm: Arc<dyn crate::guest_access::GuestAccess>) -> Vm {
-        self.0.env.guest.use_dsm(dsm);
-        self.0
+    /// Builds the devices and the vCPUs' environment with `dsm` as the VMM's own path to
+    /// guest memory (devices' DMA, emulation): the VM may run.
+    pub fn share(self, dsm: Arc<dyn crate::guest_access::GuestAccess>) -> Result<Vm, VmmError> {
+        self.0.assemble(dsm)
     }
 
     /// On hosts whose KVM shadows guest page tables: what keeps those shadows correct
@@ -273,7 +382,7 @@ impl UnsharedVm {
         }
         use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd};
         // SAFETY: the VM fd is open for as long as `self`, beyond this borrow.
-        let fd = unsafe { BorrowedFd::borrow_raw(self.0._vm.as_raw_fd()) }
+        let fd = unsafe { BorrowedFd::borrow_raw(self.0.vm.as_raw_fd()) }
             .try_clone_to_owned()
             .map_err(VmmError::DuplicateVmFd)?;
         let kvm = Kvm::new().map_err(|source| VmmError::KvmUnavailable { source })?;
@@ -286,7 +395,7 @@ impl UnsharedVm {
             vm,
             phys_end,
             self.0.handles.clone(),
-            self.0.env.gate.clone(),
+            self.0.gate.clone(),
         )
         .map(Some)
         .map_err(VmmError::ShadowPageTables)
@@ -296,7 +405,9 @@ impl UnsharedVm {
 impl Vm {
     /// Creates a single-node VM: memory, vCPUs, devices, and the loaded guest.
     pub fn build(cfg: &VmConfig, console_out: Box<dyn Write + Send>) -> Result<Vm, VmmError> {
-        Vm::build_any(cfg, None, console_out)
+        let parts = Vm::build_parts(cfg, None, console_out)?;
+        let local = Arc::new(crate::guest_access::LocalAccess(parts.ram.clone()));
+        parts.assemble(local)
     }
 
     /// Creates node `placement.node`'s part of a cluster VM: only its own vCPUs, and
@@ -308,14 +419,14 @@ impl Vm {
         placement: Placement,
         console_out: Box<dyn Write + Send>,
     ) -> Result<UnsharedVm, VmmError> {
-        Vm::build_any(cfg, Some(placement), console_out).map(UnsharedVm)
+        Vm::build_parts(cfg, Some(placement), console_out).map(UnsharedVm)
     }
 
-    fn build_any(
+    fn build_parts(
         cfg: &VmConfig,
         placement: Option<Placement>,
         console_out: Box<dyn Write + Send>,
-    ) -> Result<Vm, VmmError> {
+    ) -> Result<Parts, VmmError> {
         let topology = match &placement {
             Some(p) => Topology::from_nodes(&p.shares)?,
             None => Topology::uniform(cfg.vcpus, cfg.memory, 1)?,
@@ -463,71 +574,33 @@ impl Vm {
         let pit = Arc::new(Mutex::new(Pit::new(now)));
 
         let mut pio = Bus::new();
-        let mut mmio = Bus::new();
+        let mmio = Bus::new();
         // Port 0x80 is only a delay: every node answers it locally.
         add(&mut pio, Sink, u64::from(layout::POST_PORT), 1)?;
-        let guest = Arc::new(crate::guest_access::GuestMemoryPath::new(ram.clone()));
-        let mut console_watch = None;
-        let console = if has_devices {
-            let watch = Arc::new(ConsoleWatch {
-                started: Instant::now(),
-                last_ms: AtomicU64::new(0),
-            });
-            console_watch = Some(watch.clone());
-            let serial = attach_devices(
-                &mut pio,
-                &mut mmio,
-                &hub,
-                &pit,
-                &clock,
-                &timers,
-                events,
-                Box::new(WatchedConsole {
-                    out: console_out,
-                    watch,
-                }),
-                guest.clone(),
-            )?;
-            Some(ConsoleInput {
-                serial,
-                control: control.clone(),
-            })
-        } else {
-            None
-        };
-
-        let env = Arc::new(VcpuEnv {
+        Ok(Parts {
+            vcpus,
+            vm,
+            handles,
             hub,
-            // The node with the devices answers what none of them claims itself (as a
-            // single node does); only the others forward.
-            devices: DeviceSpace::new(
-                pio,
-                mmio,
-                placement
-                    .as_ref()
-                    .filter(|_| !has_devices)
-                    .map(|p| p.remote_io.clone()),
-            ),
-            ram: ram.clone(),
-            guest,
+            timers,
+            control,
+            events,
+            pit,
+            pio,
+            mmio,
+            console_out,
+            has_devices,
+            remote_io: placement
+                .as_ref()
+                .filter(|_| !has_devices)
+                .map(|p| p.remote_io.clone()),
+            ram,
             clock,
-            control: control.clone(),
             syscalls,
-            sampler: profiling.as_ref().map(|p| p.sampler.clone()),
+            profiling,
             emulated_kernel: host.emulates_guest_kernel(),
             gate: Arc::new(crate::run_gate::RunGate::default()),
-        });
-        Ok(Vm {
-            vcpus,
-            _vm: vm,
-            handles,
-            env,
-            pit,
             boot: local.contains(&0).then_some(loaded.cpu),
-            console,
-            console_watch,
-            ram,
-            profiling,
         })
     }
 
