@@ -255,8 +255,8 @@ fn check_cmdline(cmdline: &str, max: usize) -> Result<(), BootError> {
 /// Writes `cmdline` (already checked: no NUL, within the kernel's limit) at
 /// `CMDLINE_ADDR`, NUL-terminated.
 fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), BootError> {
-    let err = |e| mem_err("the command line", CMDLINE_ADDR, e);
-    let cmdline = Cmdline::try_from(cmdline, cmdline.len() + 1).map_err(err)?;
+    let cmdline = Cmdline::try_from(cmdline, cmdline.len() + 1)
+        .map_err(|e| mem_err("the command line", CMDLINE_ADDR, e))?;
     linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cmdline)
         .map_err(|e| mem_err("the command line", CMDLINE_ADDR, e))
 }

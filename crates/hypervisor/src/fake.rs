@@ -9,7 +9,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use dvmm_sync::MutexExt;
 
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs, kvm_vcpu_events};
 
@@ -108,18 +110,12 @@ pub struct FakeLog {
 
 impl FakeLog {
     fn push(&self, e: Event) {
-        self.events
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(e);
+        self.events.locked().push(e);
     }
 
     /// Everything so far.
     pub fn events(&self) -> Vec<Event> {
-        self.events
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.events.locked().clone()
     }
 
     /// The injected vectors, in order.
@@ -193,7 +189,7 @@ impl FakeVcpu {
     }
 
     fn st(&self) -> MutexGuard<'_, FakeState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        self.state.locked()
     }
 
     fn flags(&self) -> (bool, bool) {

@@ -6,7 +6,7 @@ use kvm_bindings::{
 use kvm_ioctls::VcpuFd;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
-use crate::{HypervisorError, Result, Vcpu, VmExit};
+use crate::{HypervisorError, Result, Vcpu, VmExit, MSR_IA32_TSC};
 
 /// Ioctls kvm-ioctls does not wrap: `KVM_INTERRUPT` (it assumes an in-kernel irqchip)
 /// and the vCPU device-attribute call (wrapped only for other architectures).
@@ -35,8 +35,6 @@ const KVM_EXIT_INTR: u32 = 10;
 const KVM_EXIT_INTERNAL_ERROR: u32 = 17;
 const KVM_EXIT_X86_RDMSR: u32 = 29;
 const KVM_EXIT_X86_WRMSR: u32 = 30;
-
-const MSR_IA32_TSC: u32 = 0x10;
 
 /// Sets the vCPU's TSC offset to 0 (guest TSC = host TSC).
 pub fn zero_tsc_offset(vcpu: &VcpuFd) -> std::io::Result<()> {
@@ -78,8 +76,19 @@ pub fn guest_tsc(vcpu: &VcpuFd) -> Option<u64> {
 pub struct KvmVcpu {
     fd: VcpuFd,
     run: *mut kvm_run,
-    /// Where the last I/O exit's data lies in the `kvm_run` mapping (offset, length).
-    data: Option<(usize, usize)>,
+    /// Where the last exit's data lies in the `kvm_run` mapping.
+    data: ExitData,
+}
+
+/// The data of the last exit ([`Vcpu::exit_data`]).
+#[derive(Clone, Copy)]
+enum ExitData {
+    /// None (not an I/O or MMIO exit).
+    None,
+    /// I/O: `len` bytes at `offset` in the mapping.
+    Io { offset: usize, len: usize },
+    /// MMIO: the first `len` bytes of `kvm_run.mmio.data`.
+    Mmio { len: usize },
 }
 
 // SAFETY: `run` points into the mapping owned by `fd`, which moves with it; only the
@@ -94,13 +103,8 @@ impl KvmVcpu {
         KvmVcpu {
             fd,
             run,
-            data: None,
+            data: ExitData::None,
         }
-    }
-
-    /// The KVM file descriptor, for set-up calls the trait does not cover.
-    pub fn fd(&self) -> &VcpuFd {
-        &self.fd
     }
 
     fn kvm_run(&self) -> &kvm_run {
@@ -115,14 +119,17 @@ impl KvmVcpu {
     }
 
     fn exit(&mut self) -> VmExit {
-        self.data = None;
+        self.data = ExitData::None;
         let run = self.kvm_run();
         match run.exit_reason {
             KVM_EXIT_IO => {
                 // SAFETY: exit_reason says `io` is the valid union member.
                 let io = unsafe { run.__bindgen_anon_1.io };
                 let len = usize::from(io.size) * io.count as usize;
-                self.data = Some((io.data_offset as usize, len));
+                self.data = ExitData::Io {
+                    offset: io.data_offset as usize,
+                    len,
+                };
                 VmExit::Io {
                     port: io.port,
                     size: io.size,
@@ -133,7 +140,8 @@ impl KvmVcpu {
             KVM_EXIT_MMIO => {
                 // SAFETY: exit_reason says `mmio` is the valid union member.
                 let mmio = unsafe { run.__bindgen_anon_1.mmio };
-                let len = mmio.len.min(8);
+                let len = mmio.len.min(mmio.data.len() as u32);
+                self.data = ExitData::Mmio { len: len as usize };
                 VmExit::Mmio {
                     addr: mmio.phys_addr,
                     len,
@@ -185,7 +193,7 @@ impl Vcpu for KvmVcpu {
         match self.fd.run() {
             Ok(_) => Ok(self.exit()),
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                self.data = None;
+                self.data = ExitData::None;
                 Ok(VmExit::Interrupted)
             }
             Err(e) => Err(HypervisorError::new("KVM_RUN", e)),
@@ -193,21 +201,20 @@ impl Vcpu for KvmVcpu {
     }
 
     fn exit_data(&mut self) -> &mut [u8] {
-        if self.kvm_run().exit_reason == KVM_EXIT_MMIO {
-            // SAFETY: the last exit was MMIO, so `mmio` is the valid union member.
-            let mmio = unsafe { &mut self.kvm_run_mut().__bindgen_anon_1.mmio };
-            let len = (mmio.len as usize).min(mmio.data.len());
-            return &mut mmio.data[..len];
-        }
         match self.data {
-            Some((offset, len)) => {
+            ExitData::None => &mut [],
+            ExitData::Io { offset, len } => {
                 let base = self.run.cast::<u8>();
                 // SAFETY: for an I/O exit the kernel places size * count bytes at
                 // data_offset inside the kvm_run mapping (larger than one page), which
                 // lives as long as `self`.
                 unsafe { std::slice::from_raw_parts_mut(base.add(offset), len) }
             }
-            None => &mut [],
+            ExitData::Mmio { len } => {
+                // SAFETY: the last exit was MMIO, so `mmio` is the valid union member.
+                let mmio = unsafe { &mut self.kvm_run_mut().__bindgen_anon_1.mmio };
+                &mut mmio.data[..len]
+            }
         }
     }
 

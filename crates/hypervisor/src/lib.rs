@@ -15,6 +15,9 @@ pub mod kvm;
 
 pub use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, kvm_vcpu_events};
 
+/// The time-stamp counter MSR.
+pub const MSR_IA32_TSC: u32 = 0x10;
+
 /// Why a vCPU stopped running guest code, with what the handler needs to answer it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VmExit {
@@ -143,6 +146,10 @@ pub trait Vcpu: Send {
     fn translate(&self, gva: u64) -> Result<Option<u64>>;
     /// Reads one MSR (`None`: KVM refused).
     fn msr(&self, index: u32) -> Option<u64>;
+    /// The guest's TSC right now.
+    fn guest_tsc(&self) -> Option<u64> {
+        self.msr(MSR_IA32_TSC)
+    }
     /// Writes one MSR; false if KVM refused the value (real hardware would raise #GP).
     fn set_msr(&self, index: u32, value: u64) -> bool;
     /// The byte that, set to 1, makes the next (or current) entry return at once with

@@ -22,7 +22,6 @@ use crate::irqchip::{Activity, InterruptHub, VcpuHandle};
 use crate::memory::GuestRam;
 use crate::stats::{ExitKind, ExitStats};
 
-const MSR_IA32_TSC: u32 = 0x10;
 /// Nice value of vCPU threads (see [`run`]).
 const VCPU_NICE: i32 = 5;
 
@@ -597,7 +596,7 @@ fn handle_msr(
         Some(data) => {
             let mut lapic = handle.lock();
             if index == dvmm_irq::lapic::MSR_IA32_TSC_DEADLINE {
-                if let Some(tsc) = vcpu.msr(MSR_IA32_TSC) {
+                if let Some(tsc) = vcpu.guest_tsc() {
                     let mut map = lapic.tsc_map();
                     map.base_ns = now;
                     map.ref_tsc = tsc;
