@@ -176,19 +176,34 @@ mod tests {
         assert_eq!(thread_cpu_time(1), None);
     }
 
+    /// Spins until this thread's CPU clock has advanced by `d` (wall time is not enough:
+    /// a preempted thread does not run).
+    fn run_for(d: Duration) {
+        let me = gettid();
+        let start = thread_cpu_time(me).expect("own thread clock");
+        while thread_cpu_time(me).expect("own thread clock") < start + d {
+            std::hint::spin_loop();
+        }
+    }
+
+    /// CPU time "at the wake" that this thread cannot have run past yet however it is
+    /// scheduled: reading the clock twice must not decide whether a test holds (on a
+    /// nested-virtualisation host 20 us of CPU time can pass between two reads).
+    fn not_yet_run() -> Option<Duration> {
+        thread_cpu_time(gettid()).map(|c| c + Duration::from_secs(3600))
+    }
+
     #[test]
     fn hold_ends_once_the_thread_has_run() {
         let me = gettid();
         let now = Instant::now();
-        let h = Hold::new(now, &[(me, None)]);
+        let h = Hold::new(now, &[(me, not_yet_run())]);
         assert!(
             h.remaining(Instant::now(), |_| false).is_some(),
-            "held right after the wake"
+            "held while the woken thread has not run"
         );
-        let t = Instant::now();
-        while t.elapsed() < HOLD_RUN * 5 {
-            std::hint::spin_loop();
-        }
+        let h = Hold::new(now, &[(me, None)]);
+        run_for(HOLD_RUN * 2);
         assert_eq!(
             h.remaining(Instant::now(), |_| false),
             None,
@@ -240,7 +255,7 @@ mod tests {
     fn a_runnable_thread_that_has_not_run_enough_keeps_it_until_the_deadline() {
         let me = gettid();
         let now = Instant::now();
-        let h = Hold::new(now, &[(me, None)]);
+        let h = Hold::new(now, &[(me, not_yet_run())]);
         let wait = h.remaining(now, |_| false).expect("held");
         assert!(
             wait <= HOLD_RUN,
