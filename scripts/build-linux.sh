@@ -14,6 +14,9 @@ repo=$(pwd)
 cache=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/dvmm/linux}
 mkdir -p "$cache"
 cache=$(cd "$cache" && pwd)
+# One build at a time per cache (tests call this in parallel): the others wait, then hit.
+exec 9>"$cache/.lock"
+flock 9
 
 export DEBIAN_FRONTEND=noninteractive
 need=()

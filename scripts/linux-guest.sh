@@ -13,6 +13,10 @@ if [ "${1:-}" = --initramfs-only ]; then only_initramfs=1; shift; fi
 out=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/dvmm/debian}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
+# One at a time per output directory (tests call this in parallel): the others wait for
+# the files the first one makes.
+exec 9>"$out/.lock"
+flock 9
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 export DEBIAN_FRONTEND=noninteractive

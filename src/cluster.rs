@@ -132,6 +132,16 @@ pub fn local_cluster(args: &RunArgs) -> Result<ClusterConfig> {
             },
             cmdline: args.cmdline.clone(),
         },
+        // Absolute paths: the node processes need not share our working directory. A
+        // path that cannot be resolved is left as given, for node 0 to report.
+        disks: args
+            .disks
+            .iter()
+            .map(|d| dvmm_cluster::DiskSpec {
+                path: std::fs::canonicalize(&d.path).unwrap_or_else(|_| d.path.clone()),
+                ..d.clone()
+            })
+            .collect(),
         nodes,
     };
     // The same checks as a hand-written cluster file gets.
@@ -344,6 +354,7 @@ mod tests {
             memory: 1 << 30,
             nodes: 64,
             insecure_transport: false,
+            disks: Vec::new(),
             profile: ProfileArgs {
                 profile: None,
                 profile_interval: 2,

@@ -53,6 +53,11 @@ struct RunArgs {
     /// Authenticate node-to-node traffic but do not encrypt it (trusted fabrics only).
     #[arg(long)]
     insecure_transport: bool,
+    /// A disk image for the guest, as a virtio-blk device (repeatable; the guest sees
+    /// them as /dev/vda, /dev/vdb, ... in this order). The image is locked while the VM
+    /// runs.
+    #[arg(long = "disk", value_name = "path=FILE[,readonly=on][,node=N]", value_parser = parse_disk)]
+    disks: Vec<dvmm_cluster::DiskSpec>,
     #[command(flatten)]
     profile: ProfileArgs,
 }
@@ -94,6 +99,11 @@ struct NodeArgs {
     id: usize,
     #[command(flatten)]
     profile: ProfileArgs,
+}
+
+/// Parses a `--disk` value.
+fn parse_disk(s: &str) -> Result<dvmm_cluster::DiskSpec, String> {
+    dvmm_cluster::DiskSpec::parse_option(s)
 }
 
 /// Parses sizes like `4096`, `256M`, `1G`, `512MiB`.
@@ -306,6 +316,13 @@ fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
     if args.nodes > 1 {
         return cluster::run_local_cluster(&args, set);
     }
+    if let Some(d) = args.disks.iter().find(|d| d.node != 0) {
+        bail!(
+            "--disk {}: node={} but this VM has one node (node 0)",
+            d.path.display(),
+            d.node
+        );
+    }
     let cfg = VmConfig {
         kernel: args.kernel,
         initramfs: args.initramfs,
@@ -313,6 +330,14 @@ fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
         vcpus: args.cpus,
         memory: args.memory,
         profile: args.profile.config(),
+        disks: args
+            .disks
+            .iter()
+            .map(|d| dvmm_vmm::vm::DiskConfig {
+                path: d.path.clone(),
+                readonly: d.readonly,
+            })
+            .collect(),
     };
     let vm = Vm::build(&cfg, Box::new(ConsoleOut))?;
     let _raw = attach_console(set, vm.console_input(), vm.control())?;

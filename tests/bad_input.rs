@@ -230,3 +230,63 @@ fn cluster_node_with_a_missing_kernel_fails_before_connecting() {
         run.transcript()
     );
 }
+
+fn run_with_disk(disk: &str) -> Run {
+    dvmm(
+        &["run", "--kernel", dvmm_testos::TESTOS_ELF, "--disk", disk],
+        LIMIT,
+    )
+}
+
+#[test]
+fn missing_disk_image() {
+    let run = run_with_disk("path=/nonexistent/disk.img");
+    assert_rejected(&run, "cannot open disk image /nonexistent/disk.img");
+}
+
+#[test]
+fn disk_image_that_cannot_be_written() {
+    // A directory opens for reading but never for writing, even as root.
+    let dir = std::env::temp_dir().join(format!("dvmm-bad-input-{}-dir.img", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = run_with_disk(&format!("path={}", dir.display()));
+    assert_rejected(&run, "cannot open disk image");
+}
+
+#[test]
+fn empty_disk_image() {
+    let p = temp_file("empty.img", &[]);
+    let run = run_with_disk(&format!("path={}", p.display()));
+    assert_rejected(&run, "less than one 512-byte sector");
+}
+
+#[test]
+fn disk_image_in_use_by_another_vm() {
+    let p = temp_file("busy.img", &[0; 4096]);
+    // What another VM holds while it runs: an exclusive lock.
+    let holder = std::fs::File::open(&p).unwrap();
+    holder.try_lock().unwrap();
+    let run = run_with_disk(&format!("path={}", p.display()));
+    assert_rejected(&run, "in use by another process");
+    // Read-only users share: a second read-only VM would be fine, but not beside a writer.
+    let run = run_with_disk(&format!("path={},readonly=on", p.display()));
+    assert_rejected(&run, "in use by another process");
+    drop(holder);
+}
+
+#[test]
+fn malformed_disk_options() {
+    for (value, needle) in [
+        ("disk.img", "not key=value"),
+        ("path=x.img,readonly=maybe", "on or off"),
+        ("path=x.img,cache=none", "unknown disk option"),
+        ("readonly=on", "no path"),
+    ] {
+        let run = run_with_disk(value);
+        let t = run.transcript();
+        assert_eq!(run.code, Some(2), "clap usage errors exit 2\n{t}");
+        assert!(run.stderr.contains(needle), "{value}: {t}");
+    }
+    let run = run_with_disk("path=x.img,node=1");
+    assert_rejected(&run, "node=1 but this VM has one node");
+}

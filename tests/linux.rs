@@ -60,6 +60,18 @@ fn debian_kernel() -> Guest {
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn boot(g: &Guest, nodes: u32, cpus: u32, memory: &str, cmdline: &str, limit: Duration) -> Run {
+    boot_with(g, nodes, cpus, memory, cmdline, &[], limit)
+}
+
+fn boot_with(
+    g: &Guest,
+    nodes: u32,
+    cpus: u32,
+    memory: &str,
+    cmdline: &str,
+    extra: &[&str],
+    limit: Duration,
+) -> Run {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let nodes = nodes.to_string();
     let cpus = cpus.to_string();
@@ -80,9 +92,105 @@ fn boot(g: &Guest, nodes: u32, cpus: u32, memory: &str, cmdline: &str, limit: Du
             &cpus,
             "--memory",
             memory,
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>(),
         limit,
     )
+}
+
+/// SHA-256 of `bytes` in hex, by the host's `sha256sum`.
+fn sha256(bytes: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    child.stdin.take().unwrap().write_all(bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A 64 MiB ext4 image holding /host.bin (256 KiB of varied bytes); returns its path
+/// and the SHA-256 of host.bin.
+fn disk_image(name: &str) -> (PathBuf, String) {
+    let dir = std::env::temp_dir().join(format!("dvmm-linux-disk-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let content: Vec<u8> = (0..256 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(root.join("host.bin"), &content).unwrap();
+    let image = dir.join("disk.img");
+    let f = std::fs::File::create(&image).unwrap();
+    f.set_len(64 << 20).unwrap();
+    drop(f);
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(&root)
+        .arg(&image)
+        .output()
+        .expect("mkfs.ext4 (e2fsprogs)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (image, sha256(&content))
+}
+
+/// The file `name` in the ext4 image, read by the host's debugfs.
+fn file_in_image(image: &std::path::Path, name: &str) -> Vec<u8> {
+    let out = Command::new("debugfs")
+        .args(["-R", &format!("cat /{name}")])
+        .arg(image)
+        .output()
+        .expect("debugfs (e2fsprogs)");
+    out.stdout
+}
+
+/// The guest mounted the disk, read host.bin right, wrote guest.bin and unmounted; the
+/// host finds guest.bin in the image with the checksum the guest printed, and the file
+/// system is clean.
+fn assert_disk_round_trip(run: &Run, image: &std::path::Path, host_sha: &str) {
+    assert_eq!(run.code, Some(0), "{}", run.transcript());
+    assert_eq!(
+        line_with(run, "dvmm-init: disk host.bin"),
+        format!("dvmm-init: disk host.bin sha256={host_sha}")
+    );
+    let guest_line = line_with(run, "dvmm-init: disk guest.bin sha256=");
+    let guest_sha = guest_line.trim_start_matches("dvmm-init: disk guest.bin sha256=");
+    assert!(
+        run.stdout.contains("dvmm-init: disk unmounted"),
+        "{}",
+        run.transcript()
+    );
+    let written = file_in_image(image, "guest.bin");
+    assert_eq!(written.len(), 256 * 1024, "guest.bin as the host reads it");
+    assert_eq!(sha256(&written), guest_sha.trim());
+    let fsck = Command::new("e2fsck")
+        .args(["-f", "-n"])
+        .arg(image)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "e2fsck: {}",
+        String::from_utf8_lossy(&fsck.stdout)
+    );
 }
 
 /// The value after `key` on the console line starting with `prefix`.
@@ -194,6 +302,51 @@ fn small_kernel_two_nodes() {
         Duration::from_secs(600),
     );
     assert_good_run(&run, 2, 2, 256);
+}
+
+#[test]
+fn small_kernel_disk_one_node() {
+    let g = small_kernel();
+    let (image, sha) = disk_image("one");
+    let disk = format!("path={}", image.display());
+    let run = boot_with(
+        &g,
+        1,
+        2,
+        "256M",
+        "console=ttyS0 dvmm.iters=50",
+        &["--disk", &disk],
+        Duration::from_secs(600),
+    );
+    assert_disk_round_trip(&run, &image, &sha);
+    assert!(run
+        .stdout
+        .contains("virtio_blk virtio0: [vda] 131072 512-byte logical blocks"));
+}
+
+#[test]
+fn small_kernel_disk_on_node_0_used_from_node_1() {
+    // The disk is node 0's; the process that reads and writes it runs on vCPU 1, which is
+    // node 1's: its requests, the device's DMA (through the DSM) and the MSI-X
+    // completions all cross nodes.
+    let g = small_kernel();
+    let (image, sha) = disk_image("two");
+    let disk = format!("path={}", image.display());
+    let run = boot_with(
+        &g,
+        2,
+        2,
+        "256M",
+        "console=ttyS0 dvmm.iters=50 dvmm.disk_cpu=1",
+        &["--disk", &disk],
+        Duration::from_secs(900),
+    );
+    assert!(
+        run.stdout.contains("dvmm-init: disk check on cpu 1"),
+        "{}",
+        run.transcript()
+    );
+    assert_disk_round_trip(&run, &image, &sha);
 }
 
 #[test]

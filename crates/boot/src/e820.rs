@@ -1,7 +1,7 @@
 //! The guest's physical memory map (BIOS e820), shared by the Linux zero page and the
 //! PVH start info.
 
-use dvmm_layout::{ram_ranges, EBDA_START, KERNEL_LOAD_ADDR};
+use dvmm_layout::{ram_ranges, EBDA_START, KERNEL_LOAD_ADDR, PCI_ECAM_ADDR, PCI_ECAM_SIZE};
 
 use crate::Topology;
 
@@ -24,7 +24,8 @@ pub struct E820Entry {
 }
 
 /// `[0, EBDA_START)` RAM; `[EBDA_START, 1 MiB)` reserved (holds the ACPI tables);
-/// `[1 MiB, low end)` RAM; high RAM above 4 GiB.
+/// `[1 MiB, low end)` RAM; the PCI ECAM window reserved (OSes check that it is before
+/// they use it); high RAM above 4 GiB.
 pub fn map(topology: &Topology) -> Vec<E820Entry> {
     let mut out = vec![
         E820Entry {
@@ -48,6 +49,12 @@ pub fn map(topology: &Topology) -> Vec<E820Entry> {
             });
         }
     }
+    out.push(E820Entry {
+        addr: PCI_ECAM_ADDR,
+        size: PCI_ECAM_SIZE,
+        kind: E820_RESERVED,
+    });
+    out.sort_by_key(|e| e.addr);
     out
 }
 
@@ -57,7 +64,7 @@ mod tests {
     use dvmm_layout::{HIGH_RAM_START, MMIO_HOLE_START};
 
     #[test]
-    fn small_vm_has_three_entries() {
+    fn small_vm_has_three_entries_and_the_ecam_window() {
         let t = Topology::uniform(1, 256 << 20, 1).unwrap();
         assert_eq!(
             map(&t),
@@ -77,6 +84,11 @@ mod tests {
                     size: (256 << 20) - 0x10_0000,
                     kind: E820_RAM
                 },
+                E820Entry {
+                    addr: PCI_ECAM_ADDR,
+                    size: PCI_ECAM_SIZE,
+                    kind: E820_RESERVED
+                },
             ]
         );
     }
@@ -85,10 +97,11 @@ mod tests {
     fn large_vm_has_high_ram_above_4g() {
         let t = Topology::uniform(2, 6 << 30, 2).unwrap();
         let m = map(&t);
-        assert_eq!(m.len(), 4);
+        assert_eq!(m.len(), 5);
         assert_eq!(m[2].addr + m[2].size, MMIO_HOLE_START);
+        assert_eq!(m[3].addr, PCI_ECAM_ADDR);
         assert_eq!(
-            m[3],
+            m[4],
             E820Entry {
                 addr: HIGH_RAM_START,
                 size: (6 << 30) - MMIO_HOLE_START,

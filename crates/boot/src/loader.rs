@@ -911,6 +911,11 @@ mod tests {
                 (0, EBDA_START, E820_RAM),
                 (EBDA_START, MIB - EBDA_START, E820_RESERVED),
                 (MIB, 63 * MIB, E820_RAM),
+                (
+                    dvmm_layout::PCI_ECAM_ADDR,
+                    dvmm_layout::PCI_ECAM_SIZE,
+                    E820_RESERVED
+                ),
             ]
         );
 

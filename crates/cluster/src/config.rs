@@ -9,6 +9,11 @@
 //! initramfs = "/path/to/initramfs.cpio"   # optional
 //! cmdline = "console=ttyS0"               # optional
 //!
+//! [[disk]]                # optional, repeatable: a virtio-blk device
+//! path = "/path/to/disk.img"
+//! readonly = false        # optional
+//! node = 0                # optional: the node that serves it (0 for now)
+//!
 //! [[node]]                # node 0: runs the boot vCPU and the devices
 //! address = "10.0.0.1:7700"
 //! vcpus = 2
@@ -85,6 +90,61 @@ pub struct NodeSpec {
     pub memory: u64,
 }
 
+/// A disk image the guest gets as a virtio-blk device.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// Raw image file (or host block device), on the node that serves it.
+    pub path: PathBuf,
+    /// The guest may not write it.
+    #[serde(default)]
+    pub readonly: bool,
+    /// The node that serves it.
+    #[serde(default)]
+    pub node: usize,
+}
+
+impl DiskSpec {
+    /// Parses the command line's `path=FILE[,readonly=on|off][,node=N]`.
+    pub fn parse_option(s: &str) -> Result<DiskSpec, String> {
+        let mut path = None;
+        let mut readonly = false;
+        let mut node = 0;
+        for part in s.split(',') {
+            let (key, value) = part.split_once('=').ok_or_else(|| {
+                format!("'{part}' is not key=value (e.g. path=disk.img,readonly=on)")
+            })?;
+            match key {
+                "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
+                "path" => return Err("path= is empty".into()),
+                "readonly" => {
+                    readonly = match value {
+                        "on" | "true" | "yes" => true,
+                        "off" | "false" | "no" => false,
+                        _ => return Err(format!("readonly={value}: use on or off")),
+                    }
+                }
+                "node" => {
+                    node = value
+                        .parse()
+                        .map_err(|_| format!("node={value} is not a node number"))?
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown disk option '{key}' (known: path, readonly, node)"
+                    ))
+                }
+            }
+        }
+        let path = path.ok_or("no path= given (e.g. --disk path=disk.img)")?;
+        Ok(DiskSpec {
+            path,
+            readonly,
+            node,
+        })
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNode {
@@ -100,6 +160,8 @@ struct RawCluster {
     #[serde(default)]
     insecure_transport: bool,
     guest: GuestSpec,
+    #[serde(default)]
+    disk: Vec<DiskSpec>,
     node: Vec<RawNode>,
 }
 
@@ -112,6 +174,8 @@ pub struct ClusterConfig {
     pub insecure_transport: bool,
     /// The guest.
     pub guest: GuestSpec,
+    /// Disk images, in the order the guest sees them.
+    pub disks: Vec<DiskSpec>,
     /// The nodes, in id order.
     pub nodes: Vec<NodeSpec>,
 }
@@ -205,10 +269,28 @@ impl ClusterConfig {
                 dvmm_layout::MAX_VCPUS
             )));
         }
+        for (i, d) in raw.disk.iter().enumerate() {
+            if d.node >= nodes.len() {
+                return Err(invalid(format!(
+                    "disk {i} ({}): node {} does not exist ({} nodes)",
+                    d.path.display(),
+                    d.node,
+                    nodes.len()
+                )));
+            }
+            if d.node != 0 {
+                return Err(invalid(format!(
+                    "disk {i} ({}): node={}: disks are served by node 0 in this version",
+                    d.path.display(),
+                    d.node
+                )));
+            }
+        }
         Ok(ClusterConfig {
             secret: raw.secret,
             insecure_transport: raw.insecure_transport,
             guest: raw.guest,
+            disks: raw.disk,
             nodes,
         })
     }
@@ -238,6 +320,12 @@ impl ClusterConfig {
             s.push_str(&format!("initramfs = {i:?}\n"));
         }
         s.push_str(&format!("cmdline = {:?}\n", self.guest.cmdline));
+        for d in &self.disks {
+            s.push_str(&format!(
+                "\n[[disk]]\npath = {:?}\nreadonly = {}\nnode = {}\n",
+                d.path, d.readonly, d.node
+            ));
+        }
         for n in &self.nodes {
             s.push_str(&format!(
                 "\n[[node]]\naddress = \"{}\"\nvcpus = {}\nmemory = \"{}\"\n",
@@ -296,6 +384,40 @@ memory = "64M"
     fn round_trips_through_toml() {
         let c = parse(GOOD).unwrap();
         assert_eq!(parse(&c.to_toml()).unwrap(), c);
+        let with_disks = GOOD.replacen(
+            "[[node]]",
+            "[[disk]]\npath = \"/a.img\"\n[[disk]]\npath = \"/b.img\"\nreadonly = true\n[[node]]",
+            1,
+        );
+        let c = parse(&with_disks).unwrap();
+        assert_eq!(c.disks.len(), 2);
+        assert!(c.disks[1].readonly && !c.disks[0].readonly);
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn disk_options_parse_and_bad_ones_say_why() {
+        let d = DiskSpec::parse_option("path=/x/disk.img,readonly=on").unwrap();
+        assert_eq!(
+            d,
+            DiskSpec {
+                path: "/x/disk.img".into(),
+                readonly: true,
+                node: 0
+            }
+        );
+        assert_eq!(DiskSpec::parse_option("path=d,node=1").unwrap().node, 1);
+        for (bad, needle) in [
+            ("disk.img", "not key=value"),
+            ("path=", "empty"),
+            ("readonly=on", "no path"),
+            ("path=d,readonly=maybe", "on or off"),
+            ("path=d,node=x", "not a node number"),
+            ("path=d,cache=none", "unknown disk option"),
+        ] {
+            let e = DiskSpec::parse_option(bad).unwrap_err();
+            assert!(e.contains(needle), "{bad}: '{e}' should mention '{needle}'");
+        }
     }
 
     #[test]
@@ -312,6 +434,10 @@ memory = "64M"
             (GOOD.replace("127.0.0.1:7001", "nowhere"), "not IP:port"),
             (GOOD.replace("127.0.0.1:7001", "127.0.0.1:0"), "port 0"),
             (GOOD.replace("[guest]", "[gust]"), "invalid"),
+            (
+                GOOD.replace("[[node]]", "[[disk]]\npath = \"/d\"\nnode = 5\n[[node]]"),
+                "node 5 does not exist",
+            ),
         ];
         for (text, needle) in cases {
             let e = parse(&text).unwrap_err().to_string();

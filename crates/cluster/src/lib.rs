@@ -7,5 +7,5 @@
 pub mod config;
 pub mod wire;
 
-pub use config::{ClusterConfig, ConfigError, GuestSpec, NodeSpec};
+pub use config::{ClusterConfig, ConfigError, DiskSpec, GuestSpec, NodeSpec};
 pub use wire::{ControlMsg, IoSpace, WireError};

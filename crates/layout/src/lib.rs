@@ -27,6 +27,22 @@ pub const LAPIC_ADDR: u64 = 0xFEE0_0000;
 /// Size of the LAPIC and IOAPIC MMIO windows.
 pub const APIC_MMIO_SIZE: u64 = 0x1000;
 
+/// Start of the window where PCI devices' memory BARs are placed (32-bit, non-prefetchable).
+pub const PCI_MMIO_START: u64 = 0xC000_0000;
+/// Size of the PCI memory BAR window.
+pub const PCI_MMIO_SIZE: u64 = 0x2000_0000;
+/// PCI Express enhanced configuration space (ECAM) for bus 0, as the MCFG table says.
+pub const PCI_ECAM_ADDR: u64 = 0xE000_0000;
+/// Size of the ECAM window: one bus (32 devices x 8 functions x 4 KiB).
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
+/// PCI configuration mechanism #1: the 32-bit address register (0xCF8; byte 0xCF9 is
+/// the reset register).
+pub const PCI_CONFIG_ADDRESS_PORT: u16 = 0xCF8;
+/// PCI configuration mechanism #1: the data window (0xCFC..=0xCFF).
+pub const PCI_CONFIG_DATA_PORT: u16 = 0xCFC;
+/// Device numbers on PCI bus 0 (device 0 is the host bridge).
+pub const PCI_DEVICES: usize = 32;
+
 /// GDT used at boot entry (both 64-bit Linux and 32-bit PVH entry).
 pub const BOOT_GDT_ADDR: u64 = 0x500;
 /// PVH `hvm_start_info` structure, followed by its memory map entries.

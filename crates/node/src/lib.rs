@@ -487,6 +487,15 @@ pub fn run_node(
         vcpus: cluster.vcpus(),
         memory: cluster.memory(),
         profile,
+        disks: cluster
+            .disks
+            .iter()
+            .filter(|d| d.node == id)
+            .map(|d| dvmm_vmm::vm::DiskConfig {
+                path: d.path.clone(),
+                readonly: d.readonly,
+            })
+            .collect(),
     };
     let shares = placement.shares.clone();
     let vm = Vm::build_node(&cfg, placement, console_out)?;

@@ -71,6 +71,15 @@ pub enum VmmError {
         /// The node asked for.
         node: usize,
     },
+    /// A disk image cannot be attached (missing, unwritable, in use, empty).
+    #[error(transparent)]
+    Disk(#[from] dvmm_virtio::block::BlockError),
+    /// A PCI device does not fit on the bus.
+    #[error(transparent)]
+    Pci(#[from] dvmm_pci::PciError),
+    /// A PCI device's configuration space could not be laid out (a bug in dvmm).
+    #[error("dvmm's PCI device layout is wrong: {0}")]
+    PciLayout(#[from] dvmm_pci::config::ConfigError),
     /// KVM's CPUID table could not be built from dvmm's entries (too many entries).
     #[error("cannot build the CPUID table: {0}")]
     CpuidTable(String),

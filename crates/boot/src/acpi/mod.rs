@@ -1,4 +1,4 @@
-//! ACPI tables: RSDP, XSDT, FADT (+FACS), DSDT, MADT, SRAT and SLIT, placed in
+//! ACPI tables: RSDP, XSDT, FADT (+FACS), DSDT, MADT, SRAT, SLIT and MCFG, placed in
 //! `[ACPI_TABLES_ADDR, ACPI_TABLES_END)`.
 //!
 //! Built with rust-vmm's `acpi_tables`: its `Sdt` (header, length, checksum), `Rsdp`, the
@@ -18,7 +18,8 @@ use acpi_tables::srat::MemoryAffinity;
 use acpi_tables::{Aml, AmlSink};
 use dvmm_layout::{
     ACPI_TABLES_ADDR, ACPI_TABLES_END, COM1_IRQ, COM1_PORT, IOAPIC_ADDR, IOAPIC_ID, LAPIC_ADDR,
-    MAX_VCPUS, PIT_GSI, PIT_IRQ, PM1A_CNT_PORT, PM1A_EVT_PORT, PM_TMR_PORT, PVPANIC_PORT,
+    MAX_VCPUS, PCI_CONFIG_ADDRESS_PORT, PCI_ECAM_ADDR, PCI_ECAM_SIZE, PCI_MMIO_SIZE,
+    PCI_MMIO_START, PIT_GSI, PIT_IRQ, PM1A_CNT_PORT, PM1A_EVT_PORT, PM_TMR_PORT, PVPANIC_PORT,
     RESET_PORT, RESET_VALUE, RTC_CENTURY_INDEX, RTC_IRQ, RTC_PORT, S5_SLP_TYP, SCI_IRQ,
 };
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -213,6 +214,82 @@ impl Aml for IrqNoFlags {
     }
 }
 
+/// The PCI host bridge (bus 0; its port window for PCI I/O BARs, its 32-bit memory
+/// window for memory BARs) and the motherboard resource that reserves the ECAM window.
+fn pci_host_bridge(body: &mut Vec<u8>) {
+    use aml::{
+        AddressSpace, AddressSpaceCacheable, Device, EISAName, Memory32Fixed, Name,
+        ResourceTemplate, Scope, IO, ZERO,
+    };
+    let bus = AddressSpace::<u16>::new_bus_number(0, 0);
+    let config_ports = IO::new(PCI_CONFIG_ADDRESS_PORT, PCI_CONFIG_ADDRESS_PORT, 1, 8);
+    let low_ports = AddressSpace::<u16>::new_io(0, PCI_CONFIG_ADDRESS_PORT - 1, None);
+    let high_ports = AddressSpace::<u16>::new_io(0x0d00, 0xffff, None);
+    let mmio_end = u32::try_from(PCI_MMIO_START + PCI_MMIO_SIZE - 1).unwrap_or(u32::MAX);
+    let mmio_start = u32::try_from(PCI_MMIO_START).unwrap_or(u32::MAX);
+    let memory = AddressSpace::<u32>::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        mmio_start,
+        mmio_end,
+        None,
+    );
+    let ecam = Memory32Fixed::new(
+        false,
+        u32::try_from(PCI_ECAM_ADDR).unwrap_or(u32::MAX),
+        u32::try_from(PCI_ECAM_SIZE).unwrap_or(u32::MAX),
+    );
+    Scope::new(
+        Path::new("\\_SB_"),
+        vec![
+            &Device::new(
+                Path::new("PCI0"),
+                vec![
+                    &Name::new(Path::new("_HID"), &EISAName::new("PNP0A08")),
+                    &Name::new(Path::new("_CID"), &EISAName::new("PNP0A03")),
+                    &Name::new(Path::new("_ADR"), &ZERO),
+                    &Name::new(Path::new("_SEG"), &ZERO),
+                    &Name::new(Path::new("_UID"), &ZERO),
+                    &Name::new(Path::new("_BBN"), &ZERO),
+                    &Name::new(
+                        Path::new("_CRS"),
+                        &ResourceTemplate::new(vec![
+                            &bus,
+                            &config_ports,
+                            &low_ports,
+                            &high_ports,
+                            &memory,
+                        ]),
+                    ),
+                ],
+            ),
+            &Device::new(
+                Path::new("MRES"),
+                vec![
+                    &Name::new(Path::new("_HID"), &EISAName::new("PNP0C02")),
+                    &Name::new(Path::new("_UID"), &ZERO),
+                    &Name::new(Path::new("_CRS"), &ResourceTemplate::new(vec![&ecam])),
+                ],
+            ),
+        ],
+    )
+    .to_aml_bytes(body);
+}
+
+/// The MCFG table: ECAM for segment 0, bus 0. (Written with our header like the
+/// others; `acpi_tables`' typed MCFG puts its own creator id in it.)
+fn mcfg() -> Vec<u8> {
+    let mut t = table(b"MCFG", 1);
+    let mut body = vec![0u8; 8]; // reserved
+    body.extend_from_slice(&PCI_ECAM_ADDR.to_le_bytes());
+    body.extend_from_slice(&0u16.to_le_bytes()); // segment group
+    body.push(0); // first bus
+    body.push(0); // last bus
+    body.extend_from_slice(&[0; 4]);
+    t.append_slice(&body);
+    t.as_slice().to_vec()
+}
+
 /// The DSDT's AML body (without the table header).
 pub fn dsdt_aml() -> Vec<u8> {
     use aml::{Device, EISAName, Name, Package, ResourceTemplate, Scope, IO, ONE, ZERO};
@@ -268,6 +345,7 @@ pub fn dsdt_aml() -> Vec<u8> {
         ],
     )
     .to_aml_bytes(&mut body);
+    pci_host_bridge(&mut body);
     body
 }
 
@@ -391,8 +469,9 @@ pub fn build_tables(topology: &Topology) -> Result<Vec<(u64, Vec<u8>)>, BootErro
     let madt = madt(topology);
     let srat = srat(topology);
     let slit = slit(topology);
+    let mcfg = mcfg();
 
-    // Lay out: RSDP, XSDT, FADT, FACS (64-byte aligned), DSDT, MADT, SRAT, SLIT.
+    // Lay out: RSDP, XSDT, FADT, FACS (64-byte aligned), DSDT, MADT, SRAT, SLIT, MCFG.
     let mut next = ACPI_TABLES_ADDR;
     let mut place = |len: usize, align: u64| {
         let at = align_up(next, align);
@@ -400,13 +479,14 @@ pub fn build_tables(topology: &Topology) -> Result<Vec<(u64, Vec<u8>)>, BootErro
         at
     };
     let rsdp_at = place(RSDP_LEN, 16);
-    let xsdt_at = place(HEADER_LEN + 4 * 8, 16);
+    let xsdt_at = place(HEADER_LEN + 5 * 8, 16);
     let fadt_at = place(FADT_LEN, 16);
     let facs_at = place(FACS_LEN, 64);
     let dsdt_at = place(dsdt.len(), 16);
     let madt_at = place(madt.len(), 16);
     let srat_at = place(srat.len(), 16);
     let slit_at = place(slit.len(), 16);
+    let mcfg_at = place(mcfg.len(), 16);
     if next > ACPI_TABLES_END {
         return Err(BootError::AcpiTooLarge {
             size: next - ACPI_TABLES_ADDR,
@@ -414,13 +494,17 @@ pub fn build_tables(topology: &Topology) -> Result<Vec<(u64, Vec<u8>)>, BootErro
     }
     Ok(vec![
         (rsdp_at, rsdp(xsdt_at)),
-        (xsdt_at, xsdt(&[fadt_at, madt_at, srat_at, slit_at])),
+        (
+            xsdt_at,
+            xsdt(&[fadt_at, madt_at, srat_at, slit_at, mcfg_at]),
+        ),
         (fadt_at, fadt(facs_at, dsdt_at)),
         (facs_at, facs()),
         (dsdt_at, dsdt),
         (madt_at, madt),
         (srat_at, srat),
         (slit_at, slit),
+        (mcfg_at, mcfg),
     ])
 }
 
@@ -481,7 +565,7 @@ mod tests {
     fn every_table_has_right_checksum_and_length() {
         let t = Topology::uniform(4, 1 << 30, 2).unwrap();
         let chunks = build_tables(&t).unwrap();
-        assert_eq!(chunks.len(), 8);
+        assert_eq!(chunks.len(), 9);
         for (addr, bytes) in &chunks {
             assert!(*addr >= ACPI_TABLES_ADDR && addr + bytes.len() as u64 <= ACPI_TABLES_END);
             match &bytes[0..4] {
@@ -526,7 +610,7 @@ mod tests {
             .iter()
             .map(|p| &chunks.iter().find(|(a, _)| a == p).unwrap().1[0..4])
             .collect();
-        assert_eq!(sigs, vec![b"FACP", b"APIC", b"SRAT", b"SLIT"]);
+        assert_eq!(sigs, vec![b"FACP", b"APIC", b"SRAT", b"SLIT", b"MCFG"]);
         let (_, fadt) = table(&chunks, b"FACP");
         let (facs_at, _) = table(&chunks, b"FACS");
         let (dsdt_at, _) = table(&chunks, b"DSDT");
@@ -696,12 +780,36 @@ mod tests {
         ));
     }
 
-    /// The tables of a 2-node, 4-vCPU, 512 MiB guest, byte for byte as dvmm's earlier
-    /// hand-written encoder made them (`golden/`, checked with `iasl -d` when the
-    /// encoder moved to `acpi_tables`). A deliberate change to a table updates its file.
+    #[test]
+    fn mcfg_and_the_pci_host_bridge_describe_bus_0() {
+        let t = Topology::uniform(1, 64 << 20, 1).unwrap();
+        let chunks = build_tables(&t).unwrap();
+        let (_, m) = table(&chunks, b"MCFG");
+        assert_eq!(m.len(), HEADER_LEN + 8 + 16);
+        assert_eq!(u64_at(m, 44), PCI_ECAM_ADDR);
+        assert_eq!(&m[52..56], &[0, 0, 0, 0], "segment 0, buses 0..=0");
+        let (_, d) = table(&chunks, b"DSDT");
+        let has = |needle: &[u8]| d.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"PCI0") && has(b"MRES"));
+        // The 32-bit memory window, as DWordMemory min and max.
+        let mut window = Vec::new();
+        window.extend_from_slice(&(PCI_MMIO_START as u32).to_le_bytes());
+        window.extend_from_slice(&((PCI_MMIO_START + PCI_MMIO_SIZE - 1) as u32).to_le_bytes());
+        assert!(has(&window));
+        // The ECAM window as Memory32Fixed (0x86), read-only.
+        let mut ecam = vec![0x86, 9, 0, 0];
+        ecam.extend_from_slice(&(PCI_ECAM_ADDR as u32).to_le_bytes());
+        ecam.extend_from_slice(&(PCI_ECAM_SIZE as u32).to_le_bytes());
+        assert!(has(&ecam));
+    }
+
+    /// The tables of a 2-node, 4-vCPU, 512 MiB guest, byte for byte (`golden/`, checked
+    /// with `iasl -d` when they were made). A deliberate change to a table updates its
+    /// file: `DVMM_ACPI_BLESS=1 cargo test -p dvmm-boot acpi_tables_are_unchanged`
+    /// rewrites them.
     #[test]
     fn acpi_tables_are_unchanged() {
-        let golden: [(&[u8; 4], &[u8]); 8] = [
+        let golden: [(&[u8; 4], &[u8]); 9] = [
             (b"RSD ", include_bytes!("golden/RSD_.dat")),
             (b"XSDT", include_bytes!("golden/XSDT.dat")),
             (b"FACP", include_bytes!("golden/FACP.dat")),
@@ -710,9 +818,19 @@ mod tests {
             (b"APIC", include_bytes!("golden/APIC.dat")),
             (b"SRAT", include_bytes!("golden/SRAT.dat")),
             (b"SLIT", include_bytes!("golden/SLIT.dat")),
+            (b"MCFG", include_bytes!("golden/MCFG.dat")),
         ];
         let t = Topology::uniform(4, 512 << 20, 2).unwrap();
         let chunks = build_tables(&t).unwrap();
+        if std::env::var_os("DVMM_ACPI_BLESS").is_some() {
+            let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/acpi/golden");
+            for (sig, _) in golden {
+                let (_, now) = table(&chunks, sig);
+                let name = format!("{}.dat", String::from_utf8_lossy(sig).replace(' ', "_"));
+                std::fs::write(dir.join(name), now).unwrap();
+            }
+            return;
+        }
         for (sig, bytes) in golden {
             let (_, now) = table(&chunks, sig);
             assert_eq!(now, bytes, "{} changed", String::from_utf8_lossy(sig));

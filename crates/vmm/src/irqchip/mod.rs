@@ -394,3 +394,17 @@ impl dvmm_devices::bus::BusDevice for IoApicMmio {
         self.hub.ioapic_write(offset & !3, u32::from_le_bytes(v));
     }
 }
+
+/// Message-signalled interrupts from PCI devices (MSI-X writes), delivered through the
+/// hub to whichever vCPU they name, on this node or another.
+pub struct HubMsi(pub Arc<InterruptHub>);
+
+impl dvmm_pci::MsiSink for HubMsi {
+    fn send_msi(&self, address: u64, data: u32) {
+        match InterruptMessage::from_msi(address, data) {
+            Some(msg) => self.0.deliver(&msg, None),
+            // A write outside 0xFEEx_xxxx on real hardware goes to memory, not to an APIC.
+            None => tracing::debug!(address, data, "MSI with no APIC address dropped"),
+        }
+    }
+}

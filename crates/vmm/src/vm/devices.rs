@@ -18,8 +18,11 @@ use dvmm_irq::pit::Pit;
 use dvmm_layout as layout;
 
 use crate::irqchip::timers::{PitPorts, TimerService};
-use crate::irqchip::{InterruptHub, IoApicMmio, IoApicPin};
+use crate::irqchip::{HubMsi, InterruptHub, IoApicMmio, IoApicPin};
 use crate::VmmError;
+use dvmm_pci::bus::{BarWindow, ConfigAddressPort, ConfigDataPort, EcamWindow};
+use dvmm_pci::PciBus;
+use dvmm_virtio::pci::VirtioPci;
 
 pub(super) fn add(
     bus: &mut Bus,
@@ -60,6 +63,7 @@ pub(super) fn attach_devices(
     events: Arc<dyn VmEventSink>,
     console_out: Box<dyn Write + Send>,
     guest: Arc<dyn crate::guest_access::GuestAccess>,
+    disks: Vec<dvmm_virtio::block::Block>,
 ) -> Result<Arc<Mutex<Serial>>, VmmError> {
     let serial = Arc::new(Mutex::new(Serial::new(
         Arc::new(IoApicPin::new(hub.clone(), layout::COM1_IRQ as usize)),
@@ -114,7 +118,7 @@ pub(super) fn attach_devices(
     )?;
     add(
         pio,
-        DmaTest::new(guest),
+        DmaTest::new(guest.clone()),
         u64::from(layout::DMA_TEST_PORT),
         dvmm_devices::dma_test::REGS_LEN,
     )?;
@@ -128,5 +132,54 @@ pub(super) fn attach_devices(
         layout::APIC_MMIO_SIZE,
     )?;
 
+    attach_pci(pio, mmio, hub, guest, disks)?;
     Ok(serial)
+}
+
+/// PCI bus 0 with its host bridge and a virtio-blk device per disk: configuration
+/// through ports 0xCF8/0xCFC and ECAM, BARs in the PCI window, MSI-X into the hub.
+fn attach_pci(
+    pio: &mut Bus,
+    mmio: &mut Bus,
+    hub: &Arc<InterruptHub>,
+    guest: Arc<dyn crate::guest_access::GuestAccess>,
+    disks: Vec<dvmm_virtio::block::Block>,
+) -> Result<(), VmmError> {
+    let mut pci = PciBus::new();
+    let msi: Arc<dyn dvmm_pci::MsiSink> = Arc::new(HubMsi(hub.clone()));
+    for (i, disk) in disks.into_iter().enumerate() {
+        let name = format!("virtio-blk{i} ({})", disk.path().display());
+        tracing::info!(
+            disk = %disk.path().display(),
+            sectors = disk.sectors(),
+            "attaching a virtio-blk device"
+        );
+        let dev = VirtioPci::new(Box::new(disk), guest.clone(), msi.clone(), name)?;
+        pci.add(Arc::new(Mutex::new(dev)))?;
+    }
+    let pci = Arc::new(pci);
+    add(
+        pio,
+        ConfigAddressPort(pci.clone()),
+        u64::from(layout::PCI_CONFIG_ADDRESS_PORT),
+        1,
+    )?;
+    add(
+        pio,
+        ConfigDataPort(pci.clone()),
+        u64::from(layout::PCI_CONFIG_DATA_PORT),
+        4,
+    )?;
+    add(
+        mmio,
+        EcamWindow(pci.clone()),
+        layout::PCI_ECAM_ADDR,
+        layout::PCI_ECAM_SIZE,
+    )?;
+    add(
+        mmio,
+        BarWindow(pci),
+        layout::PCI_MMIO_START,
+        layout::PCI_MMIO_SIZE,
+    )
 }

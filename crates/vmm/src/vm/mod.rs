@@ -59,6 +59,17 @@ pub struct VmConfig {
     pub memory: u64,
     /// Sample the vCPUs and write a flat profile at the end.
     pub profile: Option<crate::profile::ProfileConfig>,
+    /// Disk images, attached as virtio-blk devices in this order.
+    pub disks: Vec<DiskConfig>,
+}
+
+/// A disk image for the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Raw image file (or host block device).
+    pub path: PathBuf,
+    /// Attach it read-only.
+    pub readonly: bool,
 }
 
 /// Where this VM instance sits in a multi-node cluster.
@@ -244,6 +255,7 @@ struct Parts {
     syscalls: Arc<SyscallCompletion>,
     profiling: Option<Profiling>,
     emulated_kernel: bool,
+    disks: Vec<dvmm_virtio::block::Block>,
     gate: Arc<crate::run_gate::RunGate>,
     boot: Option<dvmm_boot::cpu::CpuBootState>,
 }
@@ -270,6 +282,7 @@ impl Parts {
             syscalls,
             profiling,
             emulated_kernel,
+            disks,
             gate,
             boot,
         } = self;
@@ -293,6 +306,7 @@ impl Parts {
                     watch,
                 }),
                 guest.clone(),
+                disks,
             )?;
             Some(ConsoleInput {
                 serial,
@@ -457,6 +471,15 @@ impl Vm {
             }),
             None => None,
         };
+        // Disk images next: a missing, unwritable or busy image fails before the guest runs.
+        let disks = if node == 0 {
+            cfg.disks
+                .iter()
+                .map(|d| dvmm_virtio::block::Block::open(&d.path, d.readonly))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            Vec::new()
+        };
         let host = HostKvm::detect();
         if host.emulates_guest_kernel() {
             tracing::info!(
@@ -599,6 +622,7 @@ impl Vm {
             syscalls,
             profiling,
             emulated_kernel: host.emulates_guest_kernel(),
+            disks,
             gate: Arc::new(crate::run_gate::RunGate::default()),
             boot: local.contains(&0).then_some(loaded.cpu),
         })
