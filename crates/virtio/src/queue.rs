@@ -72,38 +72,37 @@ pub enum QueueError {
     NotReady(usize),
 }
 
-/// Reads `buf.len()` bytes at `gpa`, page by page.
-pub fn read_guest(mem: &dyn GuestAccess, gpa: u64, buf: &mut [u8]) -> Result<(), QueueError> {
+/// Calls `f(address, range of the buffer)` for each piece of `[gpa, gpa + len)` that
+/// stays within one page.
+fn per_page(
+    gpa: u64,
+    len: usize,
+    mut f: impl FnMut(u64, std::ops::Range<usize>) -> Result<(), GuestAccessError>,
+) -> Result<(), QueueError> {
     let mut done = 0usize;
-    while done < buf.len() {
+    while done < len {
         let at = gpa.checked_add(done as u64).ok_or(QueueError::Wraps {
             addr: gpa,
-            len: buf.len() as u64,
+            len: len as u64,
         })?;
         let n = usize::try_from(PAGE - at % PAGE)
             .unwrap_or(usize::MAX)
-            .min(buf.len() - done);
-        mem.read(at, &mut buf[done..done + n])?;
+            .min(len - done);
+        f(at, done..done + n)?;
         done += n;
     }
     Ok(())
 }
 
+/// Reads `buf.len()` bytes at `gpa`, page by page.
+pub fn read_guest(mem: &dyn GuestAccess, gpa: u64, buf: &mut [u8]) -> Result<(), QueueError> {
+    let len = buf.len();
+    per_page(gpa, len, |at, r| mem.read(at, &mut buf[r]))
+}
+
 /// Writes `buf` at `gpa`, page by page.
 pub fn write_guest(mem: &dyn GuestAccess, gpa: u64, buf: &[u8]) -> Result<(), QueueError> {
-    let mut done = 0usize;
-    while done < buf.len() {
-        let at = gpa.checked_add(done as u64).ok_or(QueueError::Wraps {
-            addr: gpa,
-            len: buf.len() as u64,
-        })?;
-        let n = usize::try_from(PAGE - at % PAGE)
-            .unwrap_or(usize::MAX)
-            .min(buf.len() - done);
-        mem.write(at, &buf[done..done + n])?;
-        done += n;
-    }
-    Ok(())
+    per_page(gpa, buf.len(), |at, r| mem.write(at, &buf[r]))
 }
 
 fn read_u16(mem: &dyn GuestAccess, gpa: u64) -> Result<u16, QueueError> {
