@@ -296,41 +296,38 @@ pub(crate) mod tests {
         }
     }
 
-    impl GuestAccess for Ram {
-        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestAccessError> {
+    impl Ram {
+        /// The bytes `[gpa, +len)` as an index range, checking what a real access path
+        /// would: one page, inside RAM.
+        fn range(
+            &self,
+            len_ram: usize,
+            gpa: u64,
+            len: usize,
+        ) -> Result<std::ops::Range<usize>, GuestAccessError> {
             assert!(
-                gpa / PAGE == gpa.saturating_add(buf.len() as u64 - 1) / PAGE,
+                gpa / PAGE == gpa.saturating_add(len as u64 - 1) / PAGE,
                 "one page"
             );
+            (gpa as usize)
+                .checked_add(len)
+                .filter(|e| *e <= len_ram)
+                .map(|end| gpa as usize..end)
+                .ok_or(GuestAccessError::NotRam { gpa, len })
+        }
+    }
+
+    impl GuestAccess for Ram {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestAccessError> {
             let m = self.0.lock().unwrap();
-            let Some(end) = (gpa as usize)
-                .checked_add(buf.len())
-                .filter(|e| *e <= m.len())
-            else {
-                return Err(GuestAccessError::NotRam {
-                    gpa,
-                    len: buf.len(),
-                });
-            };
-            buf.copy_from_slice(&m[gpa as usize..end]);
+            let r = self.range(m.len(), gpa, buf.len())?;
+            buf.copy_from_slice(&m[r]);
             Ok(())
         }
         fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), GuestAccessError> {
-            assert!(
-                gpa / PAGE == gpa.saturating_add(buf.len() as u64 - 1) / PAGE,
-                "one page"
-            );
             let mut m = self.0.lock().unwrap();
-            let Some(end) = (gpa as usize)
-                .checked_add(buf.len())
-                .filter(|e| *e <= m.len())
-            else {
-                return Err(GuestAccessError::NotRam {
-                    gpa,
-                    len: buf.len(),
-                });
-            };
-            m[gpa as usize..end].copy_from_slice(buf);
+            let r = self.range(m.len(), gpa, buf.len())?;
+            m[r].copy_from_slice(buf);
             Ok(())
         }
     }
