@@ -142,6 +142,13 @@ pub fn local_cluster(args: &RunArgs) -> Result<ClusterConfig> {
                 ..d.clone()
             })
             .collect(),
+        nets: args.nets.clone(),
+        rng: args.rng,
+        console: args.console.0.as_ref().map(|c| match c {
+            // Absolute too (the file or socket need not exist yet: its directory must).
+            dvmm_cluster::ConsoleSpec::File(p) => dvmm_cluster::ConsoleSpec::File(absolute(p)),
+            dvmm_cluster::ConsoleSpec::Socket(p) => dvmm_cluster::ConsoleSpec::Socket(absolute(p)),
+        }),
         nodes,
     };
     // The same checks as a hand-written cluster file gets.
@@ -150,6 +157,11 @@ pub fn local_cluster(args: &RunArgs) -> Result<ClusterConfig> {
         std::path::Path::new("(the local cluster)"),
     )
     .context("the local cluster's shape is not valid")
+}
+
+/// `p` made absolute against the current directory (without resolving links).
+fn absolute(p: &std::path::Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 /// A private directory holding the cluster file, removed on drop.
@@ -355,6 +367,9 @@ mod tests {
             nodes: 64,
             insecure_transport: false,
             disks: Vec::new(),
+            nets: Vec::new(),
+            rng: false,
+            console: crate::ConsoleArg(None),
             profile: ProfileArgs {
                 profile: None,
                 profile_interval: 2,

@@ -58,9 +58,25 @@ struct RunArgs {
     /// runs.
     #[arg(long = "disk", value_name = "path=FILE[,readonly=on][,node=N]", value_parser = parse_disk)]
     disks: Vec<dvmm_cluster::DiskSpec>,
+    /// A network card for the guest, as a virtio-net device on an existing host TAP
+    /// device (repeatable; default MACs 52:54:00:d7:00:NN, NN the card's index).
+    #[arg(long = "net", value_name = "tap=NAME[,mac=MAC][,node=N]", value_parser = parse_net)]
+    nets: Vec<dvmm_cluster::NetSpec>,
+    /// A virtio-rng device: the guest's hwrng, fed by the host's /dev/urandom.
+    #[arg(long)]
+    rng: bool,
+    /// A virtio-console, the guest's /dev/hvc0 (the serial console stays this
+    /// terminal): its output appended to a file, or a Unix socket to connect to
+    /// (e.g. `socat - UNIX-CONNECT:PATH`).
+    #[arg(long, value_name = "off|file=PATH|socket=PATH", value_parser = parse_console, default_value = "off")]
+    console: ConsoleArg,
     #[command(flatten)]
     profile: ProfileArgs,
 }
+
+/// `--console`'s value: none, or where the virtio-console goes.
+#[derive(Clone, Debug)]
+struct ConsoleArg(Option<dvmm_cluster::ConsoleSpec>);
 
 /// The guest profiler's options.
 #[derive(clap::Args, Debug, Clone)]
@@ -104,6 +120,16 @@ struct NodeArgs {
 /// Parses a `--disk` value.
 fn parse_disk(s: &str) -> Result<dvmm_cluster::DiskSpec, String> {
     dvmm_cluster::DiskSpec::parse_option(s)
+}
+
+/// Parses a `--net` value.
+fn parse_net(s: &str) -> Result<dvmm_cluster::NetSpec, String> {
+    dvmm_cluster::NetSpec::parse_option(s)
+}
+
+/// Parses a `--console` value.
+fn parse_console(s: &str) -> Result<ConsoleArg, String> {
+    dvmm_cluster::ConsoleSpec::parse_option(s).map(ConsoleArg)
 }
 
 /// Parses sizes like `4096`, `256M`, `1G`, `512MiB`.
@@ -323,6 +349,13 @@ fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
             d.node
         );
     }
+    if let Some(n) = args.nets.iter().find(|n| n.node != 0) {
+        bail!(
+            "--net tap={}: node={} but this VM has one node (node 0)",
+            n.tap,
+            n.node
+        );
+    }
     let cfg = VmConfig {
         kernel: args.kernel,
         initramfs: args.initramfs,
@@ -338,6 +371,9 @@ fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
                 readonly: d.readonly,
             })
             .collect(),
+        nets: dvmm_node::nets_served_by(&args.nets, 0),
+        rng: args.rng,
+        console: args.console.0.as_ref().map(dvmm_node::console_backend),
     };
     let vm = Vm::build(&cfg, Box::new(ConsoleOut))?;
     let _raw = attach_console(set, vm.console_input(), vm.control())?;
@@ -379,6 +415,9 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args, set),
         Command::Node(args) => node(args, set),
     });
+    // The process ends here without dropping its devices: the console socket it made
+    // goes now.
+    dvmm_virtio::console::remove_created_sockets();
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

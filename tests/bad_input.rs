@@ -290,3 +290,46 @@ fn malformed_disk_options() {
     let run = run_with_disk("path=x.img,node=1");
     assert_rejected(&run, "node=1 but this VM has one node");
 }
+
+fn run_with(extra: &[&str]) -> Run {
+    let mut args = vec!["run", "--kernel", dvmm_testos::TESTOS_ELF];
+    args.extend_from_slice(extra);
+    dvmm(&args, LIMIT)
+}
+
+#[test]
+fn tap_that_does_not_exist() {
+    let run = run_with(&["--net", "tap=dvmm-none0"]);
+    assert_rejected(&run, "TAP device dvmm-none0 does not exist");
+    // Not a TAP: the loopback interface exists, but TUNSETIFF refuses it.
+    let run = run_with(&["--net", "tap=lo"]);
+    assert_rejected(&run, "cannot open TAP device lo");
+}
+
+#[test]
+fn malformed_net_and_console_options() {
+    for (flag, value, needle) in [
+        ("--net", "tap0", "not key=value"),
+        ("--net", "tap=t,mac=52:54", "six hex pairs"),
+        ("--net", "tap=t,mac=01:00:00:00:00:01", "multicast"),
+        ("--net", "mac=52:54:00:00:00:01", "no tap="),
+        ("--console", "pty", "use off, file=PATH"),
+    ] {
+        let run = run_with(&[flag, value]);
+        let t = run.transcript();
+        assert_eq!(run.code, Some(2), "clap usage errors exit 2\n{t}");
+        assert!(run.stderr.contains(needle), "{flag} {value}: {t}");
+    }
+    let run = run_with(&["--net", "tap=t,node=1"]);
+    assert_rejected(&run, "node=1 but this VM has one node");
+}
+
+#[test]
+fn console_socket_path_that_exists() {
+    let p = temp_file("taken.sock", b"not a socket");
+    let run = run_with(&["--console", &format!("socket={}", p.display())]);
+    assert_rejected(&run, "already exists");
+    assert_eq!(std::fs::read(&p).unwrap(), b"not a socket", "left alone");
+    let run = run_with(&["--console", "file=/nonexistent/dir/hvc0.log"]);
+    assert_rejected(&run, "cannot open /nonexistent/dir/hvc0.log");
+}

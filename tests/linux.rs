@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{dvmm, Run};
+use common::{dvmm, Run, Tap};
 
 /// A kernel and the test initramfs.
 struct Guest {
@@ -304,49 +304,197 @@ fn small_kernel_two_nodes() {
     assert_good_run(&run, 2, 2, 256);
 }
 
-#[test]
-fn small_kernel_disk_one_node() {
+/// Bytes the host sends the guest over TCP (xorshift, seeded).
+fn varied_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The host's TCP peer: accepts one connection on `listener`, reads exactly `expect`
+/// bytes, sends `reply` and closes; returns the SHA-256 of what it read (empty if the
+/// guest never came within `limit`).
+fn tcp_peer(
+    listener: std::net::TcpListener,
+    expect: usize,
+    reply: Vec<u8>,
+    limit: Duration,
+) -> std::thread::JoinHandle<String> {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        listener.set_nonblocking(true).unwrap();
+        let start = std::time::Instant::now();
+        let mut conn = loop {
+            match listener.accept() {
+                Ok((c, _)) => break c,
+                Err(_) if start.elapsed() < limit => std::thread::sleep(Duration::from_millis(100)),
+                Err(_) => return String::new(),
+            }
+        };
+        conn.set_nonblocking(false).unwrap();
+        conn.set_read_timeout(Some(limit)).unwrap();
+        let mut got = vec![0u8; expect];
+        if conn.read_exact(&mut got).is_err() {
+            return String::new();
+        }
+        let _ = conn.write_all(&reply);
+        sha256(&got)
+    })
+}
+
+/// A client of the guest's virtio-console socket: waits for the socket, reads until the
+/// guest's greeting, answers with `answer`, then reads until the guest hangs up (the
+/// VM ends); returns everything it read.
+fn hvc_client(
+    path: PathBuf,
+    answer: &'static str,
+    limit: Duration,
+) -> std::thread::JoinHandle<String> {
+    use std::io::{Read, Write};
+    std::thread::spawn(move || {
+        let start = std::time::Instant::now();
+        let mut s = loop {
+            match std::os::unix::net::UnixStream::connect(&path) {
+                Ok(s) => break s,
+                Err(_) if start.elapsed() < limit => std::thread::sleep(Duration::from_millis(100)),
+                Err(e) => return format!("(no socket: {e})"),
+            }
+        };
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut answered = false;
+        let mut buf = [0u8; 4096];
+        while start.elapsed() < limit {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+            if !answered && String::from_utf8_lossy(&seen).contains("hello on hvc0") {
+                s.write_all(answer.as_bytes()).unwrap();
+                answered = true;
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    })
+}
+
+/// Boots the small kernel with a disk, a network card on a fresh TAP, virtio-rng and a
+/// virtio-console socket, on `nodes` nodes with the device checks on vCPU `io_cpu`, and
+/// checks every device: the disk round trip, 1 MiB (256 KiB on 2 nodes) to the host and
+/// a quarter of that back over TCP
+/// with matching checksums, bytes from the hwrng, a line each way on hvc0.
+fn devices_round_trip(nodes: u32, io_cpu: u32, tag: &str, subnet: u8, limit: Duration) {
     let g = small_kernel();
-    let (image, sha) = disk_image("one");
+    let (image, sha) = disk_image(tag);
+    let tap = Tap::new(tag, subnet);
+    let listener = std::net::TcpListener::bind((tap.host_ip.as_str(), 0)).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // Every frame's buffers cross the DSM when the shell runs on another node: less there.
+    let send: usize = if nodes == 1 { 1 << 20 } else { 256 << 10 };
+    let back = send / 4;
+    let reply = varied_bytes(back, 0x1234_5678_9abc_def1);
+    let reply_sha = sha256(&reply);
+    let peer = tcp_peer(listener, send, reply, limit);
+    let socket = image.with_file_name("hvc0.sock");
+    let _ = std::fs::remove_file(&socket);
+    let hvc = hvc_client(socket.clone(), "ping from the host\n", limit);
+    let cmdline = format!(
+        "console=ttyS0 dvmm.iters=50 dvmm.io_cpu={io_cpu} dvmm.hvc_read dvmm.net={},{}:{port},{send}",
+        tap.guest_ip, tap.host_ip
+    );
     let disk = format!("path={}", image.display());
+    let net = format!("tap={},mac=52:54:00:aa:bb:0{nodes}", tap.name);
+    let console = format!("socket={}", socket.display());
     let run = boot_with(
         &g,
-        1,
+        nodes,
         2,
         "256M",
-        "console=ttyS0 dvmm.iters=50",
-        &["--disk", &disk],
-        Duration::from_secs(600),
+        &cmdline,
+        &[
+            "--disk",
+            &disk,
+            "--net",
+            &net,
+            "--rng",
+            "--console",
+            &console,
+        ],
+        limit,
+    );
+    let t = run.transcript();
+    assert!(
+        run.stdout
+            .contains(&format!("dvmm-init: device checks on cpu {io_cpu}")),
+        "{t}"
     );
     assert_disk_round_trip(&run, &image, &sha);
-    assert!(run
+    assert!(
+        run.stdout.contains("[vda] 131072 512-byte logical blocks"),
+        "{t}"
+    );
+    // Network: the MAC given, what the guest sent arrived whole, what the host sent too.
+    assert!(
+        run.stdout
+            .contains(&format!("dvmm-init: net eth0 mac=52:54:00:aa:bb:0{nodes}")),
+        "{t}"
+    );
+    let sent = run
         .stdout
-        .contains("virtio_blk virtio0: [vda] 131072 512-byte logical blocks"));
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("dvmm-init: net sending {send} bytes sha256=")))
+        .unwrap_or_else(|| panic!("the guest sent nothing:\n{t}"))
+        .trim()
+        .to_string();
+    assert_eq!(peer.join().unwrap(), sent, "what the host got\n{t}");
+    assert!(
+        run.stdout.contains(&format!(
+            "dvmm-init: net received {back} bytes sha256={reply_sha}"
+        )),
+        "{t}"
+    );
+    // Entropy: the virtio hwrng is current and gave 32 bytes, not all zero.
+    let rng = run
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("dvmm-init: rng current=virtio_rng"))
+        .unwrap_or_else(|| panic!("no virtio-rng in the guest:\n{t}"));
+    let hex = rng.split("bytes=").nth(1).unwrap_or_default().trim();
+    assert_eq!(hex.len(), 64, "{rng}");
+    assert_ne!(hex, "0".repeat(64), "{rng}");
+    // Console: the greeting reached the socket, the answer reached the guest.
+    let seen = hvc.join().unwrap();
+    assert!(
+        seen.contains("dvmm-init: hello on hvc0"),
+        "socket saw: {seen:?}\n{t}"
+    );
+    assert!(
+        run.stdout
+            .contains("dvmm-init: hvc0 read: ping from the host"),
+        "{t}"
+    );
+    assert!(!socket.exists(), "the console socket is removed at the end");
 }
 
 #[test]
-fn small_kernel_disk_on_node_0_used_from_node_1() {
-    // The disk is node 0's; the process that reads and writes it runs on vCPU 1, which is
-    // node 1's: its requests, the device's DMA (through the DSM) and the MSI-X
-    // completions all cross nodes.
-    let g = small_kernel();
-    let (image, sha) = disk_image("two");
-    let disk = format!("path={}", image.display());
-    let run = boot_with(
-        &g,
-        2,
-        2,
-        "256M",
-        "console=ttyS0 dvmm.iters=50 dvmm.disk_cpu=1",
-        &["--disk", &disk],
-        Duration::from_secs(900),
-    );
-    assert!(
-        run.stdout.contains("dvmm-init: disk check on cpu 1"),
-        "{}",
-        run.transcript()
-    );
-    assert_disk_round_trip(&run, &image, &sha);
+fn small_kernel_devices_one_node() {
+    devices_round_trip(1, 0, "one", 8, Duration::from_secs(600));
+}
+
+#[test]
+fn small_kernel_devices_on_node_0_used_from_node_1() {
+    // The devices are node 0's; the shell that uses them runs on vCPU 1, which is node
+    // 1's: its requests, the devices' DMA (through the DSM) and the MSI-X completions
+    // all cross nodes, and so do the frames and bytes that arrive on their own.
+    devices_round_trip(2, 1, "two", 9, Duration::from_secs(900));
 }
 
 #[test]

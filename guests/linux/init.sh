@@ -3,7 +3,14 @@
 # the tests look for, then powers off. Kernel command-line words it reads:
 #   dvmm.iters=N   iterations of smp-check's tests (default 2000)
 #   dvmm.shell     start an interactive shell on the console before powering off
-#   dvmm.disk_cpu=N  do the disk check below pinned to CPU N
+#   dvmm.io_cpu=N  do the device checks below (disk, rng, hvc0, net) pinned to CPU N
+#   dvmm.hvc_read  after the greeting on /dev/hvc0, read one line from it and print it
+#   dvmm.net=GUEST_IP,PEER_IP:PORT,BYTES  configure eth0 as GUEST_IP/24, send BYTES (at
+#                  most ~4 MiB) of this initramfs's programs to PEER_IP:PORT over TCP, keep what the peer sends back
+#   dvmm.bench=MIB,SECONDS  instead of the disk check: io-bench on /dev/vda (a scratch
+#                  disk: it is overwritten), MIB MiB sequential, SECONDS of 4 KiB reads
+#   dvmm.netbench=GUEST_IP,PEER_IP:PORT,MIB  send MIB MiB of zeros to the peer, then
+#                  take what it sends on a second connection (the peer times both)
 # With a virtio disk (/dev/vda, ext4) it mounts it, prints the SHA-256 of /host.bin (what
 # the host wrote), writes 256 KiB of random bytes to /guest.bin, prints their SHA-256 and
 # unmounts (the host then checks the file in the image); read-only disks are only read.
@@ -31,14 +38,24 @@ if /bin/smp-check "$iters"; then
 else
   echo "dvmm-init: smp-check FAILED"
 fi
-disk_cpu=
+io_cpu=
 for w in $(cat /proc/cmdline); do
-  case "$w" in dvmm.disk_cpu=*) disk_cpu=${w#dvmm.disk_cpu=} ;; esac
+  case "$w" in dvmm.io_cpu=*) io_cpu=${w#dvmm.io_cpu=} ;; esac
 done
-if [ -b /dev/vda ]; then
-  if [ -n "$disk_cpu" ]; then
-    taskset -p -c "$disk_cpu" $$ >/dev/null && echo "dvmm-init: disk check on cpu $disk_cpu"
-  fi
+if [ -n "$io_cpu" ]; then
+  taskset -p -c "$io_cpu" $$ >/dev/null && echo "dvmm-init: device checks on cpu $io_cpu"
+fi
+bench=
+netbench=
+for w in $(cat /proc/cmdline); do
+  case "$w" in
+    dvmm.bench=*) bench=${w#dvmm.bench=} ;;
+    dvmm.netbench=*) netbench=${w#dvmm.netbench=} ;;
+  esac
+done
+if [ -n "$bench" ] && [ -b /dev/vda ]; then
+  /bin/io-bench /dev/vda "${bench%,*}" "${bench#*,}" || echo "dvmm-init: io-bench FAILED"
+elif [ -b /dev/vda ]; then
   ro=$(cat /sys/block/vda/ro)
   echo "dvmm-init: disk vda sectors=$(cat /sys/block/vda/size) ro=$ro"
   mkdir -p /mnt
@@ -56,6 +73,47 @@ if [ -b /dev/vda ]; then
   else
     echo "dvmm-init: disk mount FAILED"
   fi
+fi
+if [ -e /sys/class/misc/hw_random/rng_current ]; then
+  echo "dvmm-init: rng current=$(cat /sys/class/misc/hw_random/rng_current) bytes=$(dd if=/dev/hwrng bs=32 count=1 2>/dev/null | od -An -tx1 | tr -d ' \n')"
+fi
+if [ -c /dev/hvc0 ]; then
+  exec 3<>/dev/hvc0
+  stty -F /dev/hvc0 -echo 2>/dev/null
+  echo "dvmm-init: hello on hvc0" >&3
+  echo "dvmm-init: hvc0 greeted"
+  if grep -qw dvmm.hvc_read /proc/cmdline; then
+    if read -t 300 line <&3; then
+      echo "dvmm-init: hvc0 read: $line"
+    else
+      echo "dvmm-init: hvc0 read nothing"
+    fi
+  fi
+  exec 3<&-
+fi
+net=
+for w in $(cat /proc/cmdline); do
+  case "$w" in dvmm.net=*) net=${w#dvmm.net=} ;; esac
+done
+if [ -n "$net" ]; then
+  ip=${net%%,*}; rest=${net#*,}; peer=${rest%%,*}; bytes=${rest#*,}
+  echo "dvmm-init: net eth0 mac=$(cat /sys/class/net/eth0/address 2>/dev/null)"
+  ifconfig eth0 "$ip" netmask 255.255.255.0 up
+  # Varied bytes without the emulated kernel's urandom: the programs in this initramfs.
+  cat /bin/busybox /bin/smp-check /bin/io-bench /bin/busybox | head -c "$bytes" > /tmp/tx
+  echo "dvmm-init: net sending $(wc -c < /tmp/tx) bytes sha256=$(sha256sum /tmp/tx | cut -d' ' -f1)"
+  if nc "${peer%:*}" "${peer#*:}" < /tmp/tx > /tmp/rx; then
+    echo "dvmm-init: net received $(wc -c < /tmp/rx) bytes sha256=$(sha256sum /tmp/rx | cut -d' ' -f1)"
+  else
+    echo "dvmm-init: net nc FAILED"
+  fi
+fi
+if [ -n "$netbench" ]; then
+  ip=${netbench%%,*}; rest=${netbench#*,}; peer=${rest%%,*}; mib=${rest#*,}
+  ifconfig eth0 "$ip" netmask 255.255.255.0 up
+  dd if=/dev/zero bs=65536 count=$((mib * 16)) 2>/dev/null | nc "${peer%:*}" "${peer#*:}"
+  nc "${peer%:*}" "${peer#*:}" > /dev/null
+  echo "dvmm-init: netbench done"
 fi
 if grep -qw dvmm.shell /proc/cmdline; then
   echo "dvmm-init: starting a shell (exit to power off)"

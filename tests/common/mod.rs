@@ -104,3 +104,50 @@ pub fn spawn_idle(args: &[&str]) -> std::process::Child {
         .spawn()
         .expect("spawn dvmm")
 }
+
+/// A host TAP device `dvmt<pid><tag>` with address 10.231.`subnet`.1/24 (the guest takes
+/// .2), deleted on drop.
+pub struct Tap {
+    /// Its name.
+    pub name: String,
+    /// The host's address on it.
+    pub host_ip: String,
+    /// The address the guest should take.
+    pub guest_ip: String,
+}
+
+impl Tap {
+    /// Creates it (root; needs iproute2).
+    pub fn new(tag: &str, subnet: u8) -> Tap {
+        let name = format!("dvmt{}{tag}", std::process::id() % 100_000);
+        let host_ip = format!("10.231.{subnet}.1");
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip")
+                .args(args)
+                .output()
+                .expect("ip (iproute2)");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let _ = Command::new("ip").args(["link", "del", &name]).output();
+        ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
+        ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &name]);
+        ip(&["link", "set", &name, "up"]);
+        Tap {
+            name,
+            host_ip,
+            guest_ip: format!("10.231.{subnet}.2"),
+        }
+    }
+}
+
+impl Drop for Tap {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.name])
+            .output();
+    }
+}

@@ -3,6 +3,7 @@
 //! ```toml
 //! secret = "a long random string shared by all nodes"
 //! insecure_transport = false     # optional: authenticate only, do not encrypt
+//! rng = false                    # optional: a virtio-rng device
 //!
 //! [guest]
 //! kernel = "/path/to/bzImage"
@@ -13,6 +14,13 @@
 //! path = "/path/to/disk.img"
 //! readonly = false        # optional
 //! node = 0                # optional: the node that serves it (0 for now)
+//!
+//! [[net]]                 # optional, repeatable: a virtio-net device on a host TAP
+//! tap = "tap0"
+//! mac = "52:54:00:12:34:56"  # optional (default: 52:54:00:d7:00:<index>)
+//!
+//! [console]               # optional: a virtio-console (the guest's /dev/hvc0)
+//! socket = "/run/dvmm/hvc0.sock"   # or: file = "/var/log/dvmm/hvc0.log"
 //!
 //! [[node]]                # node 0: runs the boot vCPU and the devices
 //! address = "10.0.0.1:7700"
@@ -145,6 +153,140 @@ impl DiskSpec {
     }
 }
 
+/// A guest network card: a virtio-net device on a host TAP device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetSpec {
+    /// The host TAP device (it must exist).
+    pub tap: String,
+    /// The card's MAC address, if one was given (see [`NetSpec::mac_for`]).
+    pub mac: Option<[u8; 6]>,
+    /// The node that serves it.
+    pub node: usize,
+}
+
+/// The MAC address card `index` gets when none is given: locally administered, in
+/// the range QEMU-style tools use.
+pub fn default_mac(index: usize) -> [u8; 6] {
+    [
+        0x52,
+        0x54,
+        0x00,
+        0xd7,
+        0x00,
+        u8::try_from(index % 256).unwrap_or(0),
+    ]
+}
+
+/// Parses a MAC address written `52:54:00:12:34:56`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("mac={s}: write a MAC address as six hex pairs, e.g. 52:54:00:12:34:56");
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next().ok_or_else(bad)?;
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!(
+            "mac={s} is a multicast address; a card needs a unicast one"
+        ));
+    }
+    Ok(mac)
+}
+
+impl NetSpec {
+    /// Parses the command line's `tap=NAME[,mac=MAC][,node=N]`.
+    pub fn parse_option(s: &str) -> Result<NetSpec, String> {
+        let mut tap = None;
+        let mut mac = None;
+        let mut node = 0;
+        for part in s.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| format!("'{part}' is not key=value (e.g. tap=tap0)"))?;
+            match key {
+                "tap" if !value.is_empty() => tap = Some(value.to_string()),
+                "tap" => return Err("tap= is empty".into()),
+                "mac" => mac = Some(parse_mac(value)?),
+                "node" => {
+                    node = value
+                        .parse()
+                        .map_err(|_| format!("node={value} is not a node number"))?
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown net option '{key}' (known: tap, mac, node)"
+                    ))
+                }
+            }
+        }
+        Ok(NetSpec {
+            tap: tap.ok_or("no tap= given (e.g. --net tap=tap0)")?,
+            mac,
+            node,
+        })
+    }
+
+    /// The MAC address of card `index`: the one given, else [`default_mac`].
+    pub fn mac_for(&self, index: usize) -> [u8; 6] {
+        self.mac.unwrap_or(default_mac(index))
+    }
+}
+
+/// A MAC address written `52:54:00:12:34:56`.
+pub fn mac_string(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Where the guest's virtio-console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConsoleSpec {
+    /// Output appended to a file.
+    File(PathBuf),
+    /// A Unix socket (created; it must not exist) for one client at a time.
+    Socket(PathBuf),
+}
+
+impl ConsoleSpec {
+    /// Parses the command line's `off`, `file=PATH` or `socket=PATH`.
+    pub fn parse_option(s: &str) -> Result<Option<ConsoleSpec>, String> {
+        match s.split_once('=') {
+            None if s == "off" => Ok(None),
+            Some(("file", p)) if !p.is_empty() => Ok(Some(ConsoleSpec::File(p.into()))),
+            Some(("socket", p)) if !p.is_empty() => Ok(Some(ConsoleSpec::Socket(p.into()))),
+            _ => Err(format!(
+                "'{s}': use off, file=PATH (the guest's output appended to PATH) or \
+                 socket=PATH (a Unix socket to connect to)"
+            )),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNet {
+    tap: String,
+    mac: Option<String>,
+    #[serde(default)]
+    node: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsole {
+    file: Option<PathBuf>,
+    socket: Option<PathBuf>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawNode {
@@ -162,6 +304,11 @@ struct RawCluster {
     guest: GuestSpec,
     #[serde(default)]
     disk: Vec<DiskSpec>,
+    #[serde(default)]
+    net: Vec<RawNet>,
+    #[serde(default)]
+    rng: bool,
+    console: Option<RawConsole>,
     node: Vec<RawNode>,
 }
 
@@ -176,6 +323,12 @@ pub struct ClusterConfig {
     pub guest: GuestSpec,
     /// Disk images, in the order the guest sees them.
     pub disks: Vec<DiskSpec>,
+    /// Network cards, in the order the guest sees them.
+    pub nets: Vec<NetSpec>,
+    /// A virtio-rng device.
+    pub rng: bool,
+    /// A virtio-console.
+    pub console: Option<ConsoleSpec>,
     /// The nodes, in id order.
     pub nodes: Vec<NodeSpec>,
 }
@@ -286,11 +439,56 @@ impl ClusterConfig {
                 )));
             }
         }
+        let mut nets = Vec::with_capacity(raw.net.len());
+        for (i, n) in raw.net.iter().enumerate() {
+            let mac = match &n.mac {
+                Some(m) => Some(parse_mac(m).map_err(|e| invalid(format!("net {i}: {e}")))?),
+                None => None,
+            };
+            if n.node >= nodes.len() {
+                return Err(invalid(format!(
+                    "net {i} ({}): node {} does not exist ({} nodes)",
+                    n.tap,
+                    n.node,
+                    nodes.len()
+                )));
+            }
+            if n.node != 0 {
+                return Err(invalid(format!(
+                    "net {i} ({}): node={}: network cards are served by node 0 in this version",
+                    n.tap, n.node
+                )));
+            }
+            nets.push(NetSpec {
+                tap: n.tap.clone(),
+                mac,
+                node: n.node,
+            });
+        }
+        let console = match raw.console {
+            None => None,
+            Some(RawConsole {
+                file: Some(f),
+                socket: None,
+            }) => Some(ConsoleSpec::File(f)),
+            Some(RawConsole {
+                file: None,
+                socket: Some(s),
+            }) => Some(ConsoleSpec::Socket(s)),
+            Some(_) => {
+                return Err(invalid(
+                    "[console] takes one of file = \"PATH\" or socket = \"PATH\"".into(),
+                ))
+            }
+        };
         Ok(ClusterConfig {
             secret: raw.secret,
             insecure_transport: raw.insecure_transport,
             guest: raw.guest,
             disks: raw.disk,
+            nets,
+            rng: raw.rng,
+            console,
             nodes,
         })
     }
@@ -313,8 +511,8 @@ impl ClusterConfig {
     /// Renders the configuration as a cluster file.
     pub fn to_toml(&self) -> String {
         let mut s = format!(
-            "secret = {:?}\ninsecure_transport = {}\n\n[guest]\nkernel = {:?}\n",
-            self.secret, self.insecure_transport, self.guest.kernel
+            "secret = {:?}\ninsecure_transport = {}\nrng = {}\n\n[guest]\nkernel = {:?}\n",
+            self.secret, self.insecure_transport, self.rng, self.guest.kernel
         );
         if let Some(i) = &self.guest.initramfs {
             s.push_str(&format!("initramfs = {i:?}\n"));
@@ -325,6 +523,20 @@ impl ClusterConfig {
                 "\n[[disk]]\npath = {:?}\nreadonly = {}\nnode = {}\n",
                 d.path, d.readonly, d.node
             ));
+        }
+        for n in &self.nets {
+            s.push_str(&format!(
+                "\n[[net]]\ntap = {:?}\nnode = {}\n",
+                n.tap, n.node
+            ));
+            if let Some(m) = &n.mac {
+                s.push_str(&format!("mac = \"{}\"\n", mac_string(m)));
+            }
+        }
+        match &self.console {
+            Some(ConsoleSpec::File(p)) => s.push_str(&format!("\n[console]\nfile = {p:?}\n")),
+            Some(ConsoleSpec::Socket(p)) => s.push_str(&format!("\n[console]\nsocket = {p:?}\n")),
+            None => {}
         }
         for n in &self.nodes {
             s.push_str(&format!(
@@ -393,6 +605,64 @@ memory = "64M"
         assert_eq!(c.disks.len(), 2);
         assert!(c.disks[1].readonly && !c.disks[0].readonly);
         assert_eq!(parse(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn nets_rng_and_console_round_trip() {
+        let text = GOOD.replacen("[guest]", "rng = true\n[guest]", 1).replacen(
+            "[[node]]",
+            "[[net]]\ntap = \"tap0\"\n[[net]]\ntap = \"tap1\"\nmac = \"02:00:00:00:00:aa\"\n\
+                 [console]\nsocket = \"/run/c.sock\"\n[[node]]",
+            1,
+        );
+        let c = parse(&text).unwrap();
+        assert!(c.rng);
+        assert_eq!(c.nets[0].mac_for(0), default_mac(0));
+        assert_eq!(c.nets[1].mac_for(1), [2, 0, 0, 0, 0, 0xaa]);
+        assert_eq!(c.console, Some(ConsoleSpec::Socket("/run/c.sock".into())));
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+        for (bad, says) in [
+            ("[console]\nfile = \"/a\"\nsocket = \"/b\"\n", "one of"),
+            (
+                "[[net]]\ntap = \"t\"\nmac = \"01:00:00:00:00:01\"\n",
+                "multicast",
+            ),
+            ("[[net]]\ntap = \"t\"\nnode = 1\n", "node 0 in this version"),
+            ("[[net]]\ntap = \"t\"\nnode = 9\n", "does not exist"),
+        ] {
+            let e = parse(&GOOD.replacen("[[node]]", &format!("{bad}[[node]]"), 1)).unwrap_err();
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn net_and_console_options_parse_and_bad_ones_say_why() {
+        let n = NetSpec::parse_option("tap=tap0,mac=52:54:00:00:00:01").unwrap();
+        assert_eq!(
+            (n.tap.as_str(), n.mac_for(3), n.node),
+            ("tap0", [0x52, 0x54, 0, 0, 0, 1], 0)
+        );
+        assert_eq!(
+            NetSpec::parse_option("tap=t").unwrap().mac_for(3),
+            default_mac(3)
+        );
+        assert_eq!(mac_string(&default_mac(3)), "52:54:00:d7:00:03");
+        for (bad, says) in [
+            ("tap0", "not key=value"),
+            ("mac=52:54:00:00:00:01", "no tap="),
+            ("tap=t,mac=52:54", "six hex pairs"),
+            ("tap=t,queues=2", "unknown net option"),
+        ] {
+            let e = NetSpec::parse_option(bad).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        assert_eq!(ConsoleSpec::parse_option("off"), Ok(None));
+        assert_eq!(
+            ConsoleSpec::parse_option("file=/x"),
+            Ok(Some(ConsoleSpec::File("/x".into())))
+        );
+        assert!(ConsoleSpec::parse_option("pty").is_err());
+        assert!(ConsoleSpec::parse_option("socket=").is_err());
     }
 
     #[test]

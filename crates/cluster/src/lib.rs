@@ -7,5 +7,5 @@
 pub mod config;
 pub mod wire;
 
-pub use config::{ClusterConfig, ConfigError, DiskSpec, GuestSpec, NodeSpec};
+pub use config::{ClusterConfig, ConfigError, ConsoleSpec, DiskSpec, GuestSpec, NetSpec, NodeSpec};
 pub use wire::{ControlMsg, IoSpace, WireError};

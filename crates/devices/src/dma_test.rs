@@ -111,24 +111,6 @@ pub fn checksum(bytes: &[u8]) -> u32 {
     (h ^ (h >> 32)) as u32
 }
 
-/// Calls `f(gpa, range)` for each piece of `[gpa, gpa+len)` that stays within one page.
-fn per_page(
-    gpa: u64,
-    len: usize,
-    mut f: impl FnMut(u64, std::ops::Range<usize>) -> Result<(), String>,
-) -> Result<(), String> {
-    let mut done = 0usize;
-    while done < len {
-        let at = gpa
-            .checked_add(done as u64)
-            .ok_or_else(|| format!("address {gpa:#x} + {len} overflows"))?;
-        let n = ((PAGE - at % PAGE) as usize).min(len - done);
-        f(at, done..done + n)?;
-        done += n;
-    }
-    Ok(())
-}
-
 /// Performs the request whose descriptor is at `desc`, all but the final status word.
 /// `Ok(status word)`: 1 if the transfer was done, 2 if it was refused (the reason is
 /// logged here); `Err`: the descriptor itself is unusable.
@@ -145,19 +127,17 @@ fn run(mem: &dyn GuestAccess, desc: u64) -> Result<u32, String> {
         Err(format!("length {len} is over the {MAX_LEN}-byte limit"))
     } else {
         let mut buf = vec![0u8; len as usize];
-        per_page(src, buf.len(), |at, r| {
-            mem.read(at, &mut buf[r]).map_err(|e| e.to_string())
-        })
-        .and_then(|()| {
-            let sum = checksum(&buf);
-            for b in &mut buf {
-                *b = !*b;
-            }
-            per_page(dst, buf.len(), |at, r| {
-                mem.write(at, &buf[r]).map_err(|e| e.to_string())
+        crate::read_guest(mem, src, &mut buf)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                let sum = checksum(&buf);
+                for b in &mut buf {
+                    *b = !*b;
+                }
+                crate::write_guest(mem, dst, &buf)
+                    .map(|()| sum)
+                    .map_err(|e| e.to_string())
             })
-            .map(|()| sum)
-        })
     };
     let (status, sum) = match result {
         Ok(sum) => (1u32, sum),

@@ -48,6 +48,39 @@ pub trait GuestAccess: Send + Sync {
     fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), GuestAccessError>;
 }
 
+/// Calls `f(address, range of the buffer)` for each piece of `[gpa, gpa + len)` that
+/// stays within one 4 KiB page; a range that wraps the address space is not RAM.
+fn per_page(
+    gpa: u64,
+    len: usize,
+    mut f: impl FnMut(u64, std::ops::Range<usize>) -> Result<(), GuestAccessError>,
+) -> Result<(), GuestAccessError> {
+    const PAGE: u64 = 4096;
+    let mut done = 0usize;
+    while done < len {
+        let at = gpa
+            .checked_add(done as u64)
+            .ok_or(GuestAccessError::NotRam { gpa, len })?;
+        let n = usize::try_from(PAGE - at % PAGE)
+            .unwrap_or(usize::MAX)
+            .min(len - done);
+        f(at, done..done + n)?;
+        done += n;
+    }
+    Ok(())
+}
+
+/// Reads `buf.len()` bytes at `gpa` through `mem`, page by page (any length or alignment).
+pub fn read_guest(mem: &dyn GuestAccess, gpa: u64, buf: &mut [u8]) -> Result<(), GuestAccessError> {
+    let len = buf.len();
+    per_page(gpa, len, |at, r| mem.read(at, &mut buf[r]))
+}
+
+/// Writes `buf` at `gpa` through `mem`, page by page (any length or alignment).
+pub fn write_guest(mem: &dyn GuestAccess, gpa: u64, buf: &[u8]) -> Result<(), GuestAccessError> {
+    per_page(gpa, buf.len(), |at, r| mem.write(at, &buf[r]))
+}
+
 /// Why a [`GuestAccess`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum GuestAccessError {

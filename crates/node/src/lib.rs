@@ -415,6 +415,29 @@ impl Dispatch {
 }
 
 /// Opens `path` for reading and reads one byte: a directory or an unreadable file fails.
+/// The network cards node `node` serves, in the guest's order (MACs resolved by the
+/// card's index in the whole list, so every node agrees on them).
+pub fn nets_served_by(nets: &[dvmm_cluster::NetSpec], node: usize) -> Vec<dvmm_vmm::vm::NetConfig> {
+    nets.iter()
+        .enumerate()
+        .filter(|(_, n)| n.node == node)
+        .map(|(i, n)| dvmm_vmm::vm::NetConfig {
+            tap: n.tap.clone(),
+            mac: n.mac_for(i),
+        })
+        .collect()
+}
+
+/// The virtio-console backend a cluster file or command line asks for.
+pub fn console_backend(c: &dvmm_cluster::ConsoleSpec) -> dvmm_virtio::console::ConsoleBackend {
+    match c {
+        dvmm_cluster::ConsoleSpec::File(p) => dvmm_virtio::console::ConsoleBackend::File(p.clone()),
+        dvmm_cluster::ConsoleSpec::Socket(p) => {
+            dvmm_virtio::console::ConsoleBackend::Socket(p.clone())
+        }
+    }
+}
+
 fn check_readable(path: &std::path::Path) -> std::io::Result<()> {
     use std::io::Read;
     let mut byte = [0u8; 1];
@@ -496,6 +519,14 @@ pub fn run_node(
                 readonly: d.readonly,
             })
             .collect(),
+        nets: nets_served_by(&cluster.nets, id),
+        // Node-wide devices live with the other devices, on node 0.
+        rng: cluster.rng && id == 0,
+        console: cluster
+            .console
+            .as_ref()
+            .filter(|_| id == 0)
+            .map(console_backend),
     };
     let shares = placement.shares.clone();
     let vm = Vm::build_node(&cfg, placement, console_out)?;

@@ -20,6 +20,12 @@ use crate::config::{ConfigSpace, Identity, BARS};
 pub trait PciDevice: Send {
     /// Its configuration space (what guest reads see).
     fn config(&self) -> &ConfigSpace;
+    /// A guest read of the configuration space; plain bytes by default (a device
+    /// whose configuration reads have effects, such as virtio's PCI-configuration
+    /// access window, serves them itself).
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        self.config().read(offset, data);
+    }
     /// A guest write to the configuration space: the device applies it (masked by
     /// [`ConfigSpace::write`]) and reacts (e.g. MSI-X enabled).
     fn config_write(&mut self, offset: usize, data: &[u8]);
@@ -162,7 +168,7 @@ impl PciBus {
     /// functions read as all ones.
     pub fn config_read(&self, bus: u8, device: u8, function: u8, offset: usize, data: &mut [u8]) {
         match self.function(bus, device, function) {
-            Some(d) => d.locked().config().read(offset, data),
+            Some(d) => d.locked().config_read(offset, data),
             None => data.fill(0xff),
         }
     }

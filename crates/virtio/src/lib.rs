@@ -2,7 +2,7 @@
 //!
 //! [`pci::VirtioPci`] is the transport (configuration capabilities, common
 //! configuration, notifications, ISR, MSI-X); it drives a [`VirtioDevice`] (the
-//! device type: [`block::Block`]). Queues ([`queue`]) reach guest memory only through
+//! device type: [`block::Block`], [`net::Net`], [`console::Console`], [`rng::Rng`]). Queues ([`queue`]) reach guest memory only through
 //! [`dvmm_devices::GuestAccess`], the VMM's path that in a cluster is the DSM.
 //!
 //! Whatever a driver writes, the device never panics and never touches memory outside
@@ -12,15 +12,21 @@
 #![deny(unsafe_code)]
 
 pub mod block;
+pub mod console;
+pub mod net;
 pub mod pci;
 pub mod queue;
+pub mod rng;
 
 use dvmm_devices::GuestAccess;
 pub use queue::{Queue, QueueError};
 
 /// A virtio device type, behind the transport.
+///
+/// Locking: the transport holds its lock while it calls these; a device's own thread
+/// must not hold any lock of the device's while it calls [`pci::Waker::wake`].
 pub trait VirtioDevice: Send {
-    /// The virtio device id (2: block).
+    /// The virtio device id (1: network, 2: block, 3: console, 4: entropy).
     fn device_type(&self) -> u16;
     /// Feature bits the device offers (the transport adds `VIRTIO_F_VERSION_1`).
     fn features(&self) -> u64;
@@ -34,6 +40,9 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, _features: u64) {}
     /// The driver reset the device.
     fn reset(&mut self) {}
+    /// The transport is shared: `waker` serves one of this device's queues from its
+    /// own threads (devices without input of their own ignore it).
+    fn set_waker(&mut self, _waker: pci::Waker) {}
     /// Serves what the driver made available on queue `index`; true if buffers were
     /// returned (the driver may want an interrupt). An error marks the device broken.
     fn process_queue(

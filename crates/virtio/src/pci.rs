@@ -6,9 +6,12 @@
 //! configuration at 0x2000, notifications at 0x3000 (4 bytes per queue), the MSI-X
 //! table at 0x4000 and its pending bits at 0x6000. Queues are served synchronously on
 //! the thread whose write notified them (a vCPU, or node 0's dispatcher for a vCPU on
-//! another node).
+//! another node), or on a device's own thread through its [`Waker`] when input arrives
+//! by itself (console bytes, network frames).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
+
+use dvmm_sync::MutexExt;
 
 use dvmm_devices::GuestAccess;
 use dvmm_pci::config::{ConfigError, ConfigSpace, Identity};
@@ -44,6 +47,34 @@ const CAP_COMMON: u8 = 1;
 const CAP_NOTIFY: u8 = 2;
 const CAP_ISR: u8 = 3;
 const CAP_DEVICE: u8 = 4;
+const CAP_PCI_CFG: u8 = 5;
+/// Offset of `pci_cfg_data` in the PCI-configuration access capability.
+const PCI_CFG_DATA: usize = 16;
+
+/// What a device's own threads hold to have one of its queues served when input
+/// arrives by itself: the transport runs the device's `process_queue` for that queue as
+/// if the driver had notified it, and interrupts the driver if buffers were used.
+#[derive(Clone)]
+pub struct Waker(Weak<Mutex<VirtioPci>>);
+
+impl Waker {
+    /// Serves queue `index` now; false once the transport is gone (the VM ended), when
+    /// the device's threads should end.
+    pub fn wake(&self, index: usize) -> bool {
+        match self.0.upgrade() {
+            Some(t) => {
+                t.locked().notify(index);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// A waker whose transport is already gone (for devices tested on their own).
+    pub fn none() -> Waker {
+        Waker(Weak::new())
+    }
+}
 
 /// The transport around one virtio device.
 pub struct VirtioPci {
@@ -60,6 +91,8 @@ pub struct VirtioPci {
     generation: u8,
     queue_select: u16,
     isr: u8,
+    /// Where the PCI-configuration access capability is.
+    pci_cfg: usize,
     name: String,
 }
 
@@ -77,6 +110,7 @@ fn identity(ty: u16) -> Identity {
     let class = match ty {
         1 => 0x02_00_00, // network controller
         2 => 0x01_80_00, // mass storage, other
+        3 => 0x07_80_00, // communication controller, other
         _ => 0xff_00_00,
     };
     Identity {
@@ -128,6 +162,14 @@ impl VirtioPci {
         )?;
         vendor_cap(&mut config, CAP_ISR, ISR, 1, None)?;
         vendor_cap(&mut config, CAP_DEVICE, DEVICE, DEVICE_LEN, None)?;
+        // The PCI-configuration access window every device must present (virtio 4.1.4.9):
+        // the driver writes bar, offset and length, then reads or writes pci_cfg_data.
+        let mut body = vec![20, CAP_PCI_CFG, 0, 0, 0, 0];
+        body.extend_from_slice(&[0; 12]);
+        let mut writable = vec![0u8; 20];
+        writable[4] = 0xff;
+        writable[8..20].fill(0xff);
+        let pci_cfg = config.add_capability(0x09, &body, &writable)?;
         // One vector per queue and one for configuration changes.
         let vectors = u16::try_from(queues.len() + 1).unwrap_or(u16::MAX);
         let msix = Msix::new(
@@ -152,7 +194,17 @@ impl VirtioPci {
             generation: 0,
             queue_select: 0,
             isr: 0,
+            pci_cfg,
             name,
+        })
+    }
+
+    /// The transport shared with the PCI bus; the device gets its [`Waker`] here (and
+    /// may start its own threads).
+    pub fn shared(mut self) -> Arc<Mutex<VirtioPci>> {
+        Arc::new_cyclic(|weak| {
+            self.device.set_waker(Waker(weak.clone()));
+            Mutex::new(self)
         })
     }
 
@@ -351,14 +403,46 @@ impl VirtioPci {
     }
 }
 
+impl VirtioPci {
+    /// Whether `[offset, +len)` touches the access window's data field; if so, the
+    /// (bar, offset, length) the driver set up there.
+    fn pci_cfg_access(&self, offset: usize, len: usize) -> Option<(usize, u64, usize)> {
+        let data = self.pci_cfg + PCI_CFG_DATA;
+        if offset >= data + 4 || offset + len <= data {
+            return None;
+        }
+        let bar = usize::from(self.config.u16(self.pci_cfg + 4) as u8);
+        let at = u64::from(self.config.u32(self.pci_cfg + 8));
+        let length = usize::try_from(self.config.u32(self.pci_cfg + 12)).unwrap_or(0);
+        // Only BAR 0 exists; lengths are 1, 2 or 4 and stay inside the BAR.
+        (bar == 0 && matches!(length, 1 | 2 | 4) && at + length as u64 <= BAR_SIZE)
+            .then_some((bar, at, length))
+    }
+}
+
 impl PciDevice for VirtioPci {
     fn config(&self) -> &ConfigSpace {
         &self.config
     }
 
+    fn config_read(&mut self, offset: usize, data: &mut [u8]) {
+        if let Some((bar, at, length)) = self.pci_cfg_access(offset, data.len()) {
+            let mut window = [0u8; 4];
+            self.bar_read(bar, at, &mut window[..length]);
+            let field = self.pci_cfg + PCI_CFG_DATA;
+            self.config.set_u32(field, u32::from_le_bytes(window));
+        }
+        self.config.read(offset, data);
+    }
+
     fn config_write(&mut self, offset: usize, data: &[u8]) {
         self.config.write(offset, data);
         self.msix.config_written(&self.config);
+        if let Some((bar, at, length)) = self.pci_cfg_access(offset, data.len()) {
+            let field = self.pci_cfg + PCI_CFG_DATA;
+            let bytes = self.config.u32(field).to_le_bytes();
+            self.bar_write(bar, at, &bytes[..length]);
+        }
     }
 
     fn bar_read(&mut self, _bar: usize, offset: u64, data: &mut [u8]) {

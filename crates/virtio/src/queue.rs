@@ -19,8 +19,6 @@ use virtio_bindings::virtio_ring::{
     VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
 };
 
-const PAGE: u64 = 4096;
-
 /// Why a queue cannot be used: the driver wrote something no correct driver writes.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
@@ -72,37 +70,14 @@ pub enum QueueError {
     NotReady(usize),
 }
 
-/// Calls `f(address, range of the buffer)` for each piece of `[gpa, gpa + len)` that
-/// stays within one page.
-fn per_page(
-    gpa: u64,
-    len: usize,
-    mut f: impl FnMut(u64, std::ops::Range<usize>) -> Result<(), GuestAccessError>,
-) -> Result<(), QueueError> {
-    let mut done = 0usize;
-    while done < len {
-        let at = gpa.checked_add(done as u64).ok_or(QueueError::Wraps {
-            addr: gpa,
-            len: len as u64,
-        })?;
-        let n = usize::try_from(PAGE - at % PAGE)
-            .unwrap_or(usize::MAX)
-            .min(len - done);
-        f(at, done..done + n)?;
-        done += n;
-    }
-    Ok(())
-}
-
 /// Reads `buf.len()` bytes at `gpa`, page by page.
 pub fn read_guest(mem: &dyn GuestAccess, gpa: u64, buf: &mut [u8]) -> Result<(), QueueError> {
-    let len = buf.len();
-    per_page(gpa, len, |at, r| mem.read(at, &mut buf[r]))
+    Ok(dvmm_devices::read_guest(mem, gpa, buf)?)
 }
 
 /// Writes `buf` at `gpa`, page by page.
 pub fn write_guest(mem: &dyn GuestAccess, gpa: u64, buf: &[u8]) -> Result<(), QueueError> {
-    per_page(gpa, buf.len(), |at, r| mem.write(at, &buf[r]))
+    Ok(dvmm_devices::write_guest(mem, gpa, buf)?)
 }
 
 fn read_u16(mem: &dyn GuestAccess, gpa: u64) -> Result<u16, QueueError> {
@@ -129,6 +104,50 @@ pub struct Chain {
     pub head: u16,
     /// The buffers, in order.
     pub descriptors: Vec<Descriptor>,
+}
+
+impl Chain {
+    /// The bytes of its device-readable buffers, in order, at most `limit` of them.
+    pub fn read_all(&self, mem: &dyn GuestAccess, limit: usize) -> Result<Vec<u8>, QueueError> {
+        let mut out = Vec::new();
+        for d in self.descriptors.iter().filter(|d| !d.writable) {
+            let take = usize::try_from(d.len)
+                .unwrap_or(usize::MAX)
+                .min(limit - out.len());
+            let at = out.len();
+            out.resize(at + take, 0);
+            read_guest(mem, d.addr, &mut out[at..])?;
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes `bytes` into its device-writable buffers, in order; returns how many fit.
+    pub fn write_all(&self, mem: &dyn GuestAccess, bytes: &[u8]) -> Result<usize, QueueError> {
+        let mut done = 0usize;
+        for d in self.descriptors.iter().filter(|d| d.writable) {
+            if done == bytes.len() {
+                break;
+            }
+            let take = usize::try_from(d.len)
+                .unwrap_or(usize::MAX)
+                .min(bytes.len() - done);
+            write_guest(mem, d.addr, &bytes[done..done + take])?;
+            done += take;
+        }
+        Ok(done)
+    }
+
+    /// Total length of its device-writable buffers.
+    pub fn writable_len(&self) -> u64 {
+        self.descriptors
+            .iter()
+            .filter(|d| d.writable)
+            .map(|d| u64::from(d.len))
+            .sum()
+    }
 }
 
 /// A split virtqueue as the driver configured it through the transport.
@@ -279,6 +298,8 @@ impl Queue {
 pub(crate) mod tests {
     use super::*;
     use std::sync::Mutex;
+
+    const PAGE: u64 = 4096;
 
     /// `size` bytes of guest RAM at address 0.
     pub struct Ram(pub Mutex<Vec<u8>>);
@@ -441,6 +462,46 @@ pub(crate) mod tests {
         let mut q = Driver::queue(4);
         q.avail = 0x10_0000;
         assert!(matches!(q.pop(&ram), Err(QueueError::Memory(_))));
+    }
+
+    #[test]
+    fn a_chains_buffers_are_gathered_and_scattered_in_order() {
+        let ram = Ram::new(0x10000);
+        ram.put(0x5000, b"abc");
+        ram.put(0x6ffe, b"defg");
+        let c = Chain {
+            head: 0,
+            descriptors: vec![
+                Descriptor {
+                    addr: 0x5000,
+                    len: 3,
+                    writable: false,
+                },
+                Descriptor {
+                    addr: 0x8000,
+                    len: 2,
+                    writable: true,
+                },
+                Descriptor {
+                    addr: 0x6ffe,
+                    len: 4,
+                    writable: false,
+                },
+                Descriptor {
+                    addr: 0x9ffe,
+                    len: 8,
+                    writable: true,
+                },
+            ],
+        };
+        assert_eq!(c.read_all(&ram, 100).unwrap(), b"abcdefg");
+        assert_eq!(c.read_all(&ram, 4).unwrap(), b"abcd");
+        assert_eq!(c.writable_len(), 10);
+        assert_eq!(c.write_all(&ram, b"0123456789xyz").unwrap(), 10);
+        assert_eq!(ram.get(0x8000, 2), b"01");
+        assert_eq!(ram.get(0x9ffe, 8), b"23456789");
+        assert_eq!(c.write_all(&ram, b"Q").unwrap(), 1);
+        assert_eq!(ram.get(0x8000, 2), b"Q1");
     }
 
     #[test]

@@ -74,6 +74,15 @@ pub enum VmmError {
     /// A disk image cannot be attached (missing, unwritable, in use, empty).
     #[error(transparent)]
     Disk(#[from] dvmm_virtio::block::BlockError),
+    /// A network card's TAP cannot be used.
+    #[error(transparent)]
+    Net(#[from] dvmm_virtio::net::NetError),
+    /// The virtio-console's file or socket cannot be made.
+    #[error(transparent)]
+    Console(#[from] dvmm_virtio::console::ConsoleError),
+    /// The entropy device cannot read the host's randomness.
+    #[error(transparent)]
+    Rng(#[from] dvmm_virtio::rng::RngError),
     /// A PCI device does not fit on the bus.
     #[error(transparent)]
     Pci(#[from] dvmm_pci::PciError),

@@ -248,3 +248,32 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn the_pci_configuration_window_reaches_bar_0() {
+    let mut r = rig(false);
+    // Find the vendor capability of type 5 in the capability list.
+    let mut at = usize::from(r.dev.config().u16(0x34) as u8);
+    while r.dev.config().u16(at) & 0xff != 0x09 || r.dev.config().u16(at + 2) >> 8 != 5 {
+        at = usize::from((r.dev.config().u16(at) >> 8) as u8);
+        assert_ne!(at, 0, "no VIRTIO_PCI_CAP_PCI_CFG capability");
+    }
+    // num_queues (common configuration 0x12, 2 bytes) through the window.
+    r.dev.config_write(at + 4, &[0]);
+    r.dev.config_write(at + 8, &0x12u32.to_le_bytes());
+    r.dev.config_write(at + 12, &2u32.to_le_bytes());
+    let mut b = [0u8; 4];
+    r.dev.config_read(at + 16, &mut b);
+    assert_eq!(u16::from_le_bytes([b[0], b[1]]), 1, "one queue");
+    // A write through the window: queue_select (0x16) = 7, read back directly.
+    r.dev.config_write(at + 8, &0x16u32.to_le_bytes());
+    r.dev.config_write(at + 16, &7u16.to_le_bytes());
+    let mut q = [0u8; 2];
+    r.dev.bar_read(0, 0x16, &mut q);
+    assert_eq!(u16::from_le_bytes(q), 7);
+    // A length the window does not take is ignored.
+    r.dev.config_write(at + 12, &3u32.to_le_bytes());
+    r.dev.config_write(at + 16, &9u16.to_le_bytes());
+    r.dev.bar_read(0, 0x16, &mut q);
+    assert_eq!(u16::from_le_bytes(q), 7);
+}

@@ -63,7 +63,7 @@ pub(super) fn attach_devices(
     events: Arc<dyn VmEventSink>,
     console_out: Box<dyn Write + Send>,
     guest: Arc<dyn crate::guest_access::GuestAccess>,
-    disks: Vec<dvmm_virtio::block::Block>,
+    virtio: Vec<VirtioSlot>,
 ) -> Result<Arc<Mutex<Serial>>, VmmError> {
     let serial = Arc::new(Mutex::new(Serial::new(
         Arc::new(IoApicPin::new(hub.clone(), layout::COM1_IRQ as usize)),
@@ -132,30 +132,74 @@ pub(super) fn attach_devices(
         layout::APIC_MMIO_SIZE,
     )?;
 
-    attach_pci(pio, mmio, hub, guest, disks)?;
+    attach_pci(pio, mmio, hub, guest, virtio)?;
     Ok(serial)
 }
 
-/// PCI bus 0 with its host bridge and a virtio-blk device per disk: configuration
-/// through ports 0xCF8/0xCFC and ECAM, BARs in the PCI window, MSI-X into the hub.
+/// A virtio device opened from the configuration, waiting for its PCI slot.
+pub(super) struct VirtioSlot {
+    /// For the log: e.g. "virtio-blk0 (/images/disk.img)".
+    name: String,
+    device: Box<dyn dvmm_virtio::VirtioDevice>,
+}
+
+/// Opens the configured virtio devices in the order the guest sees them (disks, network
+/// cards, the entropy device, the console), so that a bad path fails before boot.
+pub(super) fn open_virtio(cfg: &super::VmConfig) -> Result<Vec<VirtioSlot>, VmmError> {
+    let mut out = Vec::new();
+    for (i, d) in cfg.disks.iter().enumerate() {
+        let disk = dvmm_virtio::block::Block::open(&d.path, d.readonly)?;
+        tracing::info!(
+            disk = %disk.path().display(),
+            sectors = disk.sectors(),
+            readonly = d.readonly,
+            "attaching a virtio-blk device"
+        );
+        out.push(VirtioSlot {
+            name: format!("virtio-blk{i} ({})", d.path.display()),
+            device: Box::new(disk),
+        });
+    }
+    for (i, n) in cfg.nets.iter().enumerate() {
+        let net = dvmm_virtio::net::Net::open(&n.tap, n.mac)?;
+        let mac = n.mac.map(|b| format!("{b:02x}")).join(":");
+        tracing::info!(tap = %n.tap, %mac, "attaching a virtio-net device");
+        out.push(VirtioSlot {
+            name: format!("virtio-net{i} ({})", n.tap),
+            device: Box::new(net),
+        });
+    }
+    if cfg.rng {
+        out.push(VirtioSlot {
+            name: "virtio-rng".into(),
+            device: Box::new(dvmm_virtio::rng::Rng::new()?),
+        });
+    }
+    if let Some(backend) = &cfg.console {
+        let console = dvmm_virtio::console::Console::open(backend)?;
+        tracing::info!(?backend, "attaching a virtio-console (the guest's hvc0)");
+        out.push(VirtioSlot {
+            name: "virtio-console".into(),
+            device: Box::new(console),
+        });
+    }
+    Ok(out)
+}
+
+/// PCI bus 0 with its host bridge and the virtio devices: configuration through ports
+/// 0xCF8/0xCFC and ECAM, BARs in the PCI window, MSI-X into the hub.
 fn attach_pci(
     pio: &mut Bus,
     mmio: &mut Bus,
     hub: &Arc<InterruptHub>,
     guest: Arc<dyn crate::guest_access::GuestAccess>,
-    disks: Vec<dvmm_virtio::block::Block>,
+    virtio: Vec<VirtioSlot>,
 ) -> Result<(), VmmError> {
     let mut pci = PciBus::new();
     let msi: Arc<dyn dvmm_pci::MsiSink> = Arc::new(HubMsi(hub.clone()));
-    for (i, disk) in disks.into_iter().enumerate() {
-        let name = format!("virtio-blk{i} ({})", disk.path().display());
-        tracing::info!(
-            disk = %disk.path().display(),
-            sectors = disk.sectors(),
-            "attaching a virtio-blk device"
-        );
-        let dev = VirtioPci::new(Box::new(disk), guest.clone(), msi.clone(), name)?;
-        pci.add(Arc::new(Mutex::new(dev)))?;
+    for slot in virtio {
+        let dev = VirtioPci::new(slot.device, guest.clone(), msi.clone(), slot.name)?;
+        pci.add(dev.shared())?;
     }
     let pci = Arc::new(pci);
     add(

@@ -61,6 +61,21 @@ pub struct VmConfig {
     pub profile: Option<crate::profile::ProfileConfig>,
     /// Disk images, attached as virtio-blk devices in this order.
     pub disks: Vec<DiskConfig>,
+    /// Network cards (virtio-net on host TAP devices), in this order.
+    pub nets: Vec<NetConfig>,
+    /// A virtio-rng device fed by the host's `/dev/urandom`.
+    pub rng: bool,
+    /// A virtio-console (the guest's `/dev/hvc0`) and where its bytes go.
+    pub console: Option<dvmm_virtio::console::ConsoleBackend>,
+}
+
+/// A network card for the guest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// The host TAP device (it must exist).
+    pub tap: String,
+    /// The card's MAC address.
+    pub mac: [u8; 6],
 }
 
 /// A disk image for the guest.
@@ -255,7 +270,7 @@ struct Parts {
     syscalls: Arc<SyscallCompletion>,
     profiling: Option<Profiling>,
     emulated_kernel: bool,
-    disks: Vec<dvmm_virtio::block::Block>,
+    virtio: Vec<devices::VirtioSlot>,
     gate: Arc<crate::run_gate::RunGate>,
     boot: Option<dvmm_boot::cpu::CpuBootState>,
 }
@@ -282,7 +297,7 @@ impl Parts {
             syscalls,
             profiling,
             emulated_kernel,
-            disks,
+            virtio,
             gate,
             boot,
         } = self;
@@ -306,7 +321,7 @@ impl Parts {
                     watch,
                 }),
                 guest.clone(),
-                disks,
+                virtio,
             )?;
             Some(ConsoleInput {
                 serial,
@@ -471,12 +486,10 @@ impl Vm {
             }),
             None => None,
         };
-        // Disk images next: a missing, unwritable or busy image fails before the guest runs.
-        let disks = if node == 0 {
-            cfg.disks
-                .iter()
-                .map(|d| dvmm_virtio::block::Block::open(&d.path, d.readonly))
-                .collect::<Result<Vec<_>, _>>()?
+        // Devices next: a missing, unwritable or busy image, a missing TAP or a taken
+        // socket path fails before the guest runs.
+        let virtio = if node == 0 {
+            devices::open_virtio(cfg)?
         } else {
             Vec::new()
         };
@@ -622,7 +635,7 @@ impl Vm {
             syscalls,
             profiling,
             emulated_kernel: host.emulates_guest_kernel(),
-            disks,
+            virtio,
             gate: Arc::new(crate::run_gate::RunGate::default()),
             boot: local.contains(&0).then_some(loaded.cpu),
         })
