@@ -98,6 +98,23 @@ pub struct NodeSpec {
     pub memory: u64,
 }
 
+/// The `key=value` pairs of a comma-separated device option; `example` shows the form.
+fn key_values<'a>(s: &'a str, example: &str) -> Result<Vec<(&'a str, &'a str)>, String> {
+    s.split(',')
+        .map(|part| {
+            part.split_once('=')
+                .ok_or_else(|| format!("'{part}' is not key=value (e.g. {example})"))
+        })
+        .collect()
+}
+
+/// A `node=` value.
+fn node_number(value: &str) -> Result<usize, String> {
+    value
+        .parse()
+        .map_err(|_| format!("node={value} is not a node number"))
+}
+
 /// A disk image the guest gets as a virtio-blk device.
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,10 +135,7 @@ impl DiskSpec {
         let mut path = None;
         let mut readonly = false;
         let mut node = 0;
-        for part in s.split(',') {
-            let (key, value) = part.split_once('=').ok_or_else(|| {
-                format!("'{part}' is not key=value (e.g. path=disk.img,readonly=on)")
-            })?;
+        for (key, value) in key_values(s, "path=disk.img,readonly=on")? {
             match key {
                 "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
                 "path" => return Err("path= is empty".into()),
@@ -132,11 +146,7 @@ impl DiskSpec {
                         _ => return Err(format!("readonly={value}: use on or off")),
                     }
                 }
-                "node" => {
-                    node = value
-                        .parse()
-                        .map_err(|_| format!("node={value} is not a node number"))?
-                }
+                "node" => node = node_number(value)?,
                 _ => {
                     return Err(format!(
                         "unknown disk option '{key}' (known: path, readonly, node)"
@@ -206,19 +216,12 @@ impl NetSpec {
         let mut tap = None;
         let mut mac = None;
         let mut node = 0;
-        for part in s.split(',') {
-            let (key, value) = part
-                .split_once('=')
-                .ok_or_else(|| format!("'{part}' is not key=value (e.g. tap=tap0)"))?;
+        for (key, value) in key_values(s, "tap=tap0")? {
             match key {
                 "tap" if !value.is_empty() => tap = Some(value.to_string()),
                 "tap" => return Err("tap= is empty".into()),
                 "mac" => mac = Some(parse_mac(value)?),
-                "node" => {
-                    node = value
-                        .parse()
-                        .map_err(|_| format!("node={value} is not a node number"))?
-                }
+                "node" => node = node_number(value)?,
                 _ => {
                     return Err(format!(
                         "unknown net option '{key}' (known: tap, mac, node)"
