@@ -17,30 +17,11 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{dvmm, Tap};
-
-fn script(args: &[&str]) -> PathBuf {
-    let out = Command::new("bash")
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run a guest-building script");
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .next()
-            .unwrap_or_default(),
-    )
-}
+use common::{dvmm, script, Tap};
 
 /// The `KEY=value` fields of the io-bench line for `test` in `text`.
 fn field(text: &str, test: &str, key: &str) -> Option<f64> {
@@ -194,8 +175,8 @@ fn main() {
             _ => {}
         }
     }
-    let kernel = script(&["scripts/build-linux.sh"]);
-    let initramfs = script(&["scripts/linux-guest.sh", "--initramfs-only"]);
+    let kernel = script(&["scripts/build-linux.sh"]).remove(0);
+    let initramfs = script(&["scripts/linux-guest.sh", "--initramfs-only"]).remove(0);
     let dir = std::env::temp_dir().join(format!("dvmm-bench-devices-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let image = dir.join("scratch.img");

@@ -13,30 +13,12 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{dvmm, Run, Tap};
+use common::{dvmm, script, Run, Tap};
 
 /// A kernel and the test initramfs.
 struct Guest {
     kernel: PathBuf,
     initramfs: PathBuf,
-}
-
-fn script(args: &[&str]) -> Vec<PathBuf> {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let out = Command::new("bash")
-        .args(args)
-        .current_dir(root)
-        .output()
-        .expect("run a guest-building script");
-    assert!(
-        out.status.success(),
-        "{args:?} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(PathBuf::from)
-        .collect()
 }
 
 /// dvmm's small kernel (built on a cache miss) and the test initramfs.
@@ -124,15 +106,7 @@ fn disk_image(name: &str) -> (PathBuf, String) {
     let _ = std::fs::remove_dir_all(&dir);
     let root = dir.join("root");
     std::fs::create_dir_all(&root).unwrap();
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let content: Vec<u8> = (0..256 * 1024)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let content = varied_bytes(256 * 1024, 0x9e37_79b9_7f4a_7c15);
     std::fs::write(root.join("host.bin"), &content).unwrap();
     let image = dir.join("disk.img");
     let f = std::fs::File::create(&image).unwrap();
@@ -304,7 +278,7 @@ fn small_kernel_two_nodes() {
     assert_good_run(&run, 2, 2, 256);
 }
 
-/// Bytes the host sends the guest over TCP (xorshift, seeded).
+/// Varied bytes for the guest to check (xorshift, seeded).
 fn varied_bytes(len: usize, seed: u64) -> Vec<u8> {
     let mut x = seed;
     (0..len)

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::Read;
+use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -150,4 +151,23 @@ impl Drop for Tap {
             .args(["link", "del", &self.name])
             .output();
     }
+}
+
+/// Runs a guest-building script from the repository root; its stdout lines are paths.
+pub fn script(args: &[&str]) -> Vec<PathBuf> {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let out = Command::new("bash")
+        .args(args)
+        .current_dir(root)
+        .output()
+        .expect("run a guest-building script");
+    assert!(
+        out.status.success(),
+        "{args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(PathBuf::from)
+        .collect()
 }
