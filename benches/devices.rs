@@ -3,8 +3,10 @@
 //! Disk: `io-bench` (guests/linux/io-bench.c: O_DIRECT, 1 MiB sequential write and
 //! read, then random 4 KiB reads) on a scratch image, run by the host on the image file
 //! and by the guest on the same image as its virtio-blk `/dev/vda`: on one node, and on
-//! two nodes with the guest's process pinned to vCPU 1 (node 1's; the device is node
-//! 0's, so requests, DMA and completions cross nodes). The host's own `dd` (O_DIRECT,
+//! two nodes with the devices and the guest's process on different nodes, both ways
+//! (devices on node 0 and the process pinned to vCPU 1, which is node 1's; devices on
+//! node 1 with `node=1` and the process on vCPU 0), so requests, DMA and completions
+//! cross nodes. The host's own `dd` (O_DIRECT,
 //! 1 MiB) on the image is printed beside it.
 //! Network: the guest sends MiB of zeros over TCP through virtio-net and a TAP to the
 //! host, then receives as many; the host times both directions.
@@ -101,11 +103,13 @@ fn guest_run(
     kernel: &Path,
     initramfs: &Path,
     image: &Path,
-    nodes: u32,
-    io_cpu: u32,
+    (nodes, serving, io_cpu): (u32, u32, u32),
     (mib, seconds, net_mib): (u64, u64, usize),
 ) -> Row {
-    let tap = Tap::new(&format!("b{nodes}"), 10 + u8::try_from(nodes).unwrap_or(0));
+    let tap = Tap::new(
+        &format!("b{nodes}{serving}"),
+        u8::try_from(10 + 2 * nodes + serving).unwrap_or(10),
+    );
     let listener = TcpListener::bind((tap.host_ip.as_str(), 0)).expect("bind on the TAP");
     let port = listener.local_addr().expect("port").port();
     let peer = net_peer(listener, net_mib);
@@ -119,8 +123,8 @@ fn guest_run(
         kernel.display().to_string(),
         initramfs.display().to_string(),
     );
-    let disk = format!("path={}", image.display());
-    let net = format!("tap={}", tap.name);
+    let disk = format!("path={},node={serving}", image.display());
+    let net = format!("tap={},node={serving}", tap.name);
     let run = dvmm(
         &[
             "run",
@@ -152,7 +156,10 @@ fn guest_run(
         what: if nodes == 1 {
             "guest, 1 node".into()
         } else {
-            format!("guest, {nodes} nodes, process on node 1 (device on node 0)")
+            format!(
+                "guest, {nodes} nodes, process on node {} (devices on node {serving})",
+                io_cpu * nodes / 2
+            )
         },
         write: field(out, "seq-write", "MiB/s").unwrap_or(0.0),
         read: field(out, "seq-read", "MiB/s").unwrap_or(0.0),
@@ -229,13 +236,12 @@ fn main() {
         up: f64::NAN,
         down: f64::NAN,
     });
-    for (nodes, cpu) in [(1, 0), (2, 1)] {
+    for placement in [(1, 0, 0), (2, 0, 1), (2, 1, 0)] {
         rows.push(guest_run(
             &kernel,
             &initramfs,
             &image,
-            nodes,
-            cpu,
+            placement,
             (mib, seconds, net_mib),
         ));
     }

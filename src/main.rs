@@ -363,15 +363,8 @@ fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
         vcpus: args.cpus,
         memory: args.memory,
         profile: args.profile.config(),
-        disks: args
-            .disks
-            .iter()
-            .map(|d| dvmm_vmm::vm::DiskConfig {
-                path: d.path.clone(),
-                readonly: d.readonly,
-            })
-            .collect(),
-        nets: dvmm_node::nets_served_by(&args.nets, 0),
+        disks: dvmm_node::disks_config(&args.disks),
+        nets: dvmm_node::nets_config(&args.nets),
         rng: args.rng,
         console: args.console.0.as_ref().map(dvmm_node::console_backend),
     };

@@ -106,6 +106,11 @@ if [ -n "$net" ]; then
     echo "dvmm-init: net received $(wc -c < /tmp/rx) bytes sha256=$(sha256sum /tmp/rx | cut -d' ' -f1)"
   else
     echo "dvmm-init: net nc FAILED"
+    # What the host's and the guest's sides need to tell a lost frame from a lost
+    # interrupt: the card's counters, its interrupts per CPU, the neighbour table.
+    grep eth0 /proc/net/dev
+    grep virtio /proc/interrupts
+    ip neigh
   fi
 fi
 if [ -n "$netbench" ]; then

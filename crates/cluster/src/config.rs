@@ -434,13 +434,6 @@ impl ClusterConfig {
                     nodes.len()
                 )));
             }
-            if d.node != 0 {
-                return Err(invalid(format!(
-                    "disk {i} ({}): node={}: disks are served by node 0 in this version",
-                    d.path.display(),
-                    d.node
-                )));
-            }
         }
         let mut nets = Vec::with_capacity(raw.net.len());
         for (i, n) in raw.net.iter().enumerate() {
@@ -454,12 +447,6 @@ impl ClusterConfig {
                     n.tap,
                     n.node,
                     nodes.len()
-                )));
-            }
-            if n.node != 0 {
-                return Err(invalid(format!(
-                    "net {i} ({}): node={}: network cards are served by node 0 in this version",
-                    n.tap, n.node
                 )));
             }
             nets.push(NetSpec {
@@ -630,12 +617,15 @@ memory = "64M"
                 "[[net]]\ntap = \"t\"\nmac = \"01:00:00:00:00:01\"\n",
                 "multicast",
             ),
-            ("[[net]]\ntap = \"t\"\nnode = 1\n", "node 0 in this version"),
             ("[[net]]\ntap = \"t\"\nnode = 9\n", "does not exist"),
         ] {
             let e = parse(&GOOD.replacen("[[node]]", &format!("{bad}[[node]]"), 1)).unwrap_err();
             assert!(e.to_string().contains(says), "{bad}: {e}");
         }
+        // Any node may serve a card or a disk.
+        let placed = "[[net]]\ntap = \"t\"\nnode = 1\n[[disk]]\npath = \"/d\"\nnode = 1\n";
+        let c = parse(&GOOD.replacen("[[node]]", &format!("{placed}[[node]]"), 1)).unwrap();
+        assert_eq!((c.nets[0].node, c.disks[0].node), (1, 1));
     }
 
     #[test]

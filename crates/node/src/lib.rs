@@ -154,7 +154,8 @@ impl RemoteInterrupts for NodeLink {
 }
 
 impl RemoteIo for NodeLink {
-    fn io(&self, space: IoSpace, addr: u64, data: &mut [u8], write: bool) {
+    fn io(&self, node: usize, space: IoSpace, addr: u64, data: &mut [u8], write: bool) {
+        let node = u16::try_from(node).unwrap_or(u16::MAX);
         let len = data.len().min(8);
         let id = self.next_io.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::sync_channel(1);
@@ -164,7 +165,7 @@ impl RemoteIo for NodeLink {
             out[..len].copy_from_slice(&data[..len]);
         }
         self.send(
-            0,
+            node,
             &ControlMsg::IoRequest {
                 id,
                 space,
@@ -187,7 +188,7 @@ impl RemoteIo for NodeLink {
                 Err(mpsc::RecvTimeoutError::Timeout) if !self.stopping() => {
                     let waited = start.elapsed();
                     let what = format!(
-                        "node 0 to answer a {} {} of {addr:#x}",
+                        "node {node} to answer a {} {} of {addr:#x}",
                         match space {
                             IoSpace::Pio => "port",
                             IoSpace::Mmio => "MMIO",
@@ -314,8 +315,9 @@ struct Dispatch {
     link: Arc<NodeLink>,
     dsm: Arc<DsmEngine>,
     vm_hub: Arc<dvmm_vmm::irqchip::InterruptHub>,
-    devices: DeviceSpace,
     control: Arc<VmControl>,
+    /// To node-io, which serves forwarded device accesses.
+    io_requests: mpsc::Sender<(u16, ControlMsg)>,
     ready: Mutex<usize>,
     ready_cond: std::sync::Condvar,
 }
@@ -367,22 +369,11 @@ impl Dispatch {
             ControlMsg::Irq { apic_id, msg } => self.vm_hub.deliver_local(apic_id, &msg),
             ControlMsg::LevelEoi { vector } => self.vm_hub.level_eoi(vector),
             ControlMsg::ApicView(view) => self.vm_hub.update_remote_view(view),
-            ControlMsg::IoRequest {
-                id,
-                space,
-                addr,
-                len,
-                write,
-                mut data,
-            } => {
-                let buf = &mut data[..usize::from(len)];
-                self.devices.local(space, addr, buf, write);
-                let mut reply = [0u8; 8];
-                if !write {
-                    reply[..usize::from(len)].copy_from_slice(&data[..usize::from(len)]);
-                }
-                self.link
-                    .send(from, &ControlMsg::IoReply { id, data: reply });
+            request @ ControlMsg::IoRequest { .. } => {
+                // Served on node-io: serving one may wait for another node's reply
+                // (node 0's stand-in for a function another node serves), which
+                // arrives here.
+                let _ = self.io_requests.send((from, request));
             }
             ControlMsg::IoReply { id, data } => {
                 let waiter = self.link.pending_io.locked().remove(&id);
@@ -414,16 +405,52 @@ impl Dispatch {
     }
 }
 
-/// Opens `path` for reading and reads one byte: a directory or an unreadable file fails.
-/// The network cards node `node` serves, in the guest's order (MACs resolved by the
-/// card's index in the whole list, so every node agrees on them).
-pub fn nets_served_by(nets: &[dvmm_cluster::NetSpec], node: usize) -> Vec<dvmm_vmm::vm::NetConfig> {
+/// Serves the device accesses other nodes forward here, in order, until the
+/// dispatcher ends.
+fn serve_io(devices: &DeviceSpace, link: &NodeLink, queue: Receiver<(u16, ControlMsg)>) {
+    for (from, request) in queue {
+        let ControlMsg::IoRequest {
+            id,
+            space,
+            addr,
+            len,
+            write,
+            mut data,
+        } = request
+        else {
+            continue;
+        };
+        let len = usize::from(len).min(data.len());
+        devices.local(space, addr, &mut data[..len], write);
+        let mut reply = [0u8; 8];
+        if !write {
+            reply[..len].copy_from_slice(&data[..len]);
+        }
+        link.send(from, &ControlMsg::IoReply { id, data: reply });
+    }
+}
+
+/// The network cards, in the guest's order, each with its MAC (resolved by the card's
+/// index in the whole list, so every node agrees on them) and the node serving it.
+pub fn nets_config(nets: &[dvmm_cluster::NetSpec]) -> Vec<dvmm_vmm::vm::NetConfig> {
     nets.iter()
         .enumerate()
-        .filter(|(_, n)| n.node == node)
         .map(|(i, n)| dvmm_vmm::vm::NetConfig {
             tap: n.tap.clone(),
             mac: n.mac_for(i),
+            node: n.node,
+        })
+        .collect()
+}
+
+/// The disks, in the guest's order, each with the node serving it.
+pub fn disks_config(disks: &[dvmm_cluster::DiskSpec]) -> Vec<dvmm_vmm::vm::DiskConfig> {
+    disks
+        .iter()
+        .map(|d| dvmm_vmm::vm::DiskConfig {
+            path: d.path.clone(),
+            readonly: d.readonly,
+            node: d.node,
         })
         .collect()
 }
@@ -510,16 +537,10 @@ pub fn run_node(
         vcpus: cluster.vcpus(),
         memory: cluster.memory(),
         profile,
-        disks: cluster
-            .disks
-            .iter()
-            .filter(|d| d.node == id)
-            .map(|d| dvmm_vmm::vm::DiskConfig {
-                path: d.path.clone(),
-                readonly: d.readonly,
-            })
-            .collect(),
-        nets: nets_served_by(&cluster.nets, id),
+        // Every node gets the whole list: it opens those it serves and numbers the
+        // others' PCI functions alike.
+        disks: disks_config(&cluster.disks),
+        nets: nets_config(&cluster.nets),
         // Node-wide devices live with the other devices, on node 0.
         rng: cluster.rng && id == 0,
         console: cluster
@@ -607,12 +628,21 @@ pub fn run_node(
         dsm: dsm.clone(),
         memory: ram.size(),
     }))?;
+    let (io_requests, io_queue) = mpsc::channel();
+    {
+        let devices = vm.devices();
+        let link = link.clone();
+        std::thread::Builder::new()
+            .name("node-io".into())
+            .spawn(move || serve_io(&devices, &link, io_queue))
+            .map_err(NodeError::Thread)?;
+    }
     let dispatch = Arc::new(Dispatch {
         link: link.clone(),
         dsm: dsm.clone(),
         vm_hub: vm.hub(),
-        devices: vm.devices(),
         control: control.clone(),
+        io_requests,
         ready: Mutex::new(0),
         ready_cond: std::sync::Condvar::new(),
     });

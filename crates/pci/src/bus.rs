@@ -33,6 +33,12 @@ pub trait PciDevice: Send {
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
     /// A guest write of `data` at `offset` into BAR `bar`.
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
+    /// Places BAR `bar` at `address` while the VM is built, through the device's own
+    /// write path as firmware's writes would go (a function served by another node
+    /// only notes it: that node places its copy itself).
+    fn place_bar(&mut self, bar: usize, address: u32) {
+        self.config_write(crate::config::BAR0 + 4 * bar, &address.to_le_bytes());
+    }
 }
 
 /// A device on the bus, shared between the bus and whoever else serves it.
@@ -78,7 +84,8 @@ struct Window {
 
 /// PCI bus 0.
 pub struct PciBus {
-    devices: Vec<SharedPciDevice>,
+    /// By device number; `None` where another node's bus has the function.
+    devices: Vec<Option<SharedPciDevice>>,
     /// The configuration address register (port 0xCF8).
     address: AtomicU32,
     /// Where each decoded BAR is now.
@@ -114,7 +121,7 @@ impl PciBus {
             subsystem: 0,
         });
         PciBus {
-            devices: vec![Arc::new(Mutex::new(HostBridge(bridge)))],
+            devices: vec![Some(Arc::new(Mutex::new(HostBridge(bridge))))],
             address: AtomicU32::new(0),
             windows: RwLock::new(Vec::new()),
             next_bar: PCI_MMIO_START,
@@ -124,34 +131,53 @@ impl PciBus {
     /// Adds `device` at the next free device number and places its BARs (as firmware
     /// would; the guest may move them). Returns the device number.
     pub fn add(&mut self, device: SharedPciDevice) -> Result<u8, PciError> {
+        let placed = self.place(device.locked().config())?;
+        {
+            let mut d = device.locked();
+            for (bar, address) in placed {
+                d.place_bar(bar, address);
+            }
+        }
+        self.devices.push(Some(device));
+        Ok(self.last_number())
+    }
+
+    /// Takes the next device number and BAR space for a function another node's bus
+    /// has (`like` gives its BAR sizes), so that the numbers and BAR addresses of the
+    /// functions after it are the same on every node. The function is absent here.
+    pub fn reserve(&mut self, like: &ConfigSpace) -> Result<u8, PciError> {
+        self.place(like)?;
+        self.devices.push(None);
+        Ok(self.last_number())
+    }
+
+    /// Where the BARs of a function sized like `config` go, as the next device; moves
+    /// the free pointer past them.
+    fn place(&mut self, config: &ConfigSpace) -> Result<Vec<(usize, u32)>, PciError> {
         if self.devices.len() >= PCI_DEVICES {
             return Err(PciError::BusFull);
         }
-        {
-            let mut d = device.locked();
-            let mut next = self.next_bar;
-            let mut placed = Vec::new();
-            for bar in 0..BARS {
-                let size = d.config().bar_size(bar);
-                if size == 0 {
-                    continue;
-                }
-                let at = next.div_ceil(size) * size;
-                let address = u32::try_from(at)
-                    .ok()
-                    .filter(|_| at + size <= PCI_MMIO_START + PCI_MMIO_SIZE)
-                    .ok_or(PciError::NoBarSpace { size })?;
-                placed.push((bar, address));
-                next = at + size;
+        let mut next = self.next_bar;
+        let mut placed = Vec::new();
+        for bar in 0..BARS {
+            let size = config.bar_size(bar);
+            if size == 0 {
+                continue;
             }
-            // Through the device's own write path, as firmware's writes would go.
-            for (bar, address) in placed {
-                d.config_write(crate::config::BAR0 + 4 * bar, &address.to_le_bytes());
-            }
-            self.next_bar = next;
+            let at = next.div_ceil(size) * size;
+            let address = u32::try_from(at)
+                .ok()
+                .filter(|_| at + size <= PCI_MMIO_START + PCI_MMIO_SIZE)
+                .ok_or(PciError::NoBarSpace { size })?;
+            placed.push((bar, address));
+            next = at + size;
         }
-        self.devices.push(device);
-        Ok(u8::try_from(self.devices.len() - 1).unwrap_or(u8::MAX))
+        self.next_bar = next;
+        Ok(placed)
+    }
+
+    fn last_number(&self) -> u8 {
+        u8::try_from(self.devices.len() - 1).unwrap_or(u8::MAX)
     }
 
     /// Number of devices, the host bridge included.
@@ -197,7 +223,7 @@ impl PciBus {
         if bus != 0 || function != 0 {
             return None;
         }
-        self.devices.get(usize::from(device))
+        self.devices.get(usize::from(device))?.as_ref()
     }
 
     /// The BAR that decodes `address` now: the device, the BAR index and the offset.
@@ -206,7 +232,8 @@ impl PciBus {
         let w = windows
             .iter()
             .find(|w| address >= w.base && address - w.base < w.size)?;
-        Some((self.devices[w.device].clone(), w.bar, address - w.base))
+        let device = self.devices.get(w.device)?.as_ref()?;
+        Some((device.clone(), w.bar, address - w.base))
     }
 
     /// A memory read at guest-physical `address`: true if a BAR took it.
@@ -296,6 +323,12 @@ impl BusDevice for ConfigDataPort {
 
 /// The ECAM window: bus << 20 | device << 15 | function << 12 | register.
 pub struct EcamWindow(pub Arc<PciBus>);
+
+/// Where register `register` of device `device` (bus 0, function 0) is in the ECAM
+/// window.
+pub fn ecam_offset(device: u8, register: usize) -> u64 {
+    (u64::from(device) << 15) | (register as u64 & 0xfff)
+}
 
 fn decode_ecam(offset: u64) -> (u8, u8, u8, usize) {
     (

@@ -5,14 +5,18 @@
 //! Like `dvmm-devices`, nothing here knows about KVM or nodes: the VMM puts
 //! [`bus::ConfigAddressPort`], [`bus::ConfigDataPort`], [`bus::EcamWindow`] and
 //! [`bus::BarWindow`] on its port and MMIO buses, and implements [`msix::MsiSink`] with
-//! its interrupt controllers.
+//! its interrupt controllers. A function another node serves has a
+//! [`remote::RemoteFunction`] stand-in on node 0's bus and a reserved number on the
+//! serving node's ([`PciBus::reserve`]), so both agree on numbers and BAR addresses.
 
 #![forbid(unsafe_code)]
 
 pub mod bus;
 pub mod config;
 pub mod msix;
+pub mod remote;
 
 pub use bus::{PciBus, PciDevice, PciError, SharedPciDevice};
 pub use config::{ConfigSpace, Identity};
 pub use msix::{MsiSink, Msix};
+pub use remote::{FunctionLink, RemoteFunction};

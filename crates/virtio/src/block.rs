@@ -375,7 +375,7 @@ fn punch_hole(file: &File, at: u64, len: u64) -> std::io::Result<()> {
 
 impl VirtioDevice for Block {
     fn device_type(&self) -> u16 {
-        2
+        crate::device_type::BLOCK
     }
 
     fn features(&self) -> u64 {

@@ -301,7 +301,7 @@ fn read_client(shared: &Shared, mut stream: UnixStream, waker: &Waker) -> bool {
 
 impl VirtioDevice for Console {
     fn device_type(&self) -> u16 {
-        3
+        crate::device_type::CONSOLE
     }
 
     fn features(&self) -> u64 {

@@ -21,12 +21,24 @@ pub mod rng;
 use dvmm_devices::GuestAccess;
 pub use queue::{Queue, QueueError};
 
+/// The virtio device ids (virtio 1.2, 5) of the devices here.
+pub mod device_type {
+    /// A network card.
+    pub const NET: u16 = 1;
+    /// A block device.
+    pub const BLOCK: u16 = 2;
+    /// A console.
+    pub const CONSOLE: u16 = 3;
+    /// An entropy source.
+    pub const ENTROPY: u16 = 4;
+}
+
 /// A virtio device type, behind the transport.
 ///
 /// Locking: the transport holds its lock while it calls these; a device's own thread
 /// must not hold any lock of the device's while it calls [`pci::Waker::wake`].
 pub trait VirtioDevice: Send {
-    /// The virtio device id (1: network, 2: block, 3: console, 4: entropy).
+    /// The virtio device id (one of [`device_type`]).
     fn device_type(&self) -> u16;
     /// Feature bits the device offers (the transport adds `VIRTIO_F_VERSION_1`).
     fn features(&self) -> u64;

@@ -174,7 +174,17 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        self.state.locked().closed = true;
+        let mut st = self.state.locked();
+        st.closed = true;
+        let c = st.counters;
+        tracing::info!(
+            tap = %self.name,
+            rx = c.rx_frames,
+            tx = c.tx_frames,
+            dropped = c.dropped,
+            held = st.rx.len(),
+            "virtio-net: frames to and from the guest"
+        );
     }
 }
 
@@ -233,7 +243,7 @@ fn reader(tap: Arc<File>, state: Arc<Mutex<State>>, waker: Waker) {
 
 impl VirtioDevice for Net {
     fn device_type(&self) -> u16 {
-        1
+        crate::device_type::NET
     }
 
     fn features(&self) -> u64 {

@@ -123,6 +123,15 @@ fn identity(ty: u16) -> Identity {
     }
 }
 
+/// A configuration space sized like that of a virtio function of type `ty` (its
+/// identity and BAR): what node 0's stand-in for a function served by another node
+/// needs to place it and route its BAR.
+pub fn stand_in_config(ty: u16) -> Result<ConfigSpace, ConfigError> {
+    let mut config = ConfigSpace::new(identity(ty));
+    config.add_memory_bar(0, BAR_SIZE)?;
+    Ok(config)
+}
+
 fn vendor_cap(
     config: &mut ConfigSpace,
     cfg_type: u8,

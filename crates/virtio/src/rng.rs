@@ -35,7 +35,7 @@ impl Rng {
 
 impl VirtioDevice for Rng {
     fn device_type(&self) -> u16 {
-        4
+        crate::device_type::ENTROPY
     }
 
     fn features(&self) -> u64 {

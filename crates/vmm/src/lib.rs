@@ -89,6 +89,14 @@ pub enum VmmError {
     /// A PCI device's configuration space could not be laid out (a bug in dvmm).
     #[error("dvmm's PCI device layout is wrong: {0}")]
     PciLayout(#[from] dvmm_pci::config::ConfigError),
+    /// A device is placed on a node this VM does not have.
+    #[error("{device} is placed on node {node}, but this VM has no other nodes; drop node={node}")]
+    DeviceNode {
+        /// The device, e.g. "virtio-blk0 (/images/disk.img)".
+        device: String,
+        /// The node it asks for.
+        node: usize,
+    },
     /// KVM's CPUID table could not be built from dvmm's entries (too many entries).
     #[error("cannot build the CPUID table: {0}")]
     CpuidTable(String),

@@ -277,3 +277,17 @@ fn the_pci_configuration_window_reaches_bar_0() {
     r.dev.bar_read(0, 0x16, &mut q);
     assert_eq!(u16::from_le_bytes(q), 7);
 }
+
+#[test]
+fn a_stand_in_is_sized_and_named_like_the_function() {
+    let r = rig(false);
+    let like = stand_in_config(2).unwrap();
+    for bar in 0..dvmm_pci::config::BARS {
+        assert_eq!(
+            like.bar_size(bar),
+            r.dev.config().bar_size(bar),
+            "BAR {bar}"
+        );
+    }
+    assert_eq!(like.u32(0), r.dev.config().u32(0), "vendor and device id");
+}

@@ -73,7 +73,7 @@ fn rig(n: u32) -> Rig {
     let ram = Arc::new(GuestRam::new(dvmm_layout::MIN_MEMORY).unwrap());
     let env = Arc::new(VcpuEnv {
         hub,
-        devices: DeviceSpace::new(pio, Bus::new(), None),
+        devices: DeviceSpace::new(pio, Bus::new(), None, None),
         guest: Arc::new(crate::guest_access::LocalAccess(ram.clone())),
         ram,
         clock: Arc::new(FakeClock::new(1_000)),

@@ -1,4 +1,5 @@
-//! The devices of the node that has them, on its port and MMIO buses.
+//! The devices of the node that has them, on its port and MMIO buses, and the PCI bus
+//! of every node that serves virtio devices.
 
 use dvmm_sync::MutexExt;
 use std::io::Write;
@@ -17,11 +18,12 @@ use dvmm_irq::clock::Clock;
 use dvmm_irq::pit::Pit;
 use dvmm_layout as layout;
 
+use crate::device_space::RemoteIo;
 use crate::irqchip::timers::{PitPorts, TimerService};
 use crate::irqchip::{HubMsi, InterruptHub, IoApicMmio, IoApicPin};
 use crate::VmmError;
-use dvmm_pci::bus::{BarWindow, ConfigAddressPort, ConfigDataPort, EcamWindow};
-use dvmm_pci::PciBus;
+use dvmm_pci::bus::{ecam_offset, BarWindow, ConfigAddressPort, ConfigDataPort, EcamWindow};
+use dvmm_pci::{FunctionLink, PciBus, RemoteFunction};
 use dvmm_virtio::pci::VirtioPci;
 
 pub(super) fn add(
@@ -63,7 +65,7 @@ pub(super) fn attach_devices(
     events: Arc<dyn VmEventSink>,
     console_out: Box<dyn Write + Send>,
     guest: Arc<dyn crate::guest_access::GuestAccess>,
-    virtio: Vec<VirtioSlot>,
+    pci: PciBus,
 ) -> Result<Arc<Mutex<Serial>>, VmmError> {
     let serial = Arc::new(Mutex::new(Serial::new(
         Arc::new(IoApicPin::new(hub.clone(), layout::COM1_IRQ as usize)),
@@ -132,75 +134,176 @@ pub(super) fn attach_devices(
         layout::APIC_MMIO_SIZE,
     )?;
 
-    attach_pci(pio, mmio, hub, guest, virtio)?;
+    attach_pci(pio, mmio, pci)?;
     Ok(serial)
 }
 
-/// A virtio device opened from the configuration, waiting for its PCI slot.
+/// A virtio device of the configuration, in the guest's order, waiting for its PCI slot.
 pub(super) struct VirtioSlot {
     /// For the log: e.g. "virtio-blk0 (/images/disk.img)".
     name: String,
-    device: Box<dyn dvmm_virtio::VirtioDevice>,
+    place: Place,
 }
 
-/// Opens the configured virtio devices in the order the guest sees them (disks, network
-/// cards, the entropy device, the console), so that a bad path fails before boot.
-pub(super) fn open_virtio(cfg: &super::VmConfig) -> Result<Vec<VirtioSlot>, VmmError> {
+/// Where a virtio device is served.
+enum Place {
+    /// On this node: the device, opened.
+    Here(Box<dyn dvmm_virtio::VirtioDevice>),
+    /// On node `node` (a device of virtio type `ty`).
+    Elsewhere { node: usize, ty: u16 },
+}
+
+impl VirtioSlot {
+    /// Whether this node serves the device.
+    pub(super) fn here(&self) -> bool {
+        matches!(self.place, Place::Here(_))
+    }
+}
+
+/// Opens the configured virtio devices that node `node` serves, and notes where the
+/// others are, in the order the guest sees them (disks, network cards, the entropy
+/// device, the console: the last two always on node 0), so that a bad path fails before
+/// boot.
+pub(super) fn open_virtio(cfg: &super::VmConfig, node: usize) -> Result<Vec<VirtioSlot>, VmmError> {
+    use dvmm_virtio::device_type;
     let mut out = Vec::new();
+    let mut slot =
+        |name: String,
+         at: usize,
+         ty: u16,
+         open: &mut dyn FnMut() -> Result<Box<dyn dvmm_virtio::VirtioDevice>, VmmError>|
+         -> Result<(), VmmError> {
+            let place = if at == node {
+                Place::Here(open()?)
+            } else {
+                Place::Elsewhere { node: at, ty }
+            };
+            out.push(VirtioSlot { name, place });
+            Ok(())
+        };
     for (i, d) in cfg.disks.iter().enumerate() {
-        let disk = dvmm_virtio::block::Block::open(&d.path, d.readonly)?;
-        tracing::info!(
-            disk = %disk.path().display(),
-            sectors = disk.sectors(),
-            readonly = d.readonly,
-            "attaching a virtio-blk device"
-        );
-        out.push(VirtioSlot {
-            name: format!("virtio-blk{i} ({})", d.path.display()),
-            device: Box::new(disk),
-        });
+        slot(
+            format!("virtio-blk{i} ({})", d.path.display()),
+            d.node,
+            device_type::BLOCK,
+            &mut || {
+                let disk = dvmm_virtio::block::Block::open(&d.path, d.readonly)?;
+                tracing::info!(
+                    disk = %disk.path().display(),
+                    sectors = disk.sectors(),
+                    readonly = d.readonly,
+                    "attaching a virtio-blk device"
+                );
+                Ok(Box::new(disk))
+            },
+        )?;
     }
     for (i, n) in cfg.nets.iter().enumerate() {
-        let net = dvmm_virtio::net::Net::open(&n.tap, n.mac)?;
-        let mac = n.mac.map(|b| format!("{b:02x}")).join(":");
-        tracing::info!(tap = %n.tap, %mac, "attaching a virtio-net device");
-        out.push(VirtioSlot {
-            name: format!("virtio-net{i} ({})", n.tap),
-            device: Box::new(net),
-        });
+        slot(
+            format!("virtio-net{i} ({})", n.tap),
+            n.node,
+            device_type::NET,
+            &mut || {
+                let net = dvmm_virtio::net::Net::open(&n.tap, n.mac)?;
+                let mac = n.mac.map(|b| format!("{b:02x}")).join(":");
+                tracing::info!(tap = %n.tap, %mac, "attaching a virtio-net device");
+                Ok(Box::new(net))
+            },
+        )?;
     }
     if cfg.rng {
-        out.push(VirtioSlot {
-            name: "virtio-rng".into(),
-            device: Box::new(dvmm_virtio::rng::Rng::new()?),
-        });
+        slot("virtio-rng".into(), 0, device_type::ENTROPY, &mut || {
+            Ok(Box::new(dvmm_virtio::rng::Rng::new()?))
+        })?;
     }
     if let Some(backend) = &cfg.console {
-        let console = dvmm_virtio::console::Console::open(backend)?;
-        tracing::info!(?backend, "attaching a virtio-console (the guest's hvc0)");
-        out.push(VirtioSlot {
-            name: "virtio-console".into(),
-            device: Box::new(console),
-        });
+        slot(
+            "virtio-console".into(),
+            0,
+            device_type::CONSOLE,
+            &mut || {
+                let console = dvmm_virtio::console::Console::open(backend)?;
+                tracing::info!(?backend, "attaching a virtio-console (the guest's hvc0)");
+                Ok(Box::new(console))
+            },
+        )?;
     }
     Ok(out)
 }
 
-/// PCI bus 0 with its host bridge and the virtio devices: configuration through ports
-/// 0xCF8/0xCFC and ECAM, BARs in the PCI window, MSI-X into the hub.
-fn attach_pci(
-    pio: &mut Bus,
-    mmio: &mut Bus,
+/// Node 0's stand-in for a function another node serves: configuration accesses go
+/// there as ECAM accesses, BAR accesses by address (that node's [`DeviceSpace::local`]
+/// answers both).
+///
+/// [`DeviceSpace::local`]: crate::device_space::DeviceSpace::local
+struct Forwarded {
+    remote: Arc<dyn RemoteIo>,
+    node: usize,
+    device: u8,
+}
+
+impl FunctionLink for Forwarded {
+    fn config(&self, offset: usize, data: &mut [u8], write: bool) {
+        let addr = layout::PCI_ECAM_ADDR + ecam_offset(self.device, offset);
+        self.remote
+            .io(self.node, layout::IoSpace::Mmio, addr, data, write);
+    }
+
+    fn memory(&self, address: u64, data: &mut [u8], write: bool) {
+        self.remote
+            .io(self.node, layout::IoSpace::Mmio, address, data, write);
+    }
+}
+
+/// PCI bus 0 as node `node` has it: the functions it serves (opened devices on virtio
+/// transports, MSI-X into the hub), a stand-in (node 0) or a reserved number (other
+/// nodes) for each function another node serves, so that every node numbers and places
+/// them alike.
+pub(super) fn pci_bus(
+    node: usize,
     hub: &Arc<InterruptHub>,
     guest: Arc<dyn crate::guest_access::GuestAccess>,
+    remote: Option<&Arc<dyn RemoteIo>>,
     virtio: Vec<VirtioSlot>,
-) -> Result<(), VmmError> {
+) -> Result<PciBus, VmmError> {
     let mut pci = PciBus::new();
     let msi: Arc<dyn dvmm_pci::MsiSink> = Arc::new(HubMsi(hub.clone()));
     for slot in virtio {
-        let dev = VirtioPci::new(slot.device, guest.clone(), msi.clone(), slot.name)?;
-        pci.add(dev.shared())?;
+        match slot.place {
+            Place::Here(device) => {
+                let dev = VirtioPci::new(device, guest.clone(), msi.clone(), slot.name)?;
+                pci.add(dev.shared())?;
+            }
+            Place::Elsewhere { node: at, ty } => {
+                let like = dvmm_virtio::pci::stand_in_config(ty)?;
+                if node != 0 {
+                    pci.reserve(&like)?;
+                    continue;
+                }
+                let remote = remote.ok_or_else(|| VmmError::DeviceNode {
+                    device: slot.name.clone(),
+                    node: at,
+                })?;
+                let device = u8::try_from(pci.len()).map_err(|_| dvmm_pci::PciError::BusFull)?;
+                tracing::info!(device = %slot.name, node = at, "a PCI function served by another node");
+                let stand_in = RemoteFunction::new(
+                    like,
+                    Box::new(Forwarded {
+                        remote: remote.clone(),
+                        node: at,
+                        device,
+                    }),
+                );
+                pci.add(Arc::new(Mutex::new(stand_in)))?;
+            }
+        }
     }
+    Ok(pci)
+}
+
+/// Node 0's PCI bus on its buses: configuration through ports 0xCF8/0xCFC and ECAM,
+/// BARs in the PCI window.
+fn attach_pci(pio: &mut Bus, mmio: &mut Bus, pci: PciBus) -> Result<(), VmmError> {
     let pci = Arc::new(pci);
     add(
         pio,

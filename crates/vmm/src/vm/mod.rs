@@ -59,23 +59,26 @@ pub struct VmConfig {
     pub memory: u64,
     /// Sample the vCPUs and write a flat profile at the end.
     pub profile: Option<crate::profile::ProfileConfig>,
-    /// Disk images, attached as virtio-blk devices in this order.
+    /// Disk images, attached as virtio-blk devices in this order (every node is given
+    /// the whole list; each opens those it serves).
     pub disks: Vec<DiskConfig>,
     /// Network cards (virtio-net on host TAP devices), in this order.
     pub nets: Vec<NetConfig>,
-    /// A virtio-rng device fed by the host's `/dev/urandom`.
+    /// A virtio-rng device fed by the host's `/dev/urandom` (node 0's).
     pub rng: bool,
-    /// A virtio-console (the guest's `/dev/hvc0`) and where its bytes go.
+    /// A virtio-console (the guest's `/dev/hvc0`) and where its bytes go (node 0's).
     pub console: Option<dvmm_virtio::console::ConsoleBackend>,
 }
 
 /// A network card for the guest.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NetConfig {
-    /// The host TAP device (it must exist).
+    /// The host TAP device (it must exist on the serving node's host).
     pub tap: String,
     /// The card's MAC address.
     pub mac: [u8; 6],
+    /// The node that serves it (opens the TAP, runs its queues).
+    pub node: usize,
 }
 
 /// A disk image for the guest.
@@ -85,6 +88,8 @@ pub struct DiskConfig {
     pub path: PathBuf,
     /// Attach it read-only.
     pub readonly: bool,
+    /// The node that serves it (opens the image, runs its queue).
+    pub node: usize,
 }
 
 /// Where this VM instance sits in a multi-node cluster.
@@ -95,7 +100,8 @@ pub struct Placement {
     pub shares: Vec<(u32, u64)>,
     /// Interrupt delivery to other nodes.
     pub remote_irq: Arc<dyn RemoteInterrupts>,
-    /// Device accesses forwarded to node 0.
+    /// Device accesses forwarded to other nodes (to node 0, and from node 0 to the
+    /// node that serves a PCI function).
     pub remote_io: Arc<dyn RemoteIo>,
     /// The VM's end state, made by the node runtime before the VM (its link to the
     /// other nodes needs it from the start: a peer may stop the VM at any time).
@@ -264,7 +270,11 @@ struct Parts {
     mmio: Bus,
     console_out: Box<dyn Write + Send>,
     has_devices: bool,
+    node: usize,
+    /// Where unclaimed accesses go (nodes other than node 0).
     remote_io: Option<Arc<dyn RemoteIo>>,
+    /// The other nodes, for node 0's stand-ins of PCI functions served elsewhere.
+    link: Option<Arc<dyn RemoteIo>>,
     ram: Arc<GuestRam>,
     clock: Arc<dyn Clock>,
     syscalls: Arc<SyscallCompletion>,
@@ -291,7 +301,9 @@ impl Parts {
             mut mmio,
             console_out,
             has_devices,
+            node,
             remote_io,
+            link,
             ram,
             clock,
             syscalls,
@@ -302,6 +314,17 @@ impl Parts {
             boot,
         } = self;
         let mut console_watch = None;
+        let mut pci = if has_devices || virtio.iter().any(devices::VirtioSlot::here) {
+            Some(devices::pci_bus(
+                node,
+                &hub,
+                guest.clone(),
+                link.as_ref(),
+                virtio,
+            )?)
+        } else {
+            None
+        };
         let console = if has_devices {
             let watch = Arc::new(ConsoleWatch {
                 started: Instant::now(),
@@ -321,7 +344,7 @@ impl Parts {
                     watch,
                 }),
                 guest.clone(),
-                virtio,
+                pci.take().unwrap_or_default(),
             )?;
             Some(ConsoleInput {
                 serial,
@@ -334,7 +357,7 @@ impl Parts {
             hub,
             // The node with the devices answers what none of them claims itself (as a
             // single node does); only the others forward.
-            devices: DeviceSpace::new(pio, mmio, remote_io),
+            devices: DeviceSpace::new(pio, mmio, pci.map(Arc::new), remote_io),
             ram: ram.clone(),
             guest,
             clock,
@@ -488,11 +511,7 @@ impl Vm {
         };
         // Devices next: a missing, unwritable or busy image, a missing TAP or a taken
         // socket path fails before the guest runs.
-        let virtio = if node == 0 {
-            devices::open_virtio(cfg)?
-        } else {
-            Vec::new()
-        };
+        let virtio = devices::open_virtio(cfg, node)?;
         let host = HostKvm::detect();
         if host.emulates_guest_kernel() {
             tracing::info!(
@@ -626,10 +645,12 @@ impl Vm {
             mmio,
             console_out,
             has_devices,
+            node,
             remote_io: placement
                 .as_ref()
                 .filter(|_| !has_devices)
                 .map(|p| p.remote_io.clone()),
+            link: placement.as_ref().map(|p| p.remote_io.clone()),
             ram,
             clock,
             syscalls,
