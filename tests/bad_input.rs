@@ -245,6 +245,31 @@ fn missing_disk_image() {
 }
 
 #[test]
+fn missing_disk_image_on_the_node_that_serves_it() {
+    // Node 1 opens it and says why; node 0 learns that node 1 is gone; nothing boots.
+    let run = dvmm(
+        &[
+            "run",
+            "--kernel",
+            dvmm_testos::TESTOS_ELF,
+            "--nodes",
+            "2",
+            "--cpus",
+            "2",
+            "--disk",
+            "path=/nonexistent/disk1.img,node=1",
+        ],
+        LIMIT,
+    );
+    assert_rejected(&run, "cannot open disk image /nonexistent/disk1.img");
+    assert!(
+        run.stderr.contains("node 1: exit 1"),
+        "{}",
+        run.transcript()
+    );
+}
+
+#[test]
 fn disk_image_that_cannot_be_written() {
     // A directory opens for reading but never for writing, even as root.
     let dir = std::env::temp_dir().join(format!("dvmm-bad-input-{}-dir.img", std::process::id()));
