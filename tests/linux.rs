@@ -374,8 +374,8 @@ fn hvc_client(
 /// `serving` (the entropy device and the console by node 0) and the device checks on
 /// vCPU `io_cpu`, and
 /// checks the whole run: the good-run checks (CPUs, RAM and NUMA layout, smp-check) and
-/// every device: the disk round trip, 1 MiB (256 KiB on 2 nodes) to the host and a
-/// quarter of that back over TCP with matching checksums, bytes from the hwrng, a line
+/// every device: the disk round trip, 1 MiB (256 KiB on 2 nodes) over TCP to the host
+/// side of the card (a network namespace of its own, `Tap`) and a quarter of that back with matching checksums, bytes from the hwrng, a line
 /// each way on hvc0.
 fn devices_round_trip(
     nodes: u32,
@@ -388,7 +388,7 @@ fn devices_round_trip(
     let g = small_kernel();
     let (image, sha) = disk_image(tag);
     let tap = Tap::new(tag, subnet);
-    let listener = std::net::TcpListener::bind((tap.host_ip.as_str(), 0)).unwrap();
+    let listener = tap.listen();
     let port = listener.local_addr().unwrap().port();
     // Every frame's buffers cross the DSM when the shell runs on another node: less there.
     let send: usize = if nodes == 1 { 1 << 20 } else { 256 << 10 };

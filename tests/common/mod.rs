@@ -106,50 +106,106 @@ pub fn spawn_idle(args: &[&str]) -> std::process::Child {
         .expect("spawn dvmm")
 }
 
-/// A host TAP device `dvmt<pid><tag>` with address 10.231.`subnet`.1/24 (the guest takes
-/// .2), deleted on drop.
+/// A host TAP device `dvmt<pid><tag>` for a guest's card, bridged to a network
+/// namespace of its own where the host's side lives at 10.231.`subnet`.1/24 (the guest
+/// takes .2): the guest's traffic meets nothing of the host's own network. All of it is
+/// deleted on drop.
 pub struct Tap {
-    /// Its name.
+    /// The TAP's name (what `--net tap=` takes).
     pub name: String,
-    /// The host's address on it.
+    /// The host side's address, in the namespace.
     pub host_ip: String,
     /// The address the guest should take.
     pub guest_ip: String,
+    netns: String,
+    bridge: String,
+    veth: String,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Tap {
     /// Creates it (root; needs iproute2).
     pub fn new(tag: &str, subnet: u8) -> Tap {
-        let name = format!("dvmt{}{tag}", std::process::id() % 100_000);
-        let host_ip = format!("10.231.{subnet}.1");
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip")
-                .args(args)
-                .output()
-                .expect("ip (iproute2)");
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let _ = Command::new("ip").args(["link", "del", &name]).output();
-        ip(&["tuntap", "add", "dev", &name, "mode", "tap"]);
-        ip(&["addr", "add", &format!("{host_ip}/24"), "dev", &name]);
-        ip(&["link", "set", &name, "up"]);
-        Tap {
-            name,
-            host_ip,
+        let id = format!("{}{tag}", std::process::id() % 100_000);
+        let tap = Tap {
+            name: format!("dvmt{id}"),
+            host_ip: format!("10.231.{subnet}.1"),
             guest_ip: format!("10.231.{subnet}.2"),
+            netns: format!("dvmm-{id}"),
+            bridge: format!("dvmb{id}"),
+            veth: format!("dvmv{id}"),
+        };
+        tap.remove();
+        let peer = format!("dvmp{id}");
+        let ns = tap.netns.as_str();
+        ip(&["netns", "add", ns]);
+        ip(&["tuntap", "add", "dev", &tap.name, "mode", "tap"]);
+        ip(&["link", "add", &tap.bridge, "type", "bridge"]);
+        ip(&[
+            "link", "add", &tap.veth, "type", "veth", "peer", "name", &peer,
+        ]);
+        ip(&["link", "set", &peer, "netns", ns]);
+        for port in [&tap.name, &tap.veth] {
+            ip(&["link", "set", port, "master", &tap.bridge]);
+            ip(&["link", "set", port, "up"]);
         }
+        ip(&["link", "set", &tap.bridge, "up"]);
+        ip(&[
+            "-n",
+            ns,
+            "addr",
+            "add",
+            &format!("{}/24", tap.host_ip),
+            "dev",
+            &peer,
+        ]);
+        ip(&["-n", ns, "link", "set", &peer, "up"]);
+        ip(&["-n", ns, "link", "set", "lo", "up"]);
+        tap
+    }
+
+    /// A TCP listener on the host side's address (in the namespace; it stays there
+    /// whichever thread uses it).
+    pub fn listen(&self) -> std::net::TcpListener {
+        use std::os::fd::AsRawFd;
+        let ns = format!("/run/netns/{}", self.netns);
+        let addr = self.host_ip.clone();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&ns).expect("the namespace's file");
+            // SAFETY: setns with a valid namespace fd moves only this short-lived
+            // thread into the namespace; nothing else of the process changes.
+            let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            std::net::TcpListener::bind((addr.as_str(), 0)).expect("bind in the namespace")
+        })
+        .join()
+        .expect("the listener's thread")
+    }
+
+    fn remove(&self) {
+        for dev in [&self.name, &self.bridge, &self.veth] {
+            let _ = Command::new("ip").args(["link", "del", dev]).output();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .output();
     }
 }
 
 impl Drop for Tap {
     fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.name])
-            .output();
+        self.remove();
     }
 }
 
