@@ -9,7 +9,8 @@
 //! cross nodes. The host's own `dd` (O_DIRECT,
 //! 1 MiB) on the image is printed beside it.
 //! Network: the guest sends MiB of zeros over TCP through virtio-net and a TAP to the
-//! host side (a network namespace bridged to the TAP), then receives as many; the host times both directions.
+//! host side (a network namespace bridged to the TAP), then receives as many; the host
+//! times both directions.
 //!
 //! Run (root; iproute2, gcc): `cargo bench --bench devices` (`-- --mib N --seconds S
 //! --net-mib M`). It builds the small kernel on a cache miss, as the tests do.
