@@ -18,8 +18,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -53,11 +53,51 @@ fn dd_rate(args: &[&str]) -> f64 {
     bytes / f64::from(1u32 << 20)
 }
 
-/// Times MiB from the guest, then MiB to it; returns (guest→host, host→guest) MiB/s.
-fn net_peer(listener: TcpListener, mib: usize) -> std::thread::JoinHandle<(f64, f64)> {
+/// Set once the VM has ended: the peer stops waiting then (a guest that never
+/// connects must not hang the benchmark).
+type Ended = std::sync::Arc<std::sync::atomic::AtomicBool>;
+
+fn ended(flag: &Ended) -> bool {
+    flag.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// The next connection, or None once the VM has ended without one.
+fn accept(listener: &TcpListener, vm_ended: &Ended) -> Option<TcpStream> {
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).ok()?;
+                s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+                s.set_write_timeout(Some(Duration::from_millis(500))).ok()?;
+                return Some(s);
+            }
+            Err(_) if !ended(vm_ended) => std::thread::sleep(Duration::from_millis(50)),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Whether an I/O error is only the time-out that lets the peer look at `vm_ended`.
+fn waiting(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+    )
+}
+
+/// Times MiB from the guest, then MiB to it; returns (guest→host, host→guest) MiB/s,
+/// 0 for a direction that did not complete before the VM ended.
+fn net_peer(
+    listener: TcpListener,
+    mib: usize,
+    vm_ended: Ended,
+) -> std::thread::JoinHandle<(f64, f64)> {
     std::thread::spawn(move || {
         let rate = |t: Duration| mib as f64 / t.as_secs_f64().max(1e-9);
-        let Ok((mut up, _)) = listener.accept() else {
+        listener
+            .set_nonblocking(true)
+            .expect("nonblocking listener");
+        let Some(mut up) = accept(&listener, &vm_ended) else {
             return (0.0, 0.0);
         };
         let mut buf = vec![0u8; 1 << 16];
@@ -65,28 +105,38 @@ fn net_peer(listener: TcpListener, mib: usize) -> std::thread::JoinHandle<(f64, 
         let mut start = None;
         while got < mib << 20 {
             match up.read(&mut buf) {
-                Ok(0) | Err(_) => return (0.0, 0.0),
+                Ok(0) => return (0.0, 0.0),
                 Ok(n) => {
                     start.get_or_insert_with(Instant::now);
                     got += n;
                 }
+                Err(e) if waiting(&e) && !ended(&vm_ended) => {}
+                Err(_) => return (0.0, 0.0),
             }
         }
         let up_rate = rate(start.map(|s| s.elapsed()).unwrap_or_default());
         drop(up);
-        let Ok((mut down, _)) = listener.accept() else {
+        let Some(mut down) = accept(&listener, &vm_ended) else {
             return (up_rate, 0.0);
         };
         let start = Instant::now();
         let chunk = vec![0x5au8; 1 << 16];
-        for _ in 0..(mib << 4) {
-            if down.write_all(&chunk).is_err() {
-                return (up_rate, 0.0);
+        let mut left = mib << 20;
+        while left > 0 {
+            match down.write(&chunk[..left.min(chunk.len())]) {
+                Ok(n) => left -= n,
+                Err(e) if waiting(&e) && !ended(&vm_ended) => {}
+                Err(_) => return (up_rate, 0.0),
             }
         }
         let _ = down.shutdown(std::net::Shutdown::Write);
         // The guest's nc closes once it has read everything.
-        let _ = down.read(&mut buf);
+        loop {
+            match down.read(&mut buf) {
+                Err(e) if waiting(&e) && !ended(&vm_ended) => {}
+                _ => break,
+            }
+        }
         (up_rate, rate(start.elapsed()))
     })
 }
@@ -113,7 +163,8 @@ fn guest_run(
     );
     let listener = tap.listen();
     let port = listener.local_addr().expect("port").port();
-    let peer = net_peer(listener, net_mib);
+    let vm_ended = Ended::default();
+    let peer = net_peer(listener, net_mib, vm_ended.clone());
     let cmdline = format!(
         "console=ttyS0 dvmm.iters=10 dvmm.io_cpu={io_cpu} dvmm.bench={mib},{seconds} \
          dvmm.netbench={},{}:{port},{net_mib}",
@@ -148,9 +199,10 @@ fn guest_run(
         ],
         Duration::from_secs(1800),
     );
+    vm_ended.store(true, std::sync::atomic::Ordering::SeqCst);
     let (up, down) = peer.join().unwrap_or((0.0, 0.0));
     let out = &run.stdout;
-    if field(out, "seq-read", "MiB/s").is_none() {
+    if field(out, "seq-read", "MiB/s").is_none() || up == 0.0 || down == 0.0 {
         eprintln!("{}", run.transcript());
     }
     Row {
