@@ -55,6 +55,10 @@ pub trait VirtioDevice: Send {
     /// The transport is shared: `waker` serves one of this device's queues from its
     /// own threads (devices without input of their own ignore it).
     fn set_waker(&mut self, _waker: pci::Waker) {}
+    /// One line of counters for the end-of-run log (None: nothing to say).
+    fn summary(&self) -> Option<String> {
+        None
+    }
     /// Serves what the driver made available on queue `index`; true if buffers were
     /// returned (the driver may want an interrupt). An error marks the device broken.
     fn process_queue(

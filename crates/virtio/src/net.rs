@@ -174,17 +174,7 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        let mut st = self.state.locked();
-        st.closed = true;
-        let c = st.counters;
-        tracing::info!(
-            tap = %self.name,
-            rx = c.rx_frames,
-            tx = c.tx_frames,
-            dropped = c.dropped,
-            held = st.rx.len(),
-            "virtio-net: frames to and from the guest"
-        );
+        self.state.locked().closed = true;
     }
 }
 
@@ -276,6 +266,18 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.state.locked().rx.clear();
+    }
+
+    fn summary(&self) -> Option<String> {
+        let st = self.state.locked();
+        let c = st.counters;
+        Some(format!(
+            "{} frames to the guest, {} from it, {} dropped, {} waiting for a buffer",
+            c.rx_frames,
+            c.tx_frames,
+            c.dropped,
+            st.rx.len()
+        ))
     }
 
     fn process_queue(

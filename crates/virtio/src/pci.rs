@@ -208,6 +208,13 @@ impl VirtioPci {
         })
     }
 
+    /// The device's end-of-run line, named (None when it has nothing to say).
+    pub fn summary(&self) -> Option<String> {
+        self.device
+            .summary()
+            .map(|line| format!("{}: {line}", self.name))
+    }
+
     /// The transport shared with the PCI bus; the device gets its [`Waker`] here (and
     /// may start its own threads).
     pub fn shared(mut self) -> Arc<Mutex<VirtioPci>> {

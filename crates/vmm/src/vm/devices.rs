@@ -138,6 +138,9 @@ pub(super) fn attach_devices(
     Ok(serial)
 }
 
+/// A virtio transport, shared between the PCI bus and the VM (for its end-of-run line).
+pub(super) type SharedVirtio = Arc<Mutex<VirtioPci>>;
+
 /// A virtio device of the configuration, in the guest's order, waiting for its PCI slot.
 pub(super) struct VirtioSlot {
     /// For the log: e.g. "virtio-blk0 (/images/disk.img)".
@@ -258,21 +261,23 @@ impl FunctionLink for Forwarded {
 /// PCI bus 0 as node `node` has it: the functions it serves (opened devices on virtio
 /// transports, MSI-X into the hub), a stand-in (node 0) or a reserved number (other
 /// nodes) for each function another node serves, so that every node numbers and places
-/// them alike.
+/// them alike. Also returns the transports it serves (for their end-of-run lines).
 pub(super) fn pci_bus(
     node: usize,
     hub: &Arc<InterruptHub>,
     guest: Arc<dyn crate::guest_access::GuestAccess>,
     remote: Option<&Arc<dyn RemoteIo>>,
     virtio: Vec<VirtioSlot>,
-) -> Result<PciBus, VmmError> {
+) -> Result<(PciBus, Vec<SharedVirtio>), VmmError> {
     let mut pci = PciBus::new();
+    let mut served = Vec::new();
     let msi: Arc<dyn dvmm_pci::MsiSink> = Arc::new(HubMsi(hub.clone()));
     for slot in virtio {
         match slot.place {
             Place::Here(device) => {
-                let dev = VirtioPci::new(device, guest.clone(), msi.clone(), slot.name)?;
-                pci.add(dev.shared())?;
+                let dev = VirtioPci::new(device, guest.clone(), msi.clone(), slot.name)?.shared();
+                served.push(dev.clone());
+                pci.add(dev)?;
             }
             Place::Elsewhere { node: at, ty } => {
                 let like = dvmm_virtio::pci::stand_in_config(ty)?;
@@ -298,7 +303,7 @@ pub(super) fn pci_bus(
             }
         }
     }
-    Ok(pci)
+    Ok((pci, served))
 }
 
 /// Node 0's PCI bus on its buses: configuration through ports 0xCF8/0xCFC and ECAM,

@@ -147,6 +147,8 @@ pub struct Vm {
     console_watch: Option<Arc<ConsoleWatch>>,
     ram: Arc<GuestRam>,
     profiling: Option<Profiling>,
+    /// The virtio transports this node serves (for their end-of-run lines).
+    virtio: Vec<devices::SharedVirtio>,
 }
 
 /// When the guest last printed something on its console.
@@ -314,16 +316,11 @@ impl Parts {
             boot,
         } = self;
         let mut console_watch = None;
-        let mut pci = if has_devices || virtio.iter().any(devices::VirtioSlot::here) {
-            Some(devices::pci_bus(
-                node,
-                &hub,
-                guest.clone(),
-                link.as_ref(),
-                virtio,
-            )?)
+        let (mut pci, virtio) = if has_devices || virtio.iter().any(devices::VirtioSlot::here) {
+            let (bus, served) = devices::pci_bus(node, &hub, guest.clone(), link.as_ref(), virtio)?;
+            (Some(bus), served)
         } else {
-            None
+            (None, Vec::new())
         };
         let console = if has_devices {
             let watch = Arc::new(ConsoleWatch {
@@ -378,6 +375,7 @@ impl Parts {
             console_watch,
             ram,
             profiling,
+            virtio,
         })
     }
 }
@@ -825,6 +823,11 @@ impl Vm {
         }
         if let Some(line) = self.env.syscalls.summary() {
             tracing::info!("{line}");
+        }
+        for device in &self.virtio {
+            if let Some(line) = device.locked().summary() {
+                tracing::info!("{line}");
+            }
         }
         if let Some(e) = spawn_error {
             return Err(VmmError::Thread(e));
