@@ -367,6 +367,8 @@ fn a_kick_to_a_thread_in_a_fault_waits_for_its_page() {
         );
         drop(g);
     });
+    // The engine kicks right after it wakes the thread: the write may finish first.
+    spin_until("the held-back kick", || !kicked.lock().unwrap().is_empty());
     assert_eq!(*kicked.lock().unwrap(), vec![tid.load(Ordering::SeqCst)]);
     assert_eq!(c.engines[1].stats().kicks_deferred, 2);
     assert_clean(&c);
