@@ -18,13 +18,13 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{dvmm, script, Tap};
+use common::{accept_until, dvmm, ended, script, waiting, Ended, Tap};
 
 /// The `KEY=value` fields of the io-bench line for `test` in `text`.
 fn field(text: &str, test: &str, key: &str) -> Option<f64> {
@@ -53,38 +53,6 @@ fn dd_rate(args: &[&str]) -> f64 {
     bytes / f64::from(1u32 << 20)
 }
 
-/// Set once the VM has ended: the peer stops waiting then (a guest that never
-/// connects must not hang the benchmark).
-type Ended = std::sync::Arc<std::sync::atomic::AtomicBool>;
-
-fn ended(flag: &Ended) -> bool {
-    flag.load(std::sync::atomic::Ordering::SeqCst)
-}
-
-/// The next connection, or None once the VM has ended without one.
-fn accept(listener: &TcpListener, vm_ended: &Ended) -> Option<TcpStream> {
-    loop {
-        match listener.accept() {
-            Ok((s, _)) => {
-                s.set_nonblocking(false).ok()?;
-                s.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
-                s.set_write_timeout(Some(Duration::from_millis(500))).ok()?;
-                return Some(s);
-            }
-            Err(_) if !ended(vm_ended) => std::thread::sleep(Duration::from_millis(50)),
-            Err(_) => return None,
-        }
-    }
-}
-
-/// Whether an I/O error is only the time-out that lets the peer look at `vm_ended`.
-fn waiting(e: &std::io::Error) -> bool {
-    matches!(
-        e.kind(),
-        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-    )
-}
-
 /// Times MiB from the guest, then MiB to it; returns (guest→host, host→guest) MiB/s,
 /// 0 for a direction that did not complete before the VM ended.
 fn net_peer(
@@ -94,10 +62,7 @@ fn net_peer(
 ) -> std::thread::JoinHandle<(f64, f64)> {
     std::thread::spawn(move || {
         let rate = |t: Duration| mib as f64 / t.as_secs_f64().max(1e-9);
-        listener
-            .set_nonblocking(true)
-            .expect("nonblocking listener");
-        let Some(mut up) = accept(&listener, &vm_ended) else {
+        let Some(mut up) = accept_until(&listener, &vm_ended) else {
             return (0.0, 0.0);
         };
         let mut buf = vec![0u8; 1 << 16];
@@ -116,7 +81,7 @@ fn net_peer(
         }
         let up_rate = rate(start.map(|s| s.elapsed()).unwrap_or_default());
         drop(up);
-        let Some(mut down) = accept(&listener, &vm_ended) else {
+        let Some(mut down) = accept_until(&listener, &vm_ended) else {
             return (up_rate, 0.0);
         };
         let start = Instant::now();

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{dvmm, script, Run, Tap};
+use common::{accept_until, dvmm, ended, script, waiting, Ended, Run, Tap};
 
 /// A kernel and the test initramfs.
 struct Guest {
@@ -277,15 +277,6 @@ fn varied_bytes(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
-/// Set once the VM has ended: the host-side peers below stop waiting then. Their clock
-/// cannot start when they are spawned, since the boot itself may first wait its turn
-/// behind other tests (`ONE_AT_A_TIME`).
-type Ended = std::sync::Arc<std::sync::atomic::AtomicBool>;
-
-fn ended(flag: &Ended) -> bool {
-    flag.load(std::sync::atomic::Ordering::SeqCst)
-}
-
 /// The host's TCP peer: accepts one connection on `listener`, reads exactly `expect`
 /// bytes, sends `reply` and closes; returns the SHA-256 of what it read (empty if the
 /// guest never connected or sent less before the VM ended).
@@ -295,35 +286,18 @@ fn tcp_peer(
     reply: Vec<u8>,
     vm_ended: Ended,
 ) -> std::thread::JoinHandle<String> {
-    use std::io::{ErrorKind, Read, Write};
+    use std::io::{Read, Write};
     std::thread::spawn(move || {
-        listener.set_nonblocking(true).unwrap();
-        let mut conn = loop {
-            match listener.accept() {
-                Ok((c, _)) => break c,
-                Err(_) if !ended(&vm_ended) => std::thread::sleep(Duration::from_millis(100)),
-                Err(_) => return String::new(),
-            }
+        let Some(mut conn) = accept_until(&listener, &vm_ended) else {
+            return String::new();
         };
-        conn.set_nonblocking(false).unwrap();
-        conn.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
         let mut got = vec![0u8; expect];
         let mut have = 0;
         while have < expect {
             match conn.read(&mut got[have..]) {
                 Ok(0) => return String::new(),
                 Ok(n) => have += n,
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
-                    ) =>
-                {
-                    if ended(&vm_ended) {
-                        return String::new();
-                    }
-                }
+                Err(e) if waiting(&e) && !ended(&vm_ended) => {}
                 Err(_) => return String::new(),
             }
         }

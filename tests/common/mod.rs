@@ -209,6 +209,48 @@ impl Drop for Tap {
     }
 }
 
+/// Set once the VM has ended: host-side peers of a guest (TCP, console) stop waiting
+/// then. Their clock cannot start when they are spawned: the boot may first wait its
+/// turn behind other tests, and a guest that never connects must not hang anyone.
+pub type Ended = std::sync::Arc<std::sync::atomic::AtomicBool>;
+
+/// Whether `flag` is set.
+pub fn ended(flag: &Ended) -> bool {
+    flag.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// The next connection on `listener` (made non-blocking here), blocking with short
+/// read and write time-outs so that its user can look at `vm_ended`; None once the VM
+/// has ended without one.
+pub fn accept_until(
+    listener: &std::net::TcpListener,
+    vm_ended: &Ended,
+) -> Option<std::net::TcpStream> {
+    listener.set_nonblocking(true).ok()?;
+    loop {
+        match listener.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false).ok()?;
+                s.set_read_timeout(Some(Duration::from_millis(200))).ok()?;
+                s.set_write_timeout(Some(Duration::from_millis(200))).ok()?;
+                return Some(s);
+            }
+            Err(_) if !ended(vm_ended) => std::thread::sleep(Duration::from_millis(50)),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Whether an I/O error is only the time-out that lets a peer look at its `Ended`.
+pub fn waiting(e: &std::io::Error) -> bool {
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock
+            | std::io::ErrorKind::TimedOut
+            | std::io::ErrorKind::Interrupted
+    )
+}
+
 /// Runs a guest-building script from the repository root; its stdout lines are paths.
 pub fn script(args: &[&str]) -> Vec<PathBuf> {
     let root = env!("CARGO_MANIFEST_DIR");

@@ -317,7 +317,7 @@ struct Dispatch {
     vm_hub: Arc<dvmm_vmm::irqchip::InterruptHub>,
     control: Arc<VmControl>,
     /// To node-io, which serves forwarded device accesses.
-    io_requests: mpsc::Sender<(u16, ControlMsg)>,
+    io_requests: mpsc::Sender<ForwardedIo>,
     ready: Mutex<usize>,
     ready_cond: std::sync::Condvar,
 }
@@ -369,11 +369,26 @@ impl Dispatch {
             ControlMsg::Irq { apic_id, msg } => self.vm_hub.deliver_local(apic_id, &msg),
             ControlMsg::LevelEoi { vector } => self.vm_hub.level_eoi(vector),
             ControlMsg::ApicView(view) => self.vm_hub.update_remote_view(view),
-            request @ ControlMsg::IoRequest { .. } => {
+            ControlMsg::IoRequest {
+                id,
+                space,
+                addr,
+                len,
+                write,
+                data,
+            } => {
                 // Served on node-io: serving one may wait for another node's reply
                 // (node 0's stand-in for a function another node serves), which
                 // arrives here.
-                let _ = self.io_requests.send((from, request));
+                let _ = self.io_requests.send(ForwardedIo {
+                    from,
+                    id,
+                    space,
+                    addr,
+                    len: usize::from(len).min(data.len()),
+                    write,
+                    data,
+                });
             }
             ControlMsg::IoReply { id, data } => {
                 let waiter = self.link.pending_io.locked().remove(&id);
@@ -405,28 +420,33 @@ impl Dispatch {
     }
 }
 
+/// A device access another node forwarded here, waiting for node-io.
+struct ForwardedIo {
+    from: u16,
+    id: u64,
+    space: IoSpace,
+    addr: u64,
+    len: usize,
+    write: bool,
+    data: [u8; 8],
+}
+
 /// Serves the device accesses other nodes forward here, in order, until the
 /// dispatcher ends.
-fn serve_io(devices: &DeviceSpace, link: &NodeLink, queue: Receiver<(u16, ControlMsg)>) {
-    for (from, request) in queue {
-        let ControlMsg::IoRequest {
-            id,
-            space,
-            addr,
-            len,
-            write,
-            mut data,
-        } = request
-        else {
-            continue;
-        };
-        let len = usize::from(len).min(data.len());
-        devices.local(space, addr, &mut data[..len], write);
+fn serve_io(devices: &DeviceSpace, link: &NodeLink, queue: Receiver<ForwardedIo>) {
+    for mut io in queue {
+        devices.local(io.space, io.addr, &mut io.data[..io.len], io.write);
         let mut reply = [0u8; 8];
-        if !write {
-            reply[..len].copy_from_slice(&data[..len]);
+        if !io.write {
+            reply[..io.len].copy_from_slice(&io.data[..io.len]);
         }
-        link.send(from, &ControlMsg::IoReply { id, data: reply });
+        link.send(
+            io.from,
+            &ControlMsg::IoReply {
+                id: io.id,
+                data: reply,
+            },
+        );
     }
 }
 
