@@ -144,6 +144,7 @@ pub fn local_cluster(args: &RunArgs) -> Result<ClusterConfig> {
             .collect(),
         nets: args.nets.clone(),
         rng: args.rng,
+        test_devices: args.test_devices,
         console: args.console.0.as_ref().map(|c| match c {
             // Absolute too (the file or socket need not exist yet: its directory must).
             dvmm_cluster::ConsoleSpec::File(p) => dvmm_cluster::ConsoleSpec::File(absolute(p)),
@@ -369,6 +370,7 @@ mod tests {
             disks: Vec::new(),
             nets: Vec::new(),
             rng: false,
+            test_devices: false,
             console: crate::ConsoleArg(None),
             profile: ProfileArgs {
                 profile: None,

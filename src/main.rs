@@ -65,6 +65,11 @@ struct RunArgs {
     /// A virtio-rng device: the guest's hwrng, fed by the host's /dev/urandom.
     #[arg(long)]
     rng: bool,
+    /// The devices test suites written for QEMU use (kvm-unit-tests): fw_cfg at
+    /// 0x510, isa-debug-exit at 0xf4 (a write of V ends the run with exit status
+    /// 2V+1), pc-testdev at 0xe0 and its IRQ lines at 0x2000. Not for ordinary guests.
+    #[arg(long)]
+    test_devices: bool,
     /// A virtio-console, the guest's /dev/hvc0 (the serial console stays this
     /// terminal): its output appended to a file, or a Unix socket to connect to
     /// (e.g. `socat - UNIX-CONNECT:PATH`).
@@ -327,6 +332,16 @@ fn exit_code(outcome: VmOutcome) -> u8 {
             }
             3
         }
+        VmOutcome::DebugExit(v) => {
+            // QEMU's isa-debug-exit convention, which test runners expect.
+            let status = (v.wrapping_shl(1) | 1) & 0xff;
+            tracing::info!(
+                value = v,
+                status,
+                "the guest ended the VM through isa-debug-exit"
+            );
+            u8::try_from(status).unwrap_or(1)
+        }
         VmOutcome::Stopped => {
             eprintln!("dvmm: stopped");
             130
@@ -367,6 +382,7 @@ fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
         nets: dvmm_node::nets_config(&args.nets),
         rng: args.rng,
         console: args.console.0.as_ref().map(dvmm_node::console_backend),
+        test_devices: args.test_devices,
     };
     let vm = Vm::build(&cfg, Box::new(ConsoleOut))?;
     let _raw = attach_console(set, vm.console_input(), vm.control())?;

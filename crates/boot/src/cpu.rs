@@ -37,15 +37,18 @@ pub struct Table {
 }
 
 /// Full initial state of the boot vCPU. General registers not listed are 0.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CpuBootState {
     /// Instruction pointer.
     pub rip: u64,
+    /// RAX (the Multiboot magic for a Multiboot entry).
+    pub rax: u64,
     /// Stack pointer.
     pub rsp: u64,
     /// RSI (the zero page for the Linux 64-bit entry).
     pub rsi: u64,
-    /// RBX (the `hvm_start_info` for the PVH entry).
+    /// RBX (the `hvm_start_info` for the PVH entry, the information structure for
+    /// Multiboot).
     pub rbx: u64,
     /// Flags (bit 1 is always set).
     pub rflags: u64,

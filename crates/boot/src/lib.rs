@@ -5,6 +5,7 @@
 //! - [`e820`]: the guest's physical memory map;
 //! - [`loader`]: bzImage (64-bit boot protocol) and ELF/PVH kernels, initramfs,
 //!   command line, boot GDT and identity page tables;
+//! - [`multiboot`]: Multiboot v1 kernels (ELF or a.out-kludge images);
 //! - [`cpu`]: the boot vCPU's initial register state, which the VMM turns into
 //!   KVM registers.
 //!
@@ -18,6 +19,7 @@ pub mod e820;
 mod error;
 pub mod identify;
 pub mod loader;
+pub mod multiboot;
 pub mod payload;
 pub mod topology;
 

@@ -30,7 +30,7 @@ use crate::cpu::{
     CR0_NE, CR0_NW, CR0_PE, CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_RESERVED,
 };
 use crate::e820::E820Entry;
-use crate::{acpi, e820, payload, BootError, Topology};
+use crate::{acpi, e820, multiboot, payload, BootError, Topology};
 
 /// `__BOOT_CS`: the code segment selector at entry.
 pub const BOOT_CS: u16 = 0x10;
@@ -75,9 +75,9 @@ const PTE_TABLE: u64 = 0x03;
 const IDENTITY_MAP_GIBS: u64 = 4;
 
 const GDT_CODE64: u64 = gdt_entry(0xA09B, 0, 0xFFFFF);
-const GDT_CODE32: u64 = gdt_entry(0xC09B, 0, 0xFFFFF);
-const GDT_DATA: u64 = gdt_entry(0xC093, 0, 0xFFFFF);
-const GDT_TSS: u64 = gdt_entry(0x008B, 0, 0x67);
+pub(crate) const GDT_CODE32: u64 = gdt_entry(0xC09B, 0, 0xFFFFF);
+pub(crate) const GDT_DATA: u64 = gdt_entry(0xC093, 0, 0xFFFFF);
+pub(crate) const GDT_TSS: u64 = gdt_entry(0x008B, 0, 0x67);
 
 /// What to boot.
 #[derive(Clone, Copy, Debug)]
@@ -104,6 +104,8 @@ pub enum EntryKind {
     LinuxBzImage64,
     /// Xen PVH entry (32-bit protected mode, paging off).
     Pvh,
+    /// Multiboot v1 (32-bit protected mode, paging off, EAX = 0x2BADB002).
+    Multiboot,
 }
 
 /// The result of loading: the boot vCPU's state and where things went.
@@ -141,16 +143,27 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<Loaded, BootError>
     };
     let mut file = File::open(path).map_err(open_err)?;
     let file_len = file.metadata().map_err(open_err)?.len();
-    let mut head = Vec::with_capacity(1024);
+    let mut head = Vec::with_capacity(multiboot::SEARCH_LEN);
     (&mut file)
-        .take(1024)
+        .take(multiboot::SEARCH_LEN as u64)
         .read_to_end(&mut head)
         .map_err(open_err)?;
 
-    if head.starts_with(b"\x7FELF") {
-        load_pvh(mem, spec, &mut file, file_len, &head)
-    } else {
-        load_bzimage(mem, spec, &mut file, file_len, &head)
+    let linux = head.get(0x202..0x206) == Some(b"HdrS");
+    let multiboot = multiboot::find_header(&head).filter(|_| !linux);
+    let elf64 = head.starts_with(b"\x7FELF") && head.get(4) == Some(&2);
+    match multiboot {
+        // A 64-bit ELF with a PVH note enters there; one without enters through its
+        // Multiboot header.
+        Some(h) if elf64 => match load_pvh(mem, spec, &mut file, file_len, &head) {
+            Err(BootError::ElfWithoutPvh { .. }) => {
+                multiboot::load(mem, spec, &mut file, file_len, &head, h)
+            }
+            other => other,
+        },
+        Some(h) => multiboot::load(mem, spec, &mut file, file_len, &head, h),
+        None if head.starts_with(b"\x7FELF") => load_pvh(mem, spec, &mut file, file_len, &head),
+        None => load_bzimage(mem, spec, &mut file, file_len, &head),
     }
 }
 
@@ -169,6 +182,7 @@ pub fn ap_sipi_state(vector: u8) -> CpuBootState {
     };
     CpuBootState {
         rip: 0,
+        rax: 0,
         rsp: 0,
         rsi: 0,
         rbx: 0,
@@ -227,22 +241,22 @@ fn check_memory(mem: &GuestMemoryMmap, topology: &Topology) -> Result<(), BootEr
     Ok(())
 }
 
-fn low_ram_end(topology: &Topology) -> u64 {
+pub(crate) fn low_ram_end(topology: &Topology) -> u64 {
     topology.memory.min(MMIO_HOLE_START)
 }
 
-fn not_a_kernel(path: &Path, reason: impl Into<String>) -> BootError {
+pub(crate) fn not_a_kernel(path: &Path, reason: impl Into<String>) -> BootError {
     BootError::NotAKernel {
         path: path.to_path_buf(),
         reason: reason.into(),
     }
 }
 
-fn mem_err(what: &str, addr: u64, e: impl std::fmt::Display) -> BootError {
+pub(crate) fn mem_err(what: &str, addr: u64, e: impl std::fmt::Display) -> BootError {
     BootError::GuestMemory(format!("cannot write {what} at {addr:#x}: {e}"))
 }
 
-fn check_cmdline(cmdline: &str, max: usize) -> Result<(), BootError> {
+pub(crate) fn check_cmdline(cmdline: &str, max: usize) -> Result<(), BootError> {
     if cmdline.len() > max {
         return Err(BootError::CmdlineTooLong {
             len: cmdline.len(),
@@ -254,7 +268,7 @@ fn check_cmdline(cmdline: &str, max: usize) -> Result<(), BootError> {
 
 /// Writes `cmdline` (already checked: no NUL, within the kernel's limit) at
 /// `CMDLINE_ADDR`, NUL-terminated.
-fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), BootError> {
+pub(crate) fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), BootError> {
     let cmdline = Cmdline::try_from(cmdline, cmdline.len() + 1)
         .map_err(|e| mem_err("the command line", CMDLINE_ADDR, e))?;
     linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cmdline)
@@ -262,7 +276,7 @@ fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), BootError> 
 }
 
 /// Writes the boot GDT with `code` at `BOOT_CS`; returns the GDTR value.
-fn write_gdt(mem: &GuestMemoryMmap, code: u64) -> Result<Table, BootError> {
+pub(crate) fn write_gdt(mem: &GuestMemoryMmap, code: u64) -> Result<Table, BootError> {
     let gdt: [u64; GDT_SLOTS] = [0, 0, code, GDT_DATA, GDT_TSS, 0];
     let bytes: Vec<u8> = gdt.iter().flat_map(|e| e.to_le_bytes()).collect();
     mem.write_slice(&bytes, GuestAddress(BOOT_GDT_ADDR))
@@ -502,6 +516,7 @@ fn load_bzimage(
     let gdt = write_gdt(mem, GDT_CODE64)?;
     write_page_tables(mem)?;
     let cpu = CpuBootState {
+        rax: 0,
         rip: KERNEL_LOAD_ADDR + ENTRY_64_OFFSET,
         rsp: BOOT_STACK_TOP,
         rsi: ZERO_PAGE_ADDR,
@@ -689,6 +704,7 @@ fn load_pvh<R: Read + Seek + ReadVolatile>(
     let gdt = write_gdt(mem, GDT_CODE32)?;
     let cpu = CpuBootState {
         rip: entry.0,
+        rax: 0,
         rsp: 0,
         rsi: 0,
         rbx: PVH_INFO_ADDR,

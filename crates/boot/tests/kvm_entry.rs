@@ -66,6 +66,7 @@ fn run(mem: &GuestMemoryMmap, cpu: &CpuBootState) -> Option<Vec<u32>> {
     let mut regs = vcpu.get_regs().unwrap();
     regs.rip = cpu.rip;
     regs.rsp = cpu.rsp;
+    regs.rax = cpu.rax;
     regs.rsi = cpu.rsi;
     regs.rbx = cpu.rbx;
     regs.rflags = cpu.rflags;
@@ -192,4 +193,115 @@ fn pvh_entry_runs_in_protected_mode() {
     assert_eq!(l.entry, EntryKind::Pvh);
     let Some(out) = run(&mem, &l.cpu) else { return };
     assert_eq!(out, vec![0x336E_C578, 0x20000]);
+}
+
+/// Code that reports EAX (the Multiboot magic), the information structure's flags,
+/// mem_upper and the first 4 bytes of the command line, then halts.
+const MULTIBOOT_REPORT: &[u8] = &[
+    0x66, 0xBA, 0xE9, 0x00, // mov dx, 0xE9
+    0xEF, // out dx, eax (magic)
+    0x8B, 0x03, // mov eax, [ebx] (flags)
+    0xEF, // out dx, eax
+    0x8B, 0x43, 0x08, // mov eax, [ebx + 8] (mem_upper)
+    0xEF, // out dx, eax
+    0x8B, 0x43, 0x10, // mov eax, [ebx + 16] (cmdline)
+    0x8B, 0x00, // mov eax, [eax]
+    0xEF, // out dx, eax
+    0xF4, // hlt
+];
+
+fn multiboot_header(flags: u32, addresses: &[u32]) -> Vec<u8> {
+    let magic = 0x1BAD_B002u32;
+    let mut h = vec![magic, flags, 0u32.wrapping_sub(magic.wrapping_add(flags))];
+    h.extend_from_slice(addresses);
+    h.iter().flat_map(|w| w.to_le_bytes()).collect()
+}
+
+fn multiboot_expectation(kernel: &Path) -> Vec<u32> {
+    let path = kernel.to_str().unwrap().as_bytes();
+    vec![
+        0x2BAD_B002,
+        0x245, // memory, cmdline, mmap, loader name
+        ((MEM - (1 << 20)) / 1024) as u32,
+        u32::from_le_bytes(path[..4].try_into().unwrap()),
+    ]
+}
+
+#[test]
+fn multiboot_elf32_entry_runs_in_protected_mode_with_its_information() {
+    let mut f = vec![0u8; 0x1000];
+    f[0..4].copy_from_slice(b"\x7FELF");
+    (f[4], f[5], f[6]) = (1, 1, 1);
+    f[16] = 2;
+    f[18] = 3;
+    f[20] = 1;
+    f[24..28].copy_from_slice(&0x20_0000u32.to_le_bytes());
+    f[28..32].copy_from_slice(&52u32.to_le_bytes());
+    f[40] = 52;
+    f[42] = 32;
+    f[44] = 1;
+    let ph = 52;
+    f[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+    f[ph + 4..ph + 8].copy_from_slice(&0x800u32.to_le_bytes());
+    f[ph + 8..ph + 12].copy_from_slice(&0x20_0000u32.to_le_bytes());
+    f[ph + 12..ph + 16].copy_from_slice(&0x20_0000u32.to_le_bytes());
+    let len = MULTIBOOT_REPORT.len() as u32;
+    f[ph + 16..ph + 20].copy_from_slice(&len.to_le_bytes());
+    f[ph + 20..ph + 24].copy_from_slice(&(len + 0x1000).to_le_bytes());
+    let h = multiboot_header(2, &[]);
+    f[0x100..0x100 + h.len()].copy_from_slice(&h);
+    f[0x800..0x800 + MULTIBOOT_REPORT.len()].copy_from_slice(MULTIBOOT_REPORT);
+    let k = TempFile::new("multiboot-elf", &f);
+    let (mem, l) = boot(&k.0);
+    assert_eq!(l.entry, EntryKind::Multiboot);
+    assert_eq!(l.kernel_end, 0x20_1000 + u64::from(len));
+    let mut bss = [0xAAu8; 16];
+    mem.read_slice(&mut bss, GuestAddress(0x20_0000 + u64::from(len)))
+        .unwrap();
+    assert_eq!(bss, [0; 16], "memory past the file bytes is zeroed");
+    let Some(out) = run(&mem, &l.cpu) else { return };
+    assert_eq!(out, multiboot_expectation(&k.0));
+}
+
+#[test]
+fn multiboot_aout_kludge_loads_at_the_header_addresses() {
+    // A raw image: the header at offset 0 says "load the file at 0x300000, enter at
+    // 0x300040".
+    let mut f = multiboot_header(1 << 16, &[0x30_0000, 0x30_0000, 0, 0x30_2000, 0x30_0040]);
+    f.resize(0x40, 0);
+    f.extend_from_slice(MULTIBOOT_REPORT);
+    let k = TempFile::new("multiboot-raw", &f);
+    let (mem, l) = boot(&k.0);
+    assert_eq!(l.entry, EntryKind::Multiboot);
+    assert_eq!(l.cpu.rip, 0x30_0040);
+    assert_eq!(l.kernel_end, 0x30_2000);
+    let Some(out) = run(&mem, &l.cpu) else { return };
+    assert_eq!(out, multiboot_expectation(&k.0));
+}
+
+#[test]
+fn multiboot_kernels_asking_for_what_we_lack_are_refused() {
+    let mut f = multiboot_header(1 << 2, &[]);
+    f.resize(0x100, 0);
+    let k = TempFile::new("multiboot-video", &f);
+    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+    let t = Topology::uniform(1, MEM, 1).unwrap();
+    let spec = BootSpec {
+        extract_payload: false,
+        kernel: &k.0,
+        initramfs: None,
+        cmdline: "",
+        topology: &t,
+    };
+    let e = load(&mem, &spec).unwrap_err().to_string();
+    assert!(e.contains("video mode"), "{e}");
+    let mut f = multiboot_header(0, &[]);
+    f.resize(0x100, 0);
+    let k = TempFile::new("multiboot-noaddr", &f);
+    let spec = BootSpec {
+        kernel: &k.0,
+        ..spec
+    };
+    let e = load(&mem, &spec).unwrap_err().to_string();
+    assert!(e.contains("without load addresses"), "{e}");
 }

@@ -4,6 +4,7 @@
 //! secret = "a long random string shared by all nodes"
 //! insecure_transport = false     # optional: authenticate only, do not encrypt
 //! rng = false                    # optional: a virtio-rng device
+//! test_devices = false           # optional: fw_cfg, isa-debug-exit, pc-testdev (test suites)
 //!
 //! [guest]
 //! kernel = "/path/to/bzImage"
@@ -311,6 +312,8 @@ struct RawCluster {
     net: Vec<RawNet>,
     #[serde(default)]
     rng: bool,
+    #[serde(default)]
+    test_devices: bool,
     console: Option<RawConsole>,
     node: Vec<RawNode>,
 }
@@ -330,6 +333,8 @@ pub struct ClusterConfig {
     pub nets: Vec<NetSpec>,
     /// A virtio-rng device.
     pub rng: bool,
+    /// QEMU's test devices (fw_cfg, isa-debug-exit, pc-testdev) for test suites.
+    pub test_devices: bool,
     /// A virtio-console.
     pub console: Option<ConsoleSpec>,
     /// The nodes, in id order.
@@ -478,6 +483,7 @@ impl ClusterConfig {
             disks: raw.disk,
             nets,
             rng: raw.rng,
+            test_devices: raw.test_devices,
             console,
             nodes,
         })
@@ -501,8 +507,8 @@ impl ClusterConfig {
     /// Renders the configuration as a cluster file.
     pub fn to_toml(&self) -> String {
         let mut s = format!(
-            "secret = {:?}\ninsecure_transport = {}\nrng = {}\n\n[guest]\nkernel = {:?}\n",
-            self.secret, self.insecure_transport, self.rng, self.guest.kernel
+            "secret = {:?}\ninsecure_transport = {}\nrng = {}\ntest_devices = {}\n\n[guest]\nkernel = {:?}\n",
+            self.secret, self.insecure_transport, self.rng, self.test_devices, self.guest.kernel
         );
         if let Some(i) = &self.guest.initramfs {
             s.push_str(&format!("initramfs = {i:?}\n"));

@@ -24,6 +24,8 @@ pub enum StopCode {
     Stopped = 3,
     /// A node failed.
     Failed = 4,
+    /// A test asked isa-debug-exit to end the VM; the reason is the value it wrote.
+    DebugExit = 5,
 }
 
 /// A control message.
@@ -251,6 +253,7 @@ impl ControlMsg {
                     2 => StopCode::Panic,
                     3 => StopCode::Stopped,
                     4 => StopCode::Failed,
+                    5 => StopCode::DebugExit,
                     _ => return Err(WireError::Malformed("unknown stop code")),
                 };
                 let n = usize::from(u16::from_le_bytes([b[2], b[3]]));
@@ -319,6 +322,10 @@ mod tests {
             ControlMsg::Stop {
                 code: StopCode::Failed,
                 reason: "lost node 2".into(),
+            },
+            ControlMsg::Stop {
+                code: StopCode::DebugExit,
+                reason: "3".into(),
             },
         ]
     }

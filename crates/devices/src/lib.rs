@@ -20,6 +20,7 @@ pub mod pvpanic;
 pub mod rtc;
 pub mod serial;
 pub mod sink;
+pub mod test_devices;
 
 pub use acpi_pm::{AcpiPm, ResetPort};
 pub use bus::{Bus, BusDevice, BusError};
@@ -113,6 +114,8 @@ pub enum VmEvent {
     Reset,
     /// The guest reported a kernel panic (pvpanic).
     Panic,
+    /// A test wrote this value to isa-debug-exit (`--test-devices`).
+    DebugExit(u32),
 }
 
 /// Receives the [`VmEvent`]s devices raise. Implemented by the VMM.
@@ -228,6 +231,17 @@ mod fuzz_tests {
             Box::new(DmaTest::new(Arc::new(NoRam))),
             Box::new(Pic::new()),
             Box::new(Sink),
+            Box::new(test_devices::FwCfg::new(&test_devices::FwCfgFacts {
+                memory: 1 << 30,
+                cpu_nodes: vec![0, 1],
+                node_memory: vec![1 << 29, 1 << 29],
+            })),
+            Box::new(test_devices::DebugExit::new(Arc::new(Events::default()))),
+            Box::new(test_devices::PcTestDev::default()),
+            Box::new(test_devices::TestDevIrqs::new(vec![
+                Arc::new(FakeIrq::default()) as Arc<dyn IrqLine>;
+                test_devices::TESTDEV_IRQ_LINES
+            ])),
         ]
     }
 

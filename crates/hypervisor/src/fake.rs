@@ -27,6 +27,7 @@ pub struct Step {
     data: Vec<u8>,
     if_flag: bool,
     can_inject: bool,
+    cr8: Option<u64>,
     action: Option<Action>,
 }
 
@@ -44,8 +45,15 @@ impl Step {
             data: vec![0; len],
             if_flag: true,
             can_inject: true,
+            cr8: None,
             action: None,
         }
+    }
+
+    /// The guest wrote CR8 = `cr8` before this exit.
+    pub fn cr8(mut self, cr8: u64) -> Step {
+        self.cr8 = Some(cr8);
+        self
     }
 
     /// The bytes a write exit carries (must have the access's length).
@@ -143,6 +151,8 @@ pub struct FakeState {
     pub events: kvm_vcpu_events,
     /// MSR values; a missing MSR is refused.
     pub msrs: BTreeMap<u32, u64>,
+    /// CR8 (what the last entry loaded, or the guest wrote since).
+    pub cr8: u64,
 }
 
 /// A scripted vCPU (see the module documentation).
@@ -230,6 +240,9 @@ impl Vcpu for FakeVcpu {
         if let Some(action) = step.action.take() {
             action();
         }
+        if let Some(cr8) = step.cr8 {
+            self.st().cr8 = cr8;
+        }
         let exit = step.exit.clone();
         self.current = Some(step);
         Ok(exit)
@@ -252,6 +265,14 @@ impl Vcpu for FakeVcpu {
 
     fn interrupts_enabled(&self) -> bool {
         self.flags().0
+    }
+
+    fn cr8(&self) -> u64 {
+        self.st().cr8
+    }
+
+    fn set_cr8(&mut self, cr8: u64) {
+        self.st().cr8 = cr8;
     }
 
     fn set_interrupt_window(&mut self, wanted: bool) {

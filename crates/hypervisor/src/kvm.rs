@@ -32,6 +32,7 @@ const KVM_EXIT_IRQ_WINDOW_OPEN: u32 = 7;
 const KVM_EXIT_SHUTDOWN: u32 = 8;
 const KVM_EXIT_FAIL_ENTRY: u32 = 9;
 const KVM_EXIT_INTR: u32 = 10;
+const KVM_EXIT_SET_TPR: u32 = 11;
 const KVM_EXIT_INTERNAL_ERROR: u32 = 17;
 const KVM_EXIT_X86_RDMSR: u32 = 29;
 const KVM_EXIT_X86_WRMSR: u32 = 30;
@@ -164,6 +165,7 @@ impl KvmVcpu {
             KVM_EXIT_HLT => VmExit::Hlt,
             KVM_EXIT_IRQ_WINDOW_OPEN => VmExit::IrqWindowOpen,
             KVM_EXIT_INTR => VmExit::SignalPending,
+            KVM_EXIT_SET_TPR => VmExit::TprChanged,
             KVM_EXIT_SHUTDOWN => VmExit::Shutdown,
             KVM_EXIT_FAIL_ENTRY => {
                 // SAFETY: exit_reason says `fail_entry` is the valid union member.
@@ -247,6 +249,14 @@ impl Vcpu for KvmVcpu {
 
     fn set_interrupt_window(&mut self, wanted: bool) {
         self.kvm_run_mut().request_interrupt_window = u8::from(wanted);
+    }
+
+    fn cr8(&self) -> u64 {
+        self.kvm_run().cr8
+    }
+
+    fn set_cr8(&mut self, cr8: u64) {
+        self.kvm_run_mut().cr8 = cr8;
     }
 
     fn inject(&self, vector: u8) -> Result<()> {

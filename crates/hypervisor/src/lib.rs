@@ -59,6 +59,9 @@ pub enum VmExit {
     Hlt,
     /// The interrupt window asked for with [`Vcpu::set_interrupt_window`] opened.
     IrqWindowOpen,
+    /// The guest lowered CR8 below the priority of a pending interrupt
+    /// (`KVM_EXIT_SET_TPR`, only without an in-kernel LAPIC): [`Vcpu::cr8`] has it.
+    TprChanged,
     /// The run was cut short before or during guest execution: a signal (a kick) or
     /// `immediate_exit` (`KVM_RUN` returned `EINTR`/`EAGAIN`).
     Interrupted,
@@ -121,6 +124,12 @@ pub trait Vcpu: Send {
     /// Asks for an [`VmExit::IrqWindowOpen`] exit as soon as an interrupt could be
     /// injected (or stops asking).
     fn set_interrupt_window(&mut self, wanted: bool);
+    /// CR8 (the task priority, TPR >> 4) as of the last exit. With the LAPIC in
+    /// userspace KVM keeps CR8 itself; the LAPIC's TPR must follow it.
+    fn cr8(&self) -> u64;
+    /// The CR8 the next entry loads (KVM loads `kvm_run.cr8` at every entry when the
+    /// LAPIC is in userspace), so that a TPR written through the LAPIC reaches CR8.
+    fn set_cr8(&mut self, cr8: u64);
     /// Injects external interrupt `vector` (only when [`Vcpu::can_inject`]).
     fn inject(&self, vector: u8) -> Result<()>;
     /// Injects an NMI.

@@ -103,7 +103,9 @@ impl IoApic {
 
     fn write_register(&mut self, index: u32, value: u32) -> Vec<InterruptMessage> {
         if index == REG_ID {
-            self.id = (value >> 24) as u8;
+            // Only the 82093AA's 4-bit ID (bits 24-27) is writable; the upper bits of our
+            // 8-bit ID (as the MADT gives it) stay.
+            self.id = (self.id & 0xf0) | ((value >> 24) & 0x0f) as u8;
             return Vec::new();
         }
         let Some((pin, high)) = Self::redirection_slot(index) else {
@@ -230,6 +232,11 @@ mod tests {
         for pin in 0..24 {
             assert_eq!(read_rte(&mut io, pin), (0x0001_0000, 0));
         }
+        // Only ID bits 24-27 are writable.
+        io.mmio_write(IOREGSEL, 0);
+        io.mmio_write(IOWIN, 0x01FF_FFFF);
+        assert_eq!(io.mmio_read(IOWIN), 0xF100_0000);
+        io.mmio_write(IOWIN, 0xFE00_0000);
         // Beyond the last pin and unknown offsets read 0.
         io.mmio_write(IOREGSEL, 0x10 + 48);
         assert_eq!(io.mmio_read(IOWIN), 0);

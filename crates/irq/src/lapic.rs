@@ -200,7 +200,7 @@ pub struct Lapic {
     timer_period_ns: u64,
     tsc_deadline: u64,
 
-    nmi_pending: bool,
+    nmi_pending: u8,
     init_pending: bool,
     sipi: Option<u8>,
     wait_for_sipi: bool,
@@ -252,7 +252,7 @@ impl Lapic {
             timer_next_ns: None,
             timer_period_ns: 0,
             tsc_deadline: 0,
-            nmi_pending: false,
+            nmi_pending: 0,
             init_pending: false,
             sipi: None,
             wait_for_sipi: !is_bsp,
@@ -280,7 +280,7 @@ impl Lapic {
         self.timer_next_ns = None;
         self.timer_period_ns = 0;
         self.tsc_deadline = 0;
-        self.nmi_pending = false;
+        self.nmi_pending = 0;
     }
 
     /// The APIC id this LAPIC was created with.
@@ -416,7 +416,8 @@ impl Lapic {
                 self.pending_vector().is_some()
             }
             DeliveryMode::Nmi => {
-                self.nmi_pending = true;
+                // A CPU latches one NMI while it handles another: two can be owed.
+                self.nmi_pending = (self.nmi_pending + 1).min(2);
                 true
             }
             DeliveryMode::Init => {
@@ -459,8 +460,9 @@ impl Lapic {
         Some(v)
     }
 
-    /// A pending NMI, returned once.
-    pub fn take_nmi(&mut self) -> bool {
+    /// The NMIs received since the last call (at most 2: one to deliver, one latched
+    /// behind it), returned once.
+    pub fn take_nmi(&mut self) -> u8 {
         std::mem::take(&mut self.nmi_pending)
     }
 

@@ -294,6 +294,7 @@ fn stop_msg(outcome: &VmOutcome) -> ControlMsg {
         VmOutcome::PowerOff => (StopCode::PowerOff, String::new()),
         VmOutcome::Reset(r) => (StopCode::Reset, r.clone()),
         VmOutcome::Panic(line) => (StopCode::Panic, line.clone()),
+        VmOutcome::DebugExit(v) => (StopCode::DebugExit, v.to_string()),
         VmOutcome::Stopped => (StopCode::Stopped, String::new()),
         VmOutcome::Failed(r) => (StopCode::Failed, r.clone()),
     };
@@ -305,6 +306,12 @@ fn outcome_of(from: u16, code: StopCode, reason: String) -> VmOutcome {
         StopCode::PowerOff => VmOutcome::PowerOff,
         StopCode::Reset => VmOutcome::Reset(reason),
         StopCode::Panic => VmOutcome::Panic(reason),
+        StopCode::DebugExit => match reason.parse() {
+            Ok(v) => VmOutcome::DebugExit(v),
+            Err(_) => VmOutcome::Failed(format!(
+                "node {from} reported a debug exit with the unreadable value {reason:?}"
+            )),
+        },
         StopCode::Stopped => VmOutcome::Stopped,
         StopCode::Failed => VmOutcome::Failed(format!("node {from}: {reason}")),
     }
@@ -568,6 +575,7 @@ pub fn run_node(
             .as_ref()
             .filter(|_| id == 0)
             .map(console_backend),
+        test_devices: cluster.test_devices,
     };
     let shares = placement.shares.clone();
     let vm = Vm::build_node(&cfg, placement, console_out)?;

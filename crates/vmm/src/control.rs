@@ -16,6 +16,8 @@ pub enum VmOutcome {
     /// The guest reported a panic (pvpanic); with the kernel's panic line from the
     /// console when one was found.
     Panic(String),
+    /// A test wrote this value to isa-debug-exit (`--test-devices`).
+    DebugExit(u32),
     /// Stopped from outside (Ctrl-C, SIGTERM).
     Stopped,
     /// dvmm could not go on running the guest.
@@ -86,6 +88,7 @@ impl VmEventSink for VmControl {
             VmEvent::PowerOff => VmOutcome::PowerOff,
             VmEvent::Reset => VmOutcome::Reset("the guest requested a reset".into()),
             VmEvent::Panic => VmOutcome::Panic(String::new()),
+            VmEvent::DebugExit(v) => VmOutcome::DebugExit(v),
         });
     }
 }

@@ -575,10 +575,20 @@ pub fn recover(
             let mut events = vcpu.events().map_err(|_| failure())?;
             regs.rip = regs.rip.wrapping_add(u64::from(len));
             vcpu.set_regs(&regs).map_err(|_| failure())?;
-            events.exception.injected = 1;
-            events.exception.nr = vector;
-            events.exception.has_error_code = 0;
-            events.exception.error_code = 0;
+            if vector < 32 {
+                events.exception.injected = 1;
+                events.exception.nr = vector;
+                events.exception.has_error_code = 0;
+                events.exception.error_code = 0;
+            } else {
+                // KVM takes only vectors 0-31 as exceptions. The interrupt is injected
+                // as a hardware one (`soft` would make KVM step RIP over an instruction
+                // a second time): at CPL0 the gate's DPL does not matter, and the frame
+                // holds the RIP after the `int n`, as the instruction's own would.
+                events.interrupt.injected = 1;
+                events.interrupt.nr = vector;
+                events.interrupt.soft = 0;
+            }
             vcpu.set_events(&events).map_err(|_| failure())?;
             Ok(if vector == 3 {
                 "int3 at CPL0: injected #BP"
@@ -644,6 +654,61 @@ pub fn recover(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One page of guest RAM at address 0.
+    struct Page(std::sync::Mutex<Vec<u8>>);
+
+    impl GuestAccess for Page {
+        fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), dvmm_devices::GuestAccessError> {
+            let m = self.0.lock().unwrap();
+            let at = gpa as usize;
+            buf.copy_from_slice(&m[at..at + buf.len()]);
+            Ok(())
+        }
+        fn write(&self, gpa: u64, buf: &[u8]) -> Result<(), dvmm_devices::GuestAccessError> {
+            let mut m = self.0.lock().unwrap();
+            let at = gpa as usize;
+            m[at..at + buf.len()].copy_from_slice(buf);
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn int_n_at_cpl0_is_injected_as_an_exception_below_32_and_an_interrupt_above() {
+        for (insn, vector) in [
+            (&[0xcc][..], 3u8),
+            (&[0xcd, 0x0e], 0x0e),
+            (&[0xcd, 0x20], 0x20),
+        ] {
+            let mut ram = vec![0u8; 0x1000];
+            ram[0x100..0x100 + insn.len()].copy_from_slice(insn);
+            let mem = Page(std::sync::Mutex::new(ram));
+            let vcpu = dvmm_hypervisor::fake::FakeVcpu::new([]);
+            vcpu.state().lock().unwrap().regs.rip = 0x100;
+            let err = InternalError {
+                suberror: SUBERROR_EMULATION,
+                data: Vec::new(),
+            };
+            assert!(recover(&vcpu, &mem, &err).is_ok(), "{insn:x?}");
+            let st = vcpu.state().lock().unwrap().clone();
+            assert_eq!(
+                st.regs.rip,
+                0x100 + insn.len() as u64,
+                "past the instruction"
+            );
+            if vector < 32 {
+                assert_eq!(
+                    (st.events.exception.injected, st.events.exception.nr),
+                    (1, vector)
+                );
+                assert_eq!(st.events.interrupt.injected, 0);
+            } else {
+                assert_eq!(st.events.exception.injected, 0);
+                let i = st.events.interrupt;
+                assert_eq!((i.injected, i.nr, i.soft), (1, vector, 0));
+            }
+        }
+    }
 
     #[test]
     fn lsl_as_linux_paranoid_entry_uses_it() {

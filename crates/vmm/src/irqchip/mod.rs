@@ -44,6 +44,8 @@ pub struct VcpuHandle {
     quiet: AtomicBool,
     /// The vCPU thread's kernel thread id (0 until it runs).
     tid: std::sync::atomic::AtomicI32,
+    /// Returns from `KVM_RUN` so far (for the stall watch).
+    exits: std::sync::atomic::AtomicU64,
 }
 
 /// What a vCPU thread is doing, as far as the profiler cares.
@@ -73,7 +75,18 @@ impl VcpuHandle {
             sample_requested: AtomicBool::new(false),
             quiet: AtomicBool::new(true),
             tid: std::sync::atomic::AtomicI32::new(0),
+            exits: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Counts one return from `KVM_RUN` (called by the vCPU thread).
+    pub fn count_exit(&self) {
+        self.exits.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Returns from `KVM_RUN` so far.
+    pub fn exits(&self) -> u64 {
+        self.exits.load(Ordering::Relaxed)
     }
 
     /// Records what the vCPU thread is doing (called by that thread).

@@ -103,6 +103,7 @@ pub fn load_state(vcpu: &dyn Vcpu, st: &CpuBootState) -> Result<(), HypervisorEr
     vcpu.set_sregs(&sregs)?;
     let regs = kvm_regs {
         rip: st.rip,
+        rax: st.rax,
         rsp: st.rsp,
         rsi: st.rsi,
         rbx: st.rbx,
@@ -205,7 +206,8 @@ fn run_loop<V: Vcpu>(
         None => Mode::WaitForSipi,
     };
 
-    let mut nmi = false;
+    // NMIs owed to the guest (KVM queues each; it keeps at most two).
+    let mut nmi = 0u8;
     let mut stuck = emulation::StuckHypercall::default();
     // RIP of an emulation failure that was retried and not yet followed by another exit.
     let mut gap_retried_at: Option<u64> = None;
@@ -235,6 +237,8 @@ fn run_loop<V: Vcpu>(
             continue;
         }
 
+        // The CR8 this entry loads (TPR >> 4).
+        let entry_cr8;
         // Deliver what is pending before entering the guest.
         {
             let mut lapic = handle.lock();
@@ -243,7 +247,7 @@ fn run_loop<V: Vcpu>(
                 mode = Mode::WaitForSipi;
                 continue;
             }
-            nmi = nmi || lapic.take_nmi();
+            nmi = (nmi + lapic.take_nmi()).min(2);
             if vcpu.can_inject() {
                 if let Some(vector) = lapic.acknowledge() {
                     drop(lapic);
@@ -252,8 +256,10 @@ fn run_loop<V: Vcpu>(
                 }
             }
             vcpu.set_interrupt_window(lapic.pending_vector().is_some());
+            entry_cr8 = u64::from(lapic.tpr() >> 4);
+            vcpu.set_cr8(entry_cr8);
         }
-        if std::mem::take(&mut nmi) {
+        for _ in 0..std::mem::take(&mut nmi) {
             vcpu.nmi()?;
         }
         if env.syscalls.verify_due(env.clock.now_ns()) {
@@ -265,6 +271,7 @@ fn run_loop<V: Vcpu>(
 
         env.gate.pass(handle.quiet_flag());
         let exit = vcpu.run();
+        handle.count_exit();
         if handle.take_sample_request() {
             if let Some(regs) = take_sample(vcpu, profile) {
                 if trace_samples() {
@@ -273,6 +280,13 @@ fn run_loop<V: Vcpu>(
             }
         }
         let exit = exit?;
+        // A `mov cr8` the guest ran is KVM's to keep: the LAPIC's TPR follows it.
+        let cr8 = vcpu.cr8();
+        if cr8 != entry_cr8 {
+            handle
+                .lock()
+                .set_tpr(u8::try_from(cr8 & 0xf).unwrap_or(0) << 4);
+        }
         if !matches!(exit, VmExit::InternalError { .. } | VmExit::Interrupted) {
             gap_retried_at = None;
         }
@@ -315,11 +329,12 @@ fn run_loop<V: Vcpu>(
                 }
                 match halt(handle, env, vcpu.interrupts_enabled()) {
                     Wake::Resume => {}
-                    Wake::Nmi => nmi = true,
+                    Wake::Nmi(n) => nmi = (nmi + n).min(2),
                     Wake::Init => mode = Mode::WaitForSipi,
                 }
             }
             VmExit::IrqWindowOpen => stats.count(ExitKind::IrqWindow),
+            VmExit::TprChanged => stats.count(ExitKind::IrqWindow),
             VmExit::SignalPending => stats.count(ExitKind::Kick),
             VmExit::InternalError { suberror, data } => {
                 stats.count(ExitKind::Emulation);
@@ -427,8 +442,8 @@ impl Drop for RunningAgain<'_> {
 enum Wake {
     /// A maskable interrupt (with IF set), or the VM is stopping.
     Resume,
-    /// An NMI to inject.
-    Nmi,
+    /// NMIs to inject (1 or 2).
+    Nmi(u8),
     /// INIT: wait for SIPI.
     Init,
 }
@@ -445,8 +460,9 @@ fn halt(handle: &VcpuHandle, env: &VcpuEnv, if_flag: bool) -> Wake {
         if lapic.take_init() {
             return Wake::Init;
         }
-        if lapic.take_nmi() {
-            return Wake::Nmi;
+        let n = lapic.take_nmi();
+        if n > 0 {
+            return Wake::Nmi(n);
         }
         if if_flag && lapic.pending_vector().is_some() {
             return Wake::Resume;
@@ -482,8 +498,14 @@ fn handle_mmio(
     handle: &VcpuHandle,
     env: &VcpuEnv,
 ) -> bool {
-    if (LAPIC_ADDR..LAPIC_ADDR + APIC_MMIO_SIZE).contains(&addr) {
-        let offset = addr - LAPIC_ADDR;
+    // The xAPIC page is where IA32_APIC_BASE puts it, and only while the APIC is enabled
+    // in xAPIC mode; otherwise its default page is nothing (reads all ones, writes lost).
+    let lapic_page = {
+        let lapic = handle.lock();
+        (lapic.hardware_enabled() && !lapic.x2apic_enabled()).then(|| lapic.base_address())
+    };
+    if let Some(base) = lapic_page.filter(|b| (*b..b + APIC_MMIO_SIZE).contains(&addr)) {
+        let offset = addr - base;
         let now = env.clock.now_ns();
         if write {
             let mut v = [0u8; 4];
@@ -497,6 +519,12 @@ fn handle_mmio(
             for (i, b) in data.iter_mut().enumerate() {
                 *b = v.get(i).copied().unwrap_or(0);
             }
+        }
+        return false;
+    }
+    if (LAPIC_ADDR..LAPIC_ADDR + APIC_MMIO_SIZE).contains(&addr) {
+        if !write {
+            data.fill(0xff);
         }
         return false;
     }
@@ -605,6 +633,11 @@ fn handle_msr(
             }
             let r = lapic.msr_write(index, data, now);
             drop(lapic);
+            if index == dvmm_irq::lapic::MSR_IA32_APIC_BASE && r.is_ok() {
+                // KVM keeps its own copy, from which it derives CPUID.1:EDX.APIC (clear
+                // while the APIC is disabled, as on hardware).
+                vcpu.set_msr(index, data);
+            }
             r.map(|ev| {
                 lapic_event(ev, handle, env);
                 0

@@ -441,3 +441,40 @@ fn a_stop_request_ends_a_halted_vcpu() {
     t.join().unwrap();
     assert!(rig.handles[0].is_quiet());
 }
+
+#[test]
+fn cr8_and_the_lapic_tpr_follow_each_other() {
+    let rig = rig(1);
+    // A TPR the guest set through the LAPIC reaches CR8 at the next entry.
+    rig.handles[0].lock().set_tpr(0x35);
+    let handle = rig.handles[0].clone();
+    let seen = Arc::new(Mutex::new(None));
+    let seen_in_step = seen.clone();
+    let fake = rig.fake(vec![
+        Step::exit(io(0x80, 1, 1, true)),
+        Step::exit(io(0x80, 1, 1, true)).cr8(0xc),
+        Step::exit(io(0x80, 1, 1, true)).after(move || {
+            *seen_in_step.lock().unwrap() = Some(handle.lock().tpr());
+        }),
+    ]);
+    let state = fake.state();
+    assert_eq!(
+        rig.run(0, fake, Some(dvmm_boot::loader::ap_sipi_state(0))),
+        VmOutcome::PowerOff
+    );
+    // The guest's `mov cr8, 0xc` became TPR 0xc0 before the next entry; CR8 stayed.
+    assert_eq!(*seen.lock().unwrap(), Some(0xc0));
+    assert_eq!(rig.handles[0].lock().tpr(), 0xc0);
+    assert_eq!(state.lock().unwrap().cr8, 0xc);
+}
+
+#[test]
+fn a_tpr_written_through_the_lapic_is_what_the_guest_reads_in_cr8() {
+    let rig = rig(1);
+    rig.handles[0].lock().set_tpr(0x35);
+    let fake = rig.fake(vec![Step::exit(io(0x80, 1, 1, true))]);
+    let state = fake.state();
+    rig.run(0, fake, Some(dvmm_boot::loader::ap_sipi_state(0)));
+    assert_eq!(state.lock().unwrap().cr8, 0x3);
+    assert_eq!(rig.handles[0].lock().tpr(), 0x35, "the low nibble is kept");
+}

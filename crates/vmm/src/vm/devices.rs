@@ -12,6 +12,7 @@ use dvmm_devices::pic::Pic;
 use dvmm_devices::pvpanic::PvPanic;
 use dvmm_devices::rtc::Rtc;
 use dvmm_devices::serial::Serial;
+use dvmm_devices::test_devices::{self, DebugExit, FwCfg, FwCfgFacts, PcTestDev, TestDevIrqs};
 use dvmm_devices::DmaTest;
 use dvmm_devices::VmEventSink;
 use dvmm_irq::clock::Clock;
@@ -50,6 +51,66 @@ impl<D: BusDevice> BusDevice for Shifted<D> {
     fn write(&mut self, offset: u64, data: &[u8]) {
         self.inner.locked().write(offset + self.shift, data);
     }
+}
+
+/// QEMU's test devices (`--test-devices`) on node 0's port bus: fw_cfg with the VM's
+/// shape, isa-debug-exit, and pc-testdev, whose IRQ line n drives ISA IRQ n (IRQ 0
+/// arrives at GSI 2, as the MADT's override says).
+pub(super) fn attach_test_devices(
+    pio: &mut Bus,
+    hub: &Arc<InterruptHub>,
+    events: Arc<dyn VmEventSink>,
+    topology: &dvmm_boot::Topology,
+) -> Result<(), VmmError> {
+    let mut cpu_nodes = vec![0u64; topology.vcpus as usize];
+    let mut node_memory = Vec::new();
+    for (n, node) in topology.nodes.iter().enumerate() {
+        for v in node.vcpus.clone() {
+            if let Some(slot) = cpu_nodes.get_mut(v as usize) {
+                *slot = n as u64;
+            }
+        }
+        node_memory.push(node.ram.iter().map(|r| r.len).sum());
+    }
+    let facts = FwCfgFacts {
+        memory: topology.memory,
+        cpu_nodes,
+        node_memory,
+    };
+    add(
+        pio,
+        FwCfg::new(&facts),
+        u64::from(test_devices::FW_CFG_PORT),
+        test_devices::FW_CFG_PORTS,
+    )?;
+    add(
+        pio,
+        DebugExit::new(events),
+        u64::from(test_devices::DEBUG_EXIT_PORT),
+        test_devices::DEBUG_EXIT_PORTS,
+    )?;
+    add(
+        pio,
+        PcTestDev::default(),
+        u64::from(test_devices::TESTDEV_IOPORT),
+        test_devices::TESTDEV_IOPORT_LEN,
+    )?;
+    let lines = (0..test_devices::TESTDEV_IRQ_LINES)
+        .map(|irq| {
+            let gsi = if irq == layout::PIT_IRQ as usize {
+                layout::PIT_GSI as usize
+            } else {
+                irq
+            };
+            Arc::new(IoApicPin::new(hub.clone(), gsi)) as Arc<dyn dvmm_devices::IrqLine>
+        })
+        .collect();
+    add(
+        pio,
+        TestDevIrqs::new(lines),
+        u64::from(test_devices::TESTDEV_IRQ_PORT),
+        test_devices::TESTDEV_IRQ_LINES as u64,
+    )
 }
 
 /// The devices that live on node 0: UART, PIT, RTC, i8042, ACPI PM, reset, pvpanic,

@@ -68,6 +68,9 @@ pub struct VmConfig {
     pub rng: bool,
     /// A virtio-console (the guest's `/dev/hvc0`) and where its bytes go (node 0's).
     pub console: Option<dvmm_virtio::console::ConsoleBackend>,
+    /// QEMU's test devices (fw_cfg, isa-debug-exit, pc-testdev), for test suites such
+    /// as kvm-unit-tests (node 0's, with the other devices).
+    pub test_devices: bool,
 }
 
 /// A network card for the guest.
@@ -251,6 +254,39 @@ fn spawn_sampler(
                 }
             }
             sampler.collect(&idle);
+        })
+        .map_err(VmmError::Thread)
+}
+
+/// How long a running vCPU may stay inside `KVM_RUN` without an exit before the stall
+/// watch kicks it (emulated-kernel hosts).
+const STALL_KICK: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Where KVM emulates guest kernel code, some instructions (a `vmcall` at CPL0) are
+/// retried inside `KVM_RUN` forever with no exit; only a kick brings the vCPU out,
+/// where dvmm can complete them (`emulation::StuckHypercall`). A guest with timer
+/// ticks exits often enough by itself; this thread kicks a running vCPU that has not
+/// exited for [`STALL_KICK`], so that one without (a test kernel in a `vmcall` loop)
+/// does not hang.
+fn spawn_stall_watch(
+    handles: Vec<Arc<VcpuHandle>>,
+    control: Arc<VmControl>,
+) -> Result<JoinHandle<()>, VmmError> {
+    use crate::irqchip::Activity;
+    std::thread::Builder::new()
+        .name("stall-watch".into())
+        .spawn(move || {
+            let mut seen: Vec<u64> = handles.iter().map(|h| h.exits()).collect();
+            while !control.stopping() {
+                std::thread::sleep(STALL_KICK);
+                for (h, last) in handles.iter().zip(seen.iter_mut()) {
+                    let now = h.exits();
+                    if now == *last && h.activity() == Activity::Running {
+                        h.kicker.kick();
+                    }
+                    *last = now;
+                }
+            }
         })
         .map_err(VmmError::Thread)
 }
@@ -601,6 +637,7 @@ impl Vm {
             entry = match loaded.entry {
                 EntryKind::LinuxBzImage64 => "Linux 64-bit boot protocol",
                 EntryKind::Pvh => "PVH",
+                EntryKind::Multiboot => "Multiboot",
             },
             rip = format_args!("{:#x}", loaded.cpu.rip),
             "kernel loaded"
@@ -630,6 +667,13 @@ impl Vm {
         let mmio = Bus::new();
         // Port 0x80 is only a delay: every node answers it locally.
         add(&mut pio, Sink, u64::from(layout::POST_PORT), 1)?;
+        if has_devices && cfg.test_devices {
+            devices::attach_test_devices(&mut pio, &hub, events.clone(), &topology)?;
+            tracing::info!(
+                "test devices on: fw_cfg at 0x510, isa-debug-exit at 0xf4, pc-testdev at 0xe0 \
+                 and 0x2000"
+            );
+        }
         Ok(Parts {
             vcpus,
             vm,
@@ -796,6 +840,14 @@ impl Vm {
                 }
             }
         }
+        let stall_thread = if self.env.emulated_kernel {
+            Some(spawn_stall_watch(
+                self.handles.clone(),
+                self.env.control.clone(),
+            )?)
+        } else {
+            None
+        };
         let sampler_thread = match &self.profiling {
             Some(p) => Some(spawn_sampler(
                 p.sampler.clone(),
@@ -816,6 +868,9 @@ impl Vm {
         timers.stop();
         let _ = timer_thread.join();
         if let Some(t) = sampler_thread {
+            let _ = t.join();
+        }
+        if let Some(t) = stall_thread {
             let _ = t.join();
         }
         if let Some(p) = &self.profiling {
