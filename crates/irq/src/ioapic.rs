@@ -28,8 +28,8 @@ const RTE_HIGH_WRITABLE: u32 = 0xFF00_0000;
 /// LevelEoi broadcasts), 24 pins.
 ///
 /// Pin levels passed to [`set_irq`](Self::set_irq) are logical (true = asserted); the
-/// polarity bit is stored for the guest but not applied. The ID register holds all 8
-/// bits of the id (the MADT's `IOAPIC_ID` is 0xFE), not just the 82093AA's 4.
+/// polarity bit is stored for the guest but not applied. The ID register has the
+/// 82093AA's 4 bits (24-27); the arbitration register reads the same ID.
 #[derive(Clone, Debug)]
 pub struct IoApic {
     id: u8,
@@ -103,9 +103,7 @@ impl IoApic {
 
     fn write_register(&mut self, index: u32, value: u32) -> Vec<InterruptMessage> {
         if index == REG_ID {
-            // Only the 82093AA's 4-bit ID (bits 24-27) is writable; the upper bits of our
-            // 8-bit ID (as the MADT gives it) stay.
-            self.id = (self.id & 0xf0) | ((value >> 24) & 0x0f) as u8;
+            self.id = ((value >> 24) & 0x0f) as u8;
             return Vec::new();
         }
         let Some((pin, high)) = Self::redirection_slot(index) else {
@@ -225,18 +223,22 @@ mod tests {
     fn id_version_and_reset_state() {
         let mut io = IoApic::new(dvmm_layout::IOAPIC_ID);
         io.mmio_write(IOREGSEL, 0);
-        assert_eq!(io.mmio_read(IOWIN), 0xFE00_0000);
+        assert_eq!(io.mmio_read(IOWIN), 0);
         io.mmio_write(IOREGSEL, 1);
         assert_eq!(io.mmio_read(IOWIN), 0x0017_0011);
         assert_eq!(io.mmio_read(IOREGSEL), 1);
         for pin in 0..24 {
             assert_eq!(read_rte(&mut io, pin), (0x0001_0000, 0));
         }
-        // Only ID bits 24-27 are writable.
+        // Only ID bits 24-27 are writable; the arbitration register follows, read-only.
         io.mmio_write(IOREGSEL, 0);
-        io.mmio_write(IOWIN, 0x01FF_FFFF);
-        assert_eq!(io.mmio_read(IOWIN), 0xF100_0000);
-        io.mmio_write(IOWIN, 0xFE00_0000);
+        io.mmio_write(IOWIN, 0xFFFF_FFFF);
+        assert_eq!(io.mmio_read(IOWIN), 0x0F00_0000);
+        io.mmio_write(IOREGSEL, 2);
+        io.mmio_write(IOWIN, 0);
+        assert_eq!(io.mmio_read(IOWIN), 0x0F00_0000);
+        io.mmio_write(IOREGSEL, 0);
+        io.mmio_write(IOWIN, 0);
         // Beyond the last pin and unknown offsets read 0.
         io.mmio_write(IOREGSEL, 0x10 + 48);
         assert_eq!(io.mmio_read(IOWIN), 0);

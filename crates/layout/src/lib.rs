@@ -129,8 +129,10 @@ pub const RESET_VALUE: u8 = 0x06;
 // Interrupt controllers and CPU identification
 // ---------------------------------------------------------------------------
 
-/// IOAPIC id as the MADT reports it (placed above the largest vCPU APIC id).
-pub const IOAPIC_ID: u8 = 0xFE;
+/// IOAPIC id as the MADT reports it: 0, as QEMU, Firecracker and Cloud Hypervisor give
+/// it (the 82093AA's ID register has 4 bits; sharing a number with a LAPIC does not
+/// matter to xAPIC or x2APIC systems).
+pub const IOAPIC_ID: u8 = 0;
 /// Number of IOAPIC pins (GSIs 0..23).
 pub const IOAPIC_PINS: usize = 24;
 /// Most vCPUs one VM may have: APIC ids 0..=253. Ids above 254 need x2APIC with
