@@ -238,6 +238,7 @@ mod fuzz_tests {
             })),
             Box::new(test_devices::DebugExit::new(Arc::new(Events::default()))),
             Box::new(test_devices::PcTestDev::default()),
+            Box::new(test_devices::TestDevIoMem::default()),
             Box::new(test_devices::TestDevIrqs::new(vec![
                 Arc::new(FakeIrq::default()) as Arc<dyn IrqLine>;
                 test_devices::TESTDEV_IRQ_LINES

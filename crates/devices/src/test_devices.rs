@@ -10,7 +10,9 @@
 //!   as QEMU's `isa-debug-exit` does (so 1 means the test passed).
 //! - [`PcTestDev`] at 0xe0 (a 32-bit register that reads back what was written), 0xe4
 //!   (page flush: accepted, nothing to do, since guest pages are never remapped under
-//!   the guest here) and 0x2000..0x2018 (a write of 0 or 1 drives ISA IRQ line n).
+//!   the guest here) and 0x2000..0x2018 (a write of 0 or 1 drives ISA IRQ line n), and
+//!   [`TestDevIoMem`], its 64 KiB of MMIO that behaves like memory at 0xff000000 (for
+//!   tests of instruction emulation on MMIO).
 
 use std::sync::Arc;
 
@@ -33,6 +35,10 @@ pub const TESTDEV_IOPORT_LEN: u64 = 8;
 pub const TESTDEV_IRQ_PORT: u16 = 0x2000;
 /// Lines pc-testdev drives (the ISA IRQs, 0..24).
 pub const TESTDEV_IRQ_LINES: usize = 24;
+/// pc-testdev's memory-like MMIO window.
+pub const TESTDEV_IOMEM_ADDR: u64 = 0xff00_0000;
+/// Its size.
+pub const TESTDEV_IOMEM_LEN: u64 = 0x1_0000;
 
 /// fw_cfg keys (QEMU's `FW_CFG_*`).
 pub mod key {
@@ -188,6 +194,33 @@ impl BusDevice for PcTestDev {
     }
 }
 
+/// pc-testdev's MMIO window at [`TESTDEV_IOMEM_ADDR`]: reads return what was written.
+pub struct TestDevIoMem(Vec<u8>);
+
+impl Default for TestDevIoMem {
+    fn default() -> TestDevIoMem {
+        TestDevIoMem(vec![0; TESTDEV_IOMEM_LEN as usize])
+    }
+}
+
+impl BusDevice for TestDevIoMem {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        for (i, d) in data.iter_mut().enumerate() {
+            let at = usize::try_from(offset.saturating_add(i as u64)).unwrap_or(usize::MAX);
+            *d = self.0.get(at).copied().unwrap_or(0xff);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        for (i, b) in data.iter().enumerate() {
+            let at = usize::try_from(offset.saturating_add(i as u64)).unwrap_or(usize::MAX);
+            if let Some(slot) = self.0.get_mut(at) {
+                *slot = *b;
+            }
+        }
+    }
+}
+
 /// pc-testdev's IRQ-line ports at [`TESTDEV_IRQ_PORT`].
 pub struct TestDevIrqs(Vec<Arc<dyn IrqLine>>);
 
@@ -274,6 +307,11 @@ mod tests {
         dev.write(4, &[1, 2, 3, 4]); // the flush port: nothing changes
         dev.read(0, &mut b);
         assert_eq!(u32::from_le_bytes(b), 0xdead_beef);
+        let mut iomem = TestDevIoMem::default();
+        iomem.write(0xfffe, &[1, 2, 3]);
+        let mut b = [0u8; 3];
+        iomem.read(0xfffe, &mut b);
+        assert_eq!(b, [1, 2, 0xff], "past the window's end: dropped, all ones");
         let line = Arc::new(FakeIrq::default());
         let lines: Vec<Arc<dyn IrqLine>> = (0..TESTDEV_IRQ_LINES)
             .map(|n| {

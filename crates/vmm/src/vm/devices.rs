@@ -12,7 +12,9 @@ use dvmm_devices::pic::Pic;
 use dvmm_devices::pvpanic::PvPanic;
 use dvmm_devices::rtc::Rtc;
 use dvmm_devices::serial::Serial;
-use dvmm_devices::test_devices::{self, DebugExit, FwCfg, FwCfgFacts, PcTestDev, TestDevIrqs};
+use dvmm_devices::test_devices::{
+    self, DebugExit, FwCfg, FwCfgFacts, PcTestDev, TestDevIoMem, TestDevIrqs,
+};
 use dvmm_devices::DmaTest;
 use dvmm_devices::VmEventSink;
 use dvmm_irq::clock::Clock;
@@ -58,6 +60,7 @@ impl<D: BusDevice> BusDevice for Shifted<D> {
 /// arrives at GSI 2, as the MADT's override says).
 pub(super) fn attach_test_devices(
     pio: &mut Bus,
+    mmio: &mut Bus,
     hub: &Arc<InterruptHub>,
     events: Arc<dyn VmEventSink>,
     topology: &dvmm_boot::Topology,
@@ -94,6 +97,12 @@ pub(super) fn attach_test_devices(
         PcTestDev::default(),
         u64::from(test_devices::TESTDEV_IOPORT),
         test_devices::TESTDEV_IOPORT_LEN,
+    )?;
+    add(
+        mmio,
+        TestDevIoMem::default(),
+        test_devices::TESTDEV_IOMEM_ADDR,
+        test_devices::TESTDEV_IOMEM_LEN,
     )?;
     let lines = (0..test_devices::TESTDEV_IRQ_LINES)
         .map(|irq| {

@@ -664,14 +664,14 @@ impl Vm {
         let pit = Arc::new(Mutex::new(Pit::new(now)));
 
         let mut pio = Bus::new();
-        let mmio = Bus::new();
+        let mut mmio = Bus::new();
         // Port 0x80 is only a delay: every node answers it locally.
         add(&mut pio, Sink, u64::from(layout::POST_PORT), 1)?;
         if has_devices && cfg.test_devices {
-            devices::attach_test_devices(&mut pio, &hub, events.clone(), &topology)?;
+            devices::attach_test_devices(&mut pio, &mut mmio, &hub, events.clone(), &topology)?;
             tracing::info!(
-                "test devices on: fw_cfg at 0x510, isa-debug-exit at 0xf4, pc-testdev at 0xe0 \
-                 and 0x2000"
+                "test devices on: fw_cfg at 0x510, isa-debug-exit at 0xf4, pc-testdev at 0xe0, \
+                 0x2000 and 0xff000000"
             );
         }
         Ok(Parts {
