@@ -622,20 +622,32 @@ fn check_elf<R: Read + Seek>(
                 s.paddr
             )));
         }
-        if s.paddr < KERNEL_LOAD_ADDR {
-            return Err(bad(format!(
-                "segment at {:#x} lies below 1 MiB, where dvmm keeps its boot data",
-                s.paddr
-            )));
-        }
-        if s.paddr.checked_add(s.memsz).is_none_or(|e| e > low_end) {
-            return Err(BootError::KernelTooLarge {
-                path: path.to_path_buf(),
-                addr: s.paddr,
-                size: s.memsz,
-                available: low_end.saturating_sub(s.paddr),
-            });
-        }
+        check_placement(path, s.paddr, s.memsz, low_end)?;
+    }
+    Ok(())
+}
+
+/// A kernel segment of `len` bytes at `addr` must lie in `[1 MiB, low_end)`: below 1
+/// MiB are dvmm's boot data, above the low RAM's end the MMIO hole.
+pub(crate) fn check_placement(
+    path: &Path,
+    addr: u64,
+    len: u64,
+    low_end: u64,
+) -> Result<(), BootError> {
+    if addr < KERNEL_LOAD_ADDR {
+        return Err(not_a_kernel(
+            path,
+            format!("segment at {addr:#x} lies below 1 MiB, where dvmm keeps its boot data"),
+        ));
+    }
+    if addr.checked_add(len).is_none_or(|e| e > low_end) {
+        return Err(BootError::KernelTooLarge {
+            path: path.to_path_buf(),
+            addr,
+            size: len,
+            available: low_end.saturating_sub(addr),
+        });
     }
     Ok(())
 }

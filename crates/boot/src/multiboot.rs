@@ -22,8 +22,8 @@ use crate::cpu::{
 };
 use crate::e820::E820Entry;
 use crate::loader::{
-    check_cmdline, low_ram_end, mem_err, not_a_kernel, write_cmdline, write_gdt, BootSpec,
-    EntryKind, Loaded, BOOT_CS, BOOT_DS, BOOT_TSS, GDT_CODE32, GDT_DATA, GDT_TSS,
+    check_cmdline, check_placement, low_ram_end, mem_err, not_a_kernel, write_cmdline, write_gdt,
+    BootSpec, EntryKind, Loaded, BOOT_CS, BOOT_DS, BOOT_TSS, GDT_CODE32, GDT_DATA, GDT_TSS,
 };
 use crate::{acpi, e820, BootError};
 
@@ -361,23 +361,7 @@ pub(crate) fn load(
     let low_end = low_ram_end(spec.topology);
     let mut kernel_end = KERNEL_LOAD_ADDR;
     for p in &pieces {
-        if p.addr < KERNEL_LOAD_ADDR {
-            return Err(not_a_kernel(
-                path,
-                format!(
-                    "it loads at {:#x}, below 1 MiB, where dvmm keeps its boot data",
-                    p.addr
-                ),
-            ));
-        }
-        if p.addr.checked_add(p.mem_len).is_none_or(|e| e > low_end) {
-            return Err(BootError::KernelTooLarge {
-                path: path.to_path_buf(),
-                addr: p.addr,
-                size: p.mem_len,
-                available: low_end.saturating_sub(p.addr),
-            });
-        }
+        check_placement(path, p.addr, p.mem_len, low_end)?;
         kernel_end = kernel_end.max(p.addr + p.mem_len);
     }
     let cmdline = format!("{} {}", path.display(), spec.cmdline);
