@@ -241,6 +241,24 @@ pub fn accept_until(
     }
 }
 
+/// Writes all of `bytes` to a connection from [`accept_until`], riding out its write
+/// time-outs (a guest whose TCP stack is emulated ACKs slowly: at 0.1 MiB/s a full
+/// send buffer takes longer than one time-out to drain) until the VM has ended; false
+/// if the connection failed or the VM ended first.
+pub fn write_until(conn: &mut std::net::TcpStream, bytes: &[u8], vm_ended: &Ended) -> bool {
+    use std::io::Write;
+    let mut done = 0;
+    while done < bytes.len() {
+        match conn.write(&bytes[done..]) {
+            Ok(0) => return false,
+            Ok(n) => done += n,
+            Err(e) if waiting(&e) && !ended(vm_ended) => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
 /// Whether an I/O error is only the time-out that lets a peer look at its `Ended`.
 pub fn waiting(e: &std::io::Error) -> bool {
     matches!(
