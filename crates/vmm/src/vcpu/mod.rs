@@ -500,27 +500,31 @@ fn handle_mmio(
 ) -> bool {
     // The xAPIC page is where IA32_APIC_BASE puts it, and only while the APIC is enabled
     // in xAPIC mode; otherwise its default page is nothing (reads all ones, writes lost).
-    let lapic_page = {
-        let lapic = handle.lock();
-        (lapic.hardware_enabled() && !lapic.x2apic_enabled()).then(|| lapic.base_address())
-    };
-    if let Some(base) = lapic_page.filter(|b| (*b..b + APIC_MMIO_SIZE).contains(&addr)) {
-        let offset = addr - base;
-        let now = env.clock.now_ns();
-        if write {
-            let mut v = [0u8; 4];
-            for (i, b) in data.iter().take(4).enumerate() {
-                v[i] = *b;
+    {
+        let mut lapic = handle.lock();
+        let base = lapic.base_address();
+        if lapic.hardware_enabled()
+            && !lapic.x2apic_enabled()
+            && (base..base + APIC_MMIO_SIZE).contains(&addr)
+        {
+            let offset = addr - base;
+            let now = env.clock.now_ns();
+            if write {
+                let mut v = [0u8; 4];
+                for (i, b) in data.iter().take(4).enumerate() {
+                    v[i] = *b;
+                }
+                let ev = lapic.mmio_write(offset, u32::from_le_bytes(v), now);
+                drop(lapic);
+                lapic_event(ev, handle, env);
+            } else {
+                let v = lapic.mmio_read(offset & !3, now).to_le_bytes();
+                for (i, b) in data.iter_mut().enumerate() {
+                    *b = v.get(i).copied().unwrap_or(0);
+                }
             }
-            let ev = handle.lock().mmio_write(offset, u32::from_le_bytes(v), now);
-            lapic_event(ev, handle, env);
-        } else {
-            let v = handle.lock().mmio_read(offset & !3, now).to_le_bytes();
-            for (i, b) in data.iter_mut().enumerate() {
-                *b = v.get(i).copied().unwrap_or(0);
-            }
+            return false;
         }
-        return false;
     }
     if (LAPIC_ADDR..LAPIC_ADDR + APIC_MMIO_SIZE).contains(&addr) {
         if !write {
