@@ -113,6 +113,7 @@ pub fn local_cluster(args: &RunArgs) -> Result<ClusterConfig> {
             address: l.local_addr()?,
             vcpus: base + u32::from(i < extra),
             memory: mem[i as usize],
+            hide_cpuid: args.hide_cpuid,
         });
         held.push(l);
     }
@@ -371,6 +372,7 @@ mod tests {
             nets: Vec::new(),
             rng: false,
             test_devices: false,
+            hide_cpuid: Default::default(),
             console: crate::ConsoleArg(None),
             profile: ProfileArgs {
                 profile: None,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use dvmm_layout::cpu_features::CpuFeatures;
 use dvmm_vmm::{Vm, VmConfig, VmControl, VmOutcome};
 
 mod cluster;
@@ -70,6 +71,11 @@ struct RunArgs {
     /// 2V+1), pc-testdev at 0xe0 and its IRQ lines at 0x2000. Not for ordinary guests.
     #[arg(long)]
     test_devices: bool,
+    /// CPU features the guest must not see, by their /proc/cpuinfo names (e.g.
+    /// `avx2,sse4_2`): a common baseline for hosts that differ. (Features some node
+    /// lacks are hidden anyway.)
+    #[arg(long, value_name = "FEATURE[,FEATURE...]", value_parser = parse_cpu_features, default_value = "")]
+    hide_cpuid: CpuFeatures,
     /// A virtio-console, the guest's /dev/hvc0 (the serial console stays this
     /// terminal): its output appended to a file, or a Unix socket to connect to
     /// (e.g. `socat - UNIX-CONNECT:PATH`).
@@ -120,6 +126,12 @@ struct NodeArgs {
     id: usize,
     #[command(flatten)]
     profile: ProfileArgs,
+}
+
+/// Parses a `--hide-cpuid` list.
+fn parse_cpu_features(s: &str) -> Result<CpuFeatures, String> {
+    let names: Vec<&str> = s.split(',').filter(|n| !n.trim().is_empty()).collect();
+    CpuFeatures::from_names(&names).map_err(|e| e.to_string())
 }
 
 /// Parses a `--disk` value.
@@ -383,6 +395,8 @@ fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
         rng: args.rng,
         console: args.console.0.as_ref().map(dvmm_node::console_backend),
         test_devices: args.test_devices,
+        hide_cpu: args.hide_cpuid,
+        cpu: None,
     };
     let vm = Vm::build(&cfg, Box::new(ConsoleOut))?;
     let _raw = attach_console(set, vm.console_input(), vm.control())?;

@@ -73,6 +73,24 @@ fn initramfs_that_does_not_fit() {
 }
 
 #[test]
+fn unknown_cpu_feature_to_hide() {
+    let run = dvmm(
+        &[
+            "run",
+            "--kernel",
+            dvmm_testos::TESTOS_ELF,
+            "--hide-cpuid",
+            "avx2,avx9000",
+        ],
+        LIMIT,
+    );
+    let t = run.transcript();
+    assert_eq!(run.code, Some(2), "clap usage errors exit 2\n{t}");
+    assert!(run.stderr.contains("'avx9000' is not a CPU feature"), "{t}");
+    assert!(run.stdout.is_empty(), "no guest may run\n{t}");
+}
+
+#[test]
 fn zero_cpus() {
     let run = dvmm(
         &["run", "--kernel", dvmm_testos::TESTOS_ELF, "--cpus", "0"],

@@ -2188,6 +2188,29 @@ static void start_aps(void)
     }
 }
 
+/* CPU features every cpu must show alike (a vCPU may run on any node's host): the
+ * words of CPUID 1, 7.0 and 0x80000001, the bsp's recorded first. */
+#define FEATURE_WORDS 7
+static uint32_t bsp_features[FEATURE_WORDS];
+
+static void read_features(uint32_t *w)
+{
+    uint32_t a, b;
+    cpuid(1, &a, &b, &w[0], &w[1]);
+    cpuid(7, &a, &w[2], &w[3], &w[4]);
+    cpuid(0x80000001u, &a, &b, &w[5], &w[6]);
+}
+
+static void check_features_match(uint32_t index)
+{
+    uint32_t w[FEATURE_WORDS];
+    read_features(w);
+    for (int i = 0; i < FEATURE_WORDS; i++)
+        if (w[i] != bsp_features[i])
+            fail("cpu %u: CPUID feature word %d is 0x%x, the bsp's is 0x%x", index, i, w[i],
+                 bsp_features[i]);
+}
+
 void ap_main(uint32_t index)
 {
     struct percpu *c = &cpus[index];
@@ -2195,6 +2218,7 @@ void ap_main(uint32_t index)
     uint32_t id = apic_id();
     if (id != c->apic_id)
         fail("started as cpu %u but my apic id is %u, the MADT says %u", index, id, c->apic_id);
+    check_features_match(index);
     say("cpu %u: online (apic id %u)", index, id);
     __atomic_fetch_add(&ap_arrived, 1, __ATOMIC_SEQ_CST);
     run_checks(c);
@@ -2376,6 +2400,11 @@ void kmain(void)
         lapic_khz, timing_source, have_tsc_deadline ? "yes" : "no", ioapic_base, ioapic_pins,
         uart_gsi, (unsigned)s5_slp_typ);
     bsp_apic_id = id;
+    read_features(bsp_features);
+    say("cpuid: 1.ecx=0x%x 1.edx=0x%x 7.ebx=0x%x 7.ecx=0x%x 7.edx=0x%x 80000001.ecx=0x%x "
+        "80000001.edx=0x%x",
+        bsp_features[0], bsp_features[1], bsp_features[2], bsp_features[3], bsp_features[4],
+        bsp_features[5], bsp_features[6]);
     say("cpu %u: online (apic id %u, bsp)", bsp_index, id);
 
     start_aps();

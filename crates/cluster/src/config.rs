@@ -40,6 +40,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use dvmm_layout::cpu_features::CpuFeatures;
 use serde::Deserialize;
 
 /// Errors reading a cluster file.
@@ -97,6 +98,9 @@ pub struct NodeSpec {
     pub vcpus: u32,
     /// How many bytes of guest RAM it is home of.
     pub memory: u64,
+    /// CPU features this node's host must not show the guest (`hide_cpuid = ["avx2"]`);
+    /// since every vCPU shows what all nodes offer, no vCPU shows them.
+    pub hide_cpuid: CpuFeatures,
 }
 
 /// The `key=value` pairs of a comma-separated device option; `example` shows the form.
@@ -297,6 +301,8 @@ struct RawNode {
     address: String,
     vcpus: u32,
     memory: String,
+    #[serde(default)]
+    hide_cpuid: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -417,10 +423,13 @@ impl ClusterConfig {
                     "node {i}: address {address} is used twice"
                 )));
             }
+            let hide_cpuid = CpuFeatures::from_names(&n.hide_cpuid)
+                .map_err(|e| invalid(format!("node {i}: hide_cpuid: {e}")))?;
             nodes.push(NodeSpec {
                 address,
                 vcpus: n.vcpus,
                 memory,
+                hide_cpuid,
             });
         }
         let total: u32 = nodes.iter().map(|n| n.vcpus).sum();
@@ -539,6 +548,9 @@ impl ClusterConfig {
                 "\n[[node]]\naddress = \"{}\"\nvcpus = {}\nmemory = \"{}\"\n",
                 n.address, n.vcpus, n.memory
             ));
+            if !n.hide_cpuid.is_empty() {
+                s.push_str(&format!("hide_cpuid = {:?}\n", n.hide_cpuid.names()));
+            }
         }
         s
     }
@@ -601,6 +613,26 @@ memory = "64M"
         assert_eq!(c.disks.len(), 2);
         assert!(c.disks[1].readonly && !c.disks[0].readonly);
         assert_eq!(parse(&c.to_toml()).unwrap(), c);
+    }
+
+    #[test]
+    fn a_node_hides_cpu_features_by_name() {
+        let text = GOOD.replacen(
+            "memory = \"64M\"",
+            "memory = \"64M\"\nhide_cpuid = [\"avx2\", \"ssse3\"]",
+            1,
+        );
+        let c = parse(&text).unwrap();
+        assert!(c.nodes[0].hide_cpuid.is_empty());
+        assert_eq!(c.nodes[1].hide_cpuid.names(), ["ssse3", "avx2"]);
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
+        let e = parse(&text.replace("ssse3", "sse9"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("node 1: hide_cpuid: 'sse9' is not a CPU feature"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use dvmm_irq::lapic::ApicView;
 use dvmm_irq::msg::InterruptMessage;
+use dvmm_layout::cpu_features::{CpuFeatures, CpuModel, WORD_COUNT};
 
 /// Transport message kind of DSM protocol traffic (payload: `dvmm_dsm` encoding).
 pub const KIND_DSM: u16 = 1;
@@ -69,6 +70,11 @@ pub enum ControlMsg {
     },
     /// The routing-relevant state of one of the sender's LAPICs changed.
     ApicView(ApicView),
+    /// The CPU the sender's host can show the guest (to node 0, when joining).
+    CpuOffer(CpuModel),
+    /// The CPU every vCPU shows: what all nodes offer (from node 0, before any node
+    /// builds its VM).
+    CpuAgreed(CpuModel),
     /// The VM is over.
     Stop {
         /// Why.
@@ -117,6 +123,36 @@ fn need(b: &[u8], n: usize) -> Result<(), WireError> {
     } else {
         Ok(())
     }
+}
+
+/// Vendor (12 bytes), signature (u32), the number of feature words (u8), the words.
+fn encode_cpu(v: &mut Vec<u8>, m: &CpuModel) {
+    v.extend_from_slice(&m.vendor);
+    v.extend_from_slice(&m.signature.to_le_bytes());
+    v.push(WORD_COUNT as u8);
+    for w in m.features.words {
+        v.extend_from_slice(&w.to_le_bytes());
+    }
+}
+
+/// The inverse of [`encode_cpu`], after the tag byte.
+fn decode_cpu(b: &[u8]) -> Result<CpuModel, WireError> {
+    need(b, 18)?;
+    if usize::from(b[17]) != WORD_COUNT {
+        // Nodes of different dvmm versions compare different words.
+        return Err(WireError::Malformed("CPU feature word count differs"));
+    }
+    need(b, 18 + 4 * WORD_COUNT)?;
+    let mut m = CpuModel {
+        signature: u32_at(b, 13),
+        features: CpuFeatures::default(),
+        ..CpuModel::default()
+    };
+    m.vendor.copy_from_slice(&b[1..13]);
+    for (i, w) in m.features.words.iter_mut().enumerate() {
+        *w = u32_at(b, 18 + 4 * i);
+    }
+    Ok(m)
 }
 
 impl ControlMsg {
@@ -174,6 +210,14 @@ impl ControlMsg {
                 let r = &r[..r.len().min(MAX_REASON)];
                 v.extend_from_slice(&(r.len() as u16).to_le_bytes());
                 v.extend_from_slice(r);
+            }
+            ControlMsg::CpuOffer(m) => {
+                v.push(7);
+                encode_cpu(&mut v, m);
+            }
+            ControlMsg::CpuAgreed(m) => {
+                v.push(8);
+                encode_cpu(&mut v, m);
             }
         }
         v
@@ -264,6 +308,8 @@ impl ControlMsg {
                 let reason = String::from_utf8_lossy(&b[4..4 + n]).into_owned();
                 Ok(ControlMsg::Stop { code, reason })
             }
+            7 => Ok(ControlMsg::CpuOffer(decode_cpu(b)?)),
+            8 => Ok(ControlMsg::CpuAgreed(decode_cpu(b)?)),
             _ => Err(WireError::Malformed("unknown tag")),
         }
     }
@@ -327,6 +373,18 @@ mod tests {
                 code: StopCode::DebugExit,
                 reason: "3".into(),
             },
+            ControlMsg::CpuOffer(CpuModel {
+                vendor: *b"AuthenticAMD",
+                signature: 0x00a2_0f12,
+                features: CpuFeatures {
+                    words: std::array::from_fn(|i| 0x0101_0101 * i as u32),
+                },
+            }),
+            ControlMsg::CpuAgreed(CpuModel {
+                vendor: *b"GenuineIntel",
+                signature: 0x906ea,
+                features: CpuFeatures::from_names(&["sse2", "avx2"]).unwrap(),
+            }),
         ]
     }
 

@@ -6,6 +6,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cpu_features;
+
 /// Size of a guest page.
 pub const PAGE_SIZE: u64 = 4096;
 

@@ -10,6 +10,8 @@
 //! one node's part of the VM and knows nothing of the network) and wires it to the
 //! transport, the cluster file's control messages and the DSM engine.
 
+pub mod join;
+
 use dvmm_sync::{CondvarExt, MutexExt};
 use dvmm_vmm::guest_access::GuestAccessError;
 use std::collections::HashMap;
@@ -60,6 +62,9 @@ pub enum NodeError {
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
+    /// The nodes could not agree on the VM they run.
+    #[error("cluster: {0}")]
+    Join(#[from] join::JoinError),
 }
 
 /// KVM's shadow page tables as the DSM engine's derived state: dropped whenever a page
@@ -330,8 +335,9 @@ struct Dispatch {
 }
 
 impl Dispatch {
-    fn run(&self, events: Receiver<Event>) {
-        for ev in events {
+    /// Handles `early` (received before the dispatcher started), then `events`.
+    fn run(&self, early: Vec<Event>, events: Receiver<Event>) {
+        for ev in early.into_iter().chain(events) {
             match ev {
                 Event::Message {
                     from,
@@ -405,6 +411,9 @@ impl Dispatch {
             }
             ControlMsg::Stop { code, reason } => {
                 self.control.finish(outcome_of(from, code, reason));
+            }
+            ControlMsg::CpuOffer(_) | ControlMsg::CpuAgreed(_) => {
+                tracing::warn!(from, "a CPU offer or agreement after the join was ignored");
             }
         }
     }
@@ -550,6 +559,22 @@ pub fn run_node(
         next_io: AtomicU64::new(0),
         control: Arc::new(VmControl::new()),
     });
+    let hide = &cluster.nodes[id].hide_cpuid;
+    if !hide.is_empty() {
+        tracing::info!(
+            "hiding CPU features from the guest, as the cluster file asks: {}",
+            hide.names().join(", ")
+        );
+    }
+    let offer = Vm::offered_cpu(hide)?;
+    let joined = join::agree_cpu(
+        id as u16,
+        nodes,
+        offer,
+        &|to, msg| link.send(to, msg),
+        &events,
+        Instant::now() + READY_TIMEOUT,
+    )?;
     let placement = Placement {
         node: id,
         shares: cluster.nodes.iter().map(|n| (n.vcpus, n.memory)).collect(),
@@ -576,6 +601,8 @@ pub fn run_node(
             .filter(|_| id == 0)
             .map(console_backend),
         test_devices: cluster.test_devices,
+        hide_cpu: *hide,
+        cpu: Some(joined.cpu),
     };
     let shares = placement.shares.clone();
     let vm = Vm::build_node(&cfg, placement, console_out)?;
@@ -678,7 +705,7 @@ pub fn run_node(
         let d = dispatch.clone();
         std::thread::Builder::new()
             .name("node-rx".into())
-            .spawn(move || d.run(events))
+            .spawn(move || d.run(joined.early, events))
             .map_err(NodeError::Thread)?;
     }
     on_console(vm.console_input(), control.clone());

@@ -4,6 +4,7 @@
 //! a userspace LAPIC with x2APIC and TSC-deadline, per-vCPU APIC ids and topology,
 //! KVM paravirt features that need an in-kernel LAPIC removed, and the timing leaf.
 
+use dvmm_layout::cpu_features::{CpuFeatures, CpuModel, Reg, WORDS};
 use dvmm_layout::{CPUID_TIMING_LEAF, LAPIC_TIMER_HZ};
 use kvm_bindings::{kvm_cpuid_entry2, CpuId, KVM_CPUID_FLAG_SIGNIFCANT_INDEX};
 
@@ -153,6 +154,69 @@ pub fn vcpu_cpuid(
     out
 }
 
+fn reg_mut(e: &mut kvm_cpuid_entry2, r: Reg) -> &mut u32 {
+    match r {
+        Reg::Eax => &mut e.eax,
+        Reg::Ebx => &mut e.ebx,
+        Reg::Ecx => &mut e.ecx,
+        Reg::Edx => &mut e.edx,
+    }
+}
+
+/// Whether `e` is the entry that holds `leaf`.`subleaf`.
+fn holds(e: &kvm_cpuid_entry2, leaf: u32, subleaf: u32) -> bool {
+    e.function == leaf && (e.index == subleaf || (!is_indexed(e) && subleaf == 0))
+}
+
+/// The CPU a vCPU with these entries sees: vendor, signature and feature words (a
+/// missing leaf offers nothing).
+pub fn model_of(entries: &[kvm_cpuid_entry2]) -> CpuModel {
+    let mut m = CpuModel::default();
+    if let Some(e) = entries.iter().find(|e| e.function == 0) {
+        m.vendor[0..4].copy_from_slice(&e.ebx.to_le_bytes());
+        m.vendor[4..8].copy_from_slice(&e.edx.to_le_bytes());
+        m.vendor[8..12].copy_from_slice(&e.ecx.to_le_bytes());
+    }
+    if let Some(e) = entries.iter().find(|e| e.function == 1) {
+        m.signature = e.eax;
+    }
+    for (w, fw) in m.features.words.iter_mut().zip(WORDS) {
+        if let Some(e) = entries.iter().find(|e| holds(e, fw.leaf, fw.subleaf)) {
+            let mut e = *e;
+            *w = *reg_mut(&mut e, fw.reg);
+        }
+    }
+    m
+}
+
+/// Makes the entries show `model`: its signature, and no feature outside
+/// `model.features` (features are only ever removed; the vendor must already match).
+pub fn restrict_to(entries: &mut [kvm_cpuid_entry2], model: &CpuModel) {
+    let allowed: &CpuFeatures = &model.features;
+    for e in entries.iter_mut() {
+        if e.function == 1 {
+            e.eax = model.signature;
+        }
+        for (w, fw) in allowed.words.iter().zip(WORDS) {
+            if holds(e, fw.leaf, fw.subleaf) {
+                *reg_mut(e, fw.reg) &= *w;
+            }
+        }
+    }
+}
+
+/// What this host can show a guest as its CPU (from KVM's `supported` table): the
+/// model of dvmm's vCPU table, less the `hide`den features. Nodes compare these.
+pub fn offer(
+    supported: &[kvm_cpuid_entry2],
+    emulated_kernel: bool,
+    hide: &CpuFeatures,
+) -> CpuModel {
+    let mut m = model_of(&vcpu_cpuid(supported, 0, 1, 0, emulated_kernel));
+    m.features = m.features.minus(hide);
+    m
+}
+
 /// Packs entries into KVM's CPUID structure.
 pub fn to_kvm(entries: &[kvm_cpuid_entry2]) -> Result<CpuId, vmm_sys_util::fam::Error> {
     CpuId::from_entries(entries)
@@ -221,6 +285,42 @@ mod tests {
         let kept = vcpu_cpuid(&base, 0, 1, 1, false);
         let l1 = kept.iter().find(|e| e.function == 1).unwrap();
         assert_eq!(l1.ecx & LEAF1_ECX_CX16, LEAF1_ECX_CX16);
+    }
+
+    #[test]
+    fn a_model_is_read_and_restricted_word_by_word() {
+        let mut vendor = entry(0, 0);
+        (vendor.ebx, vendor.edx, vendor.ecx) = (0x756e_6547, 0x4965_6e69, 0x6c65_746e);
+        let mut l1 = entry(1, 0);
+        (l1.eax, l1.ecx, l1.edx) = (0x906ea, 0xffff_ffff, 0xffff_ffff);
+        let mut l7 = entry(7, 0);
+        l7.flags = KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
+        l7.ebx = 0xffff_ffff;
+        let mut l7_1 = entry(7, 1);
+        l7_1.flags = KVM_CPUID_FLAG_SIGNIFCANT_INDEX;
+        l7_1.eax = 0x30;
+        let mut entries = vec![vendor, l1, l7, l7_1];
+        let m = model_of(&entries);
+        assert_eq!(m.vendor_name(), "GenuineIntel");
+        assert_eq!(m.signature, 0x906ea);
+        assert_eq!(m.features.words[1], 0xffff_ffff);
+        assert_eq!(m.features.words[2], 0xffff_ffff);
+        assert_eq!(m.features.words[5], 0x30);
+        // A word whose leaf is absent offers nothing.
+        assert_eq!(m.features.words[7], 0);
+
+        let mut agreed = m;
+        agreed.signature = 0x506e3;
+        agreed.features = m
+            .features
+            .minus(&CpuFeatures::from_names(&["avx2", "ssse3"]).unwrap());
+        restrict_to(&mut entries, &agreed);
+        let after = model_of(&entries);
+        assert_eq!(after, agreed);
+        assert_eq!(entries[1].ecx & (1 << 9), 0);
+        assert_eq!(entries[2].ebx & (1 << 5), 0);
+        // Subleaf 1 of leaf 7 is its own word.
+        assert_eq!(entries[3].eax, 0x30);
     }
 
     #[test]

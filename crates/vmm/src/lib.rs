@@ -100,4 +100,7 @@ pub enum VmmError {
     /// KVM's CPUID table could not be built from dvmm's entries (too many entries).
     #[error("cannot build the CPUID table: {0}")]
     CpuidTable(String),
+    /// The cluster agreed on a CPU this host cannot show.
+    #[error("the CPU the cluster agreed on is not one this host offers ({0}); were the nodes' offers made on other hosts?")]
+    CpuNotOffered(String),
 }

@@ -23,6 +23,7 @@ use dvmm_irq::ioapic::IoApic;
 use dvmm_irq::lapic::Lapic;
 use dvmm_irq::pit::Pit;
 use dvmm_layout as layout;
+use dvmm_layout::cpu_features::{CpuFeatures, CpuModel};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
@@ -71,6 +72,11 @@ pub struct VmConfig {
     /// QEMU's test devices (fw_cfg, isa-debug-exit, pc-testdev), for test suites such
     /// as kvm-unit-tests (node 0's, with the other devices).
     pub test_devices: bool,
+    /// CPU features this host must not show the guest.
+    pub hide_cpu: CpuFeatures,
+    /// The CPU every vCPU shows, as the cluster agreed (a subset of what this host
+    /// offers: [`Vm::offered_cpu`]); `None`: this host's, less `hide_cpu`.
+    pub cpu: Option<CpuModel>,
 }
 
 /// A network card for the guest.
@@ -496,6 +502,20 @@ impl Vm {
         parts.assemble(local)
     }
 
+    /// The CPU this host offers a guest (see [`cpuid::offer`]): what a node tells its
+    /// peers when it joins a cluster.
+    pub fn offered_cpu(hide: &CpuFeatures) -> Result<CpuModel, VmmError> {
+        let kvm = Kvm::new().map_err(|source| VmmError::KvmUnavailable { source })?;
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("reading supported CPUID"))?;
+        Ok(cpuid::offer(
+            supported.as_slice(),
+            HostKvm::detect().emulates_guest_kernel(),
+            hide,
+        ))
+    }
+
     /// Creates node `placement.node`'s part of a cluster VM: only its own vCPUs, and
     /// only node 0 gets the devices and starts the boot vCPU. (Every node loads the guest
     /// image the same way, so their RAM starts identical.) It cannot run until its
@@ -585,17 +605,36 @@ impl Vm {
             );
         }
         align_clocks(&vm, &vcpus);
+        let offered = cpuid::offer(
+            supported.as_slice(),
+            host.emulates_guest_kernel(),
+            &cfg.hide_cpu,
+        );
+        let shown = match cfg.cpu {
+            Some(agreed) => {
+                let extra = agreed.features.minus(&offered.features);
+                if agreed.vendor != offered.vendor || !extra.is_empty() {
+                    return Err(VmmError::CpuNotOffered(format!(
+                        "agreed: {agreed} with {}; this host: {offered}",
+                        extra.names().join(", ")
+                    )));
+                }
+                agreed
+            }
+            None => offered,
+        };
         let tsc_khz = vcpus[0]
             .get_tsc_khz()
             .map_err(kvm_err("reading the TSC frequency"))?;
         for (i, v) in local.clone().zip(&vcpus) {
-            let entries = cpuid::vcpu_cpuid(
+            let mut entries = cpuid::vcpu_cpuid(
                 supported.as_slice(),
                 i,
                 total_vcpus,
                 tsc_khz,
                 host.emulates_guest_kernel(),
             );
+            cpuid::restrict_to(&mut entries, &shown);
             let table =
                 cpuid::to_kvm(&entries).map_err(|e| VmmError::CpuidTable(format!("{e:?}")))?;
             v.set_cpuid2(&table).map_err(kvm_err("setting CPUID"))?;

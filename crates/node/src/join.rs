@@ -1,0 +1,391 @@
+//! Joining the cluster: what the nodes agree on after they connect and before any of
+//! them builds its VM. Today that is the CPU every vCPU shows: each node offers what its
+//! host can show (less the features its cluster-file entry hides), node 0 answers with
+//! the intersection, and every node builds its vCPUs from that answer. A guest thread
+//! may run on any node, so a feature one node lacks must be missing everywhere.
+
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::Instant;
+
+use dvmm_cluster::wire::{StopCode, KIND_CONTROL};
+use dvmm_cluster::ControlMsg;
+use dvmm_layout::cpu_features::{CpuFeatures, CpuModel};
+use dvmm_transport::Event;
+
+/// Why nodes could not agree.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// A peer went away while the nodes were joining.
+    #[error("lost node {node} while the nodes were joining: {reason}")]
+    PeerLost {
+        /// The node.
+        node: u16,
+        /// Why.
+        reason: String,
+    },
+    /// A peer said nothing in time.
+    #[error("node {node} did not say which CPU it offers within {secs} s (is it the same dvmm version?)")]
+    Silent {
+        /// The first node not heard from.
+        node: usize,
+        /// The time allowed.
+        secs: u64,
+    },
+    /// The hosts' CPUs come from different vendors: one guest kernel cannot run on both.
+    #[error("node {node}'s CPU is {theirs}, node 0's is {ours}: one guest cannot run on CPUs of different vendors")]
+    UnlikeVendors {
+        /// The node that differs.
+        node: usize,
+        /// Its CPU.
+        theirs: String,
+        /// Node 0's CPU.
+        ours: String,
+    },
+    /// Node 0 ended the join (e.g. it found nodes it cannot combine).
+    #[error("node {from} stopped the cluster while it was joining: {reason}")]
+    Stopped {
+        /// The node that stopped it.
+        from: u16,
+        /// Its reason.
+        reason: String,
+    },
+}
+
+/// What the join leaves: the agreed CPU, and messages that arrived meanwhile for the
+/// dispatcher.
+pub struct Joined {
+    /// The CPU every vCPU shows.
+    pub cpu: CpuModel,
+    /// Events received during the join that were not part of it, in arrival order.
+    pub early: Vec<Event>,
+}
+
+/// Node `me` of `nodes` offers `offer` and gets the CPU all nodes show. `send(to, msg)`
+/// sends a control message; `events` is the transport's receive side.
+pub fn agree_cpu(
+    me: u16,
+    nodes: usize,
+    offer: CpuModel,
+    send: &dyn Fn(u16, &ControlMsg),
+    events: &Receiver<Event>,
+    deadline: Instant,
+) -> Result<Joined, JoinError> {
+    let mut early = Vec::new();
+    if me != 0 {
+        send(0, &ControlMsg::CpuOffer(offer));
+        loop {
+            match next(events, deadline, 0, &mut early)? {
+                (0, ControlMsg::CpuAgreed(cpu)) => return Ok(Joined { cpu, early }),
+                (from, ControlMsg::Stop { reason, .. }) => {
+                    return Err(JoinError::Stopped { from, reason })
+                }
+                (from, other) => early.push(control_event(from, &other)),
+            }
+        }
+    }
+    let mut offers: Vec<Option<CpuModel>> = vec![None; nodes];
+    offers[0] = Some(offer);
+    while let Some(missing) = offers.iter().position(Option::is_none) {
+        match next(events, deadline, missing, &mut early)? {
+            (from, ControlMsg::CpuOffer(m)) if usize::from(from) < nodes => {
+                offers[usize::from(from)] = Some(m);
+            }
+            (from, ControlMsg::Stop { reason, .. }) => {
+                return Err(JoinError::Stopped { from, reason })
+            }
+            (from, other) => early.push(control_event(from, &other)),
+        }
+    }
+    let offers: Vec<CpuModel> = offers.into_iter().flatten().collect();
+    let cpu = match combine(&offers) {
+        Ok(cpu) => cpu,
+        Err(e) => {
+            for n in 1..nodes {
+                send(
+                    n as u16,
+                    &ControlMsg::Stop {
+                        code: StopCode::Failed,
+                        reason: e.to_string(),
+                    },
+                );
+            }
+            return Err(e);
+        }
+    };
+    if let Some(line) = dropped_line(&offers) {
+        tracing::info!("{line}");
+    }
+    for (n, m) in offers.iter().enumerate().skip(1) {
+        if m.signature != offer.signature {
+            tracing::info!("node {n}'s CPU is {m}; every vCPU shows node 0's signature ({offer})");
+        }
+    }
+    for n in 1..nodes {
+        send(n as u16, &ControlMsg::CpuAgreed(cpu));
+    }
+    Ok(Joined { cpu, early })
+}
+
+/// The CPU all `offers` (node 0's first) can show: node 0's vendor and signature, the
+/// features every node has.
+pub fn combine(offers: &[CpuModel]) -> Result<CpuModel, JoinError> {
+    let mut cpu = offers.first().copied().unwrap_or_default();
+    for (n, m) in offers.iter().enumerate().skip(1) {
+        if m.vendor != cpu.vendor {
+            return Err(JoinError::UnlikeVendors {
+                node: n,
+                theirs: m.to_string(),
+                ours: cpu.to_string(),
+            });
+        }
+        cpu.features = cpu.features.intersect(&m.features);
+    }
+    Ok(cpu)
+}
+
+/// One line naming the features node 0 has that some other node does not offer, and
+/// which nodes those are; `None` if there are none.
+pub fn dropped_line(offers: &[CpuModel]) -> Option<String> {
+    let ours = offers.first()?.features;
+    let mut parts = Vec::new();
+    for name in ours.names() {
+        let Ok(f) = CpuFeatures::from_names(&[&name]) else {
+            // An unnamed bit: say which nodes lack it all the same.
+            continue;
+        };
+        let lacking: Vec<String> = offers
+            .iter()
+            .enumerate()
+            .skip(1)
+            .filter(|(_, m)| !f.minus(&m.features).is_empty())
+            .map(|(n, _)| n.to_string())
+            .collect();
+        if !lacking.is_empty() {
+            let nodes = if lacking.len() == 1 { "node" } else { "nodes" };
+            parts.push(format!(
+                "{name} (not offered by {nodes} {})",
+                lacking.join(", ")
+            ));
+        }
+    }
+    let unnamed = offers
+        .iter()
+        .skip(1)
+        .fold(ours, |acc, m| acc.intersect(&m.features));
+    let unnamed_dropped: Vec<String> = ours
+        .minus(&unnamed)
+        .names()
+        .into_iter()
+        .filter(|n| n.starts_with("cpuid "))
+        .collect();
+    if !unnamed_dropped.is_empty() {
+        parts.push(format!(
+            "{} (not offered by every node)",
+            unnamed_dropped.join(", ")
+        ));
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "every vCPU shows the CPU features all {} nodes offer; node 0's host has these, \
+         which the guest will not see: {}",
+        offers.len(),
+        parts.join(", ")
+    ))
+}
+
+/// The next control message, keeping everything else in `early`.
+fn next(
+    events: &Receiver<Event>,
+    deadline: Instant,
+    waiting_for: usize,
+    early: &mut Vec<Event>,
+) -> Result<(u16, ControlMsg), JoinError> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ev = match events.recv_timeout(left) {
+            Ok(ev) => ev,
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
+                return Err(JoinError::Silent {
+                    node: waiting_for,
+                    secs: crate::READY_TIMEOUT.as_secs(),
+                })
+            }
+        };
+        match ev {
+            Event::Message {
+                from,
+                kind: KIND_CONTROL,
+                ref payload,
+            } => match ControlMsg::decode(payload) {
+                Ok(m) => return Ok((from, m)),
+                Err(_) => early.push(ev),
+            },
+            Event::PeerLost { node, reason } => return Err(JoinError::PeerLost { node, reason }),
+            other => early.push(other),
+        }
+    }
+}
+
+/// A control message put back as the event it came in.
+fn control_event(from: u16, msg: &ControlMsg) -> Event {
+    Event::Message {
+        from,
+        kind: KIND_CONTROL,
+        payload: msg.encode(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    fn model(names: &[&str]) -> CpuModel {
+        CpuModel {
+            vendor: *b"GenuineIntel",
+            signature: 0x906ea,
+            features: CpuFeatures::from_names(names).unwrap(),
+        }
+    }
+
+    fn msg(from: u16, m: &ControlMsg) -> Event {
+        control_event(from, m)
+    }
+
+    #[test]
+    fn node_0_answers_with_what_every_node_offers_and_names_what_is_dropped() {
+        let (tx, rx) = mpsc::channel();
+        tx.send(msg(
+            2,
+            &ControlMsg::CpuOffer(model(&["sse2", "avx2", "nx"])),
+        ))
+        .unwrap();
+        // Not part of the join: kept for the dispatcher.
+        tx.send(msg(1, &ControlMsg::Ready)).unwrap();
+        tx.send(msg(1, &ControlMsg::CpuOffer(model(&["sse2", "nx", "lm"]))))
+            .unwrap();
+        let sent = Mutex::new(Vec::new());
+        let send = |to: u16, m: &ControlMsg| sent.lock().unwrap().push((to, m.clone()));
+        let ours = model(&["sse2", "avx2", "nx", "lm", "ssse3"]);
+        let j = agree_cpu(
+            0,
+            3,
+            ours,
+            &send,
+            &rx,
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(j.cpu.features.names(), ["sse2", "nx"]);
+        assert_eq!(j.early.len(), 1);
+        let sent = sent.into_inner().unwrap();
+        assert_eq!(
+            sent,
+            [
+                (1, ControlMsg::CpuAgreed(j.cpu)),
+                (2, ControlMsg::CpuAgreed(j.cpu))
+            ]
+        );
+        let line = dropped_line(&[
+            ours,
+            model(&["sse2", "nx", "lm"]),
+            model(&["sse2", "avx2", "nx"]),
+        ])
+        .unwrap();
+        assert!(
+            line.ends_with(
+                "ssse3 (not offered by nodes 1, 2), avx2 (not offered by node 1), \
+                 lm (not offered by node 2)"
+            ),
+            "{line}"
+        );
+        assert_eq!(dropped_line(&[ours, ours]), None);
+    }
+
+    #[test]
+    fn another_node_offers_and_takes_node_0s_answer() {
+        let (tx, rx) = mpsc::channel();
+        let agreed = model(&["sse2"]);
+        tx.send(msg(0, &ControlMsg::CpuAgreed(agreed))).unwrap();
+        let sent = Mutex::new(Vec::new());
+        let send = |to: u16, m: &ControlMsg| sent.lock().unwrap().push((to, m.clone()));
+        let j = agree_cpu(
+            1,
+            2,
+            model(&["sse2", "nx"]),
+            &send,
+            &rx,
+            Instant::now() + Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(j.cpu, agreed);
+        assert_eq!(
+            sent.into_inner().unwrap(),
+            [(0, ControlMsg::CpuOffer(model(&["sse2", "nx"])))]
+        );
+    }
+
+    #[test]
+    fn unlike_vendors_stop_every_node_with_the_reason() {
+        let (tx, rx) = mpsc::channel();
+        let mut amd = model(&["sse2"]);
+        amd.vendor = *b"AuthenticAMD";
+        tx.send(msg(1, &ControlMsg::CpuOffer(amd))).unwrap();
+        let sent = Mutex::new(Vec::new());
+        let send = |to: u16, m: &ControlMsg| sent.lock().unwrap().push((to, m.clone()));
+        let e = agree_cpu(
+            0,
+            2,
+            model(&["sse2"]),
+            &send,
+            &rx,
+            Instant::now() + Duration::from_secs(5),
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(e, JoinError::UnlikeVendors { node: 1, .. }), "{e}");
+        assert!(e.to_string().contains("AuthenticAMD"), "{e}");
+        let sent = sent.into_inner().unwrap();
+        assert!(
+            matches!(&sent[..], [(1, ControlMsg::Stop { code: StopCode::Failed, reason })] if reason.contains("different vendors")),
+            "{sent:?}"
+        );
+    }
+
+    #[test]
+    fn a_silent_or_lost_peer_ends_the_join_with_its_name() {
+        let (tx, rx) = mpsc::channel::<Event>();
+        let send = |_: u16, _: &ControlMsg| {};
+        let e = agree_cpu(
+            0,
+            2,
+            model(&[]),
+            &send,
+            &rx,
+            Instant::now() + Duration::from_millis(50),
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(e, JoinError::Silent { node: 1, .. }), "{e}");
+        tx.send(Event::PeerLost {
+            node: 0,
+            reason: "closed".into(),
+        })
+        .unwrap();
+        let e = agree_cpu(
+            1,
+            2,
+            model(&[]),
+            &send,
+            &rx,
+            Instant::now() + Duration::from_secs(5),
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(e, JoinError::PeerLost { node: 0, .. }), "{e}");
+    }
+}
