@@ -397,6 +397,7 @@ fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
         test_devices: args.test_devices,
         hide_cpu: args.hide_cpuid,
         cpu: None,
+        clock: Default::default(),
     };
     let vm = Vm::build(&cfg, Box::new(ConsoleOut))?;
     let _raw = attach_console(set, vm.console_input(), vm.control())?;

@@ -478,3 +478,63 @@ fn a_feature_one_node_lacks_is_hidden_from_every_vcpu() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Hosts whose clocks differ: node 1's host clocks read 1 s ahead (the test hook
+/// `DVMM_TEST_CLOCK_SKEW`). The join measures the offset against node 0 and every vCPU
+/// shows node 0's TSC and kvmclock: testos's tsc-sync check passes readings between the
+/// cpus and fails on any that is more than 1 ms ahead of the reader's clock (uncorrected,
+/// node 1's kvmclock is 999647 us ahead: measured with the correction taken out).
+#[test]
+fn a_host_whose_clocks_differ_is_put_in_step_with_node_0() {
+    let _one = exclusive();
+    let run = common::dvmm_env(
+        &[
+            "run",
+            "--kernel",
+            dvmm_testos::TESTOS_ELF,
+            "--nodes",
+            "2",
+            "--cpus",
+            "2",
+            "--memory",
+            "256M",
+            "--cmdline",
+            &format!("testos {CLUSTER_ITERS}"),
+        ],
+        &[("DVMM_TEST_CLOCK_SKEW", "1:1000000000")],
+        LIMIT,
+    );
+    let t = run.transcript();
+    assert!(run.stdout.contains(dvmm_testos::PASS_LINE), "no PASS\n{t}");
+    assert_eq!(run.code, Some(0), "{t}");
+    for cpu in 0..2 {
+        assert!(
+            run.stdout
+                .contains(&format!("testos: cpu {cpu}: tsc-sync ok")),
+            "{t}"
+        );
+    }
+    // Node 1 measured node 0's clocks 1 s behind its own, within the bound it names.
+    let line = run
+        .stderr
+        .lines()
+        .find(|l| l.contains("node 0's clocks are"))
+        .unwrap_or_else(|| panic!("no clock line\n{t}"));
+    let num = |after: &str| -> i64 {
+        let rest = &line[line.find(after).unwrap() + after.len()..];
+        rest.split(|c: char| c != '-' && !c.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (offset, bound) = (num("node 0's clocks are "), num("(+-"));
+    assert!(
+        (offset + 1_000_000_000).abs() <= bound,
+        "offset {offset} ns is not -1 s within +-{bound} ns\n{t}"
+    );
+    assert!(
+        line.contains("this node's vCPUs show node 0's TSC and kvmclock"),
+        "{t}"
+    );
+}

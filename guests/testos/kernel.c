@@ -119,6 +119,15 @@ struct tss {
     uint16_t iomap_base;
 } __attribute__((packed));
 
+/* kvmclock's per-cpu time (KVM's struct pvclock_vcpu_time_info). */
+struct pvclock {
+    volatile uint32_t version, pad0;
+    volatile uint64_t tsc_timestamp, system_time;
+    volatile uint32_t mul;
+    volatile int8_t shift;
+    volatile uint8_t flags, pad[2];
+};
+
 struct percpu {
     struct percpu *self; /* PERCPU_SELF: gs:0 */
     uint64_t ksp;        /* PERCPU_KSP: kernel rsp saved by enter_user */
@@ -139,6 +148,7 @@ struct percpu {
     volatile uint32_t bp_cnt;
     volatile uint64_t bp_rip;
     volatile uint64_t progress_tsc; /* when this cpu last finished a check (ok) */
+    struct pvclock pvclock;         /* KVM writes it from this cpu's node */
 } __attribute__((aligned(4096))); /* one page per CPU: no false sharing between nodes */
 
 _Static_assert(__builtin_offsetof(struct percpu, ksp) == PERCPU_KSP, "PERCPU_KSP");
@@ -1311,6 +1321,104 @@ static void check_timer_oneshot(struct percpu *c)
     ok("timer-oneshot", "fired once after %lu.%03lu ms, armed for 10 ms", us / 1000, us % 1000);
 }
 
+/* tsc-sync: every cpu's TSC and kvmclock agree with the bsp's. The bsp and each other
+ * cpu in turn pass readings back and forth through one shared slot: a reading seen by
+ * the other cpu must not be later than that cpu's own clock after it saw it (the nodes
+ * of a cluster are separate hosts whose clocks dvmm puts in step when they join). A
+ * backwards step up to testos.tsc-warp-us (default 1000) is tolerated: the bound of
+ * dvmm's measurement across hosts. kvmclock is what Linux keeps time with. */
+#define TSC_SYNC_ROUNDS 8
+#define MSR_KVM_SYSTEM_TIME_NEW 0x4b564d01u
+#define KVM_FEATURE_CLOCKSOURCE2 (1u << 3)
+static struct {
+    volatile uint64_t seq, tsc, kvmclock;
+} tsc_slot __attribute__((aligned(4096)));
+
+static uint64_t kvmclock_ns(const struct pvclock *p)
+{
+    uint32_t v;
+    uint64_t ns;
+    do {
+        v = p->version;
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        uint64_t delta = rdtsc() - p->tsc_timestamp;
+        if (p->shift < 0)
+            delta >>= -p->shift;
+        else
+            delta <<= p->shift;
+        ns = p->system_time + (uint64_t)(((unsigned __int128)delta * p->mul) >> 32);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    } while ((v & 1) || v != p->version);
+    return ns;
+}
+
+static void check_tsc_sync(struct percpu *c)
+{
+    uint64_t tol = cmdline_u64("testos.tsc-warp-us", 1000) * tsc_khz / 1000;
+    uint32_t a, b, cx, d;
+    cpuid(0x40000001, &a, &b, &cx, &d);
+    int kvmclock = (a & KVM_FEATURE_CLOCKSOURCE2) != 0;
+    struct pvclock *pv = &c->pvclock;
+    if (kvmclock) {
+        wrmsr(MSR_KVM_SYSTEM_TIME_NEW, (uint64_t)(uintptr_t)pv | 1);
+        if (!WAIT_UNTIL(pv->version != 0 && pv->mul != 0, 1000))
+            fail("tsc-sync: kvmclock enabled, but KVM never filled in its time");
+    }
+    int64_t worst = 0, worst_ns = 0;
+    uint32_t worst_with = 0, worst_ns_with = 0;
+    for (uint32_t turn = 0; turn < ncpus; turn++) {
+        nap_barrier("tsc-sync turn");
+        if (turn == bsp_index || (c->index != bsp_index && c->index != turn))
+            continue;
+        uint32_t other = c->index == bsp_index ? turn : bsp_index;
+        /* Each turn counts from its own base, which the bsp sets: a value the previous
+         * turn never reached. Step st is written by the bsp when st is even. */
+        uint64_t base = (uint64_t)turn << 32;
+        if (c->index == bsp_index)
+            __atomic_store_n(&tsc_slot.seq, base, __ATOMIC_RELEASE);
+        for (uint64_t st = 0; st < 2 * TSC_SYNC_ROUNDS; st++) {
+            int mine = (st % 2 == 0) == (c->index == bsp_index);
+            uint64_t want = base + st + (mine ? 0 : 1);
+            if (!WAIT_UNTIL(__atomic_load_n(&tsc_slot.seq, __ATOMIC_ACQUIRE) == want,
+                            watchdog_ms))
+                fail("tsc-sync: cpu %u did not answer within %lu s", other, watchdog_ms / 1000);
+            if (mine) {
+                tsc_slot.kvmclock = kvmclock ? kvmclock_ns(pv) : 0;
+                tsc_slot.tsc = rdtsc();
+                __atomic_store_n(&tsc_slot.seq, base + st + 1, __ATOMIC_RELEASE);
+                continue;
+            }
+            int64_t warp = (int64_t)(tsc_slot.tsc - rdtsc());
+            int64_t warp_ns = kvmclock ? (int64_t)(tsc_slot.kvmclock - kvmclock_ns(pv)) : 0;
+            if (warp > worst) {
+                worst = warp;
+                worst_with = other;
+            }
+            if (warp_ns > worst_ns) {
+                worst_ns = warp_ns;
+                worst_ns_with = other;
+            }
+        }
+    }
+    nap_barrier("tsc-sync done");
+    if (ncpus < 2) {
+        ok("tsc-sync", "skipped: needs 2 cpus");
+        return;
+    }
+    if ((uint64_t)worst > tol)
+        fail("tsc-sync: a TSC reading of cpu %u was %lu us ahead of this cpu's TSC after it "
+             "arrived (tolerated: %lu us): the cpus' TSCs are not in step",
+             worst_with, tsc_to_us((uint64_t)worst), tsc_to_us(tol));
+    if ((uint64_t)worst_ns > tsc_to_us(tol) * 1000)
+        fail("tsc-sync: a kvmclock reading of cpu %u was %lu us ahead of this cpu's kvmclock "
+             "after it arrived (tolerated: %lu us): the cpus' kvmclocks are not in step",
+             worst_ns_with, (uint64_t)worst_ns / 1000, tsc_to_us(tol));
+    ok("tsc-sync", "%u readings passed with %s; none ahead by more than %lu us (TSC), %s%lu us",
+       TSC_SYNC_ROUNDS * (c->index == bsp_index ? ncpus - 1 : 1),
+       c->index == bsp_index ? "every cpu" : "the bsp", tsc_to_us((uint64_t)worst),
+       kvmclock ? "kvmclock " : "no kvmclock: ", (uint64_t)worst_ns / 1000);
+}
+
 static void check_timer_tsc_deadline(struct percpu *c)
 {
     if (!have_tsc_deadline) {
@@ -2080,6 +2188,7 @@ static void run_checks(struct percpu *c)
     check_timer_oneshot(c);
     nap_barrier("timer-tsc-deadline start");
     check_timer_tsc_deadline(c);
+    check_tsc_sync(c);
     check_ioapic_uart(c);
     check_int3(c);
     check_user(c);

@@ -34,9 +34,15 @@ pub fn dvmm_bin() -> &'static str {
 
 /// Runs `dvmm` with `args`; kills it and panics if it runs longer than `limit`.
 pub fn dvmm(args: &[&str], limit: Duration) -> Run {
+    dvmm_env(args, &[], limit)
+}
+
+/// [`dvmm`] with extra environment variables.
+pub fn dvmm_env(args: &[&str], env: &[(&str, &str)], limit: Duration) -> Run {
     let mut child = Command::new(dvmm_bin())
         .args(args)
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

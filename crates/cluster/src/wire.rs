@@ -75,6 +75,33 @@ pub enum ControlMsg {
     /// The CPU every vCPU shows: what all nodes offer (from node 0, before any node
     /// builds its VM).
     CpuAgreed(CpuModel),
+    /// A clock probe (to node 0, when joining): node 0 answers with
+    /// [`ControlMsg::ClockEcho`] at once.
+    ClockProbe {
+        /// Matches the echo to its probe.
+        seq: u32,
+    },
+    /// Node 0's host clocks, read when the probe `seq` arrived.
+    ClockEcho {
+        /// The probe's `seq`.
+        seq: u32,
+        /// Node 0's host TSC.
+        tsc: u64,
+        /// Node 0's host `CLOCK_BOOTTIME`, in ns.
+        ns: u64,
+        /// Node 0's TSC frequency in kHz.
+        tsc_khz: u32,
+    },
+    /// The sender measured its clocks against node 0's and set its vCPUs' clocks
+    /// (to node 0, ending the sender's part of the join).
+    ClockSet {
+        /// Node 0's host clock minus the sender's, in ns, as measured.
+        offset_ns: i64,
+        /// The measurement's bound: half the best probe's round trip, in ns.
+        bound_ns: u64,
+        /// Whether the sender applied the offset (false: it was within the bound).
+        applied: bool,
+    },
     /// The VM is over.
     Stop {
         /// Why.
@@ -219,6 +246,32 @@ impl ControlMsg {
                 v.push(8);
                 encode_cpu(&mut v, m);
             }
+            ControlMsg::ClockProbe { seq } => {
+                v.push(9);
+                v.extend_from_slice(&seq.to_le_bytes());
+            }
+            ControlMsg::ClockEcho {
+                seq,
+                tsc,
+                ns,
+                tsc_khz,
+            } => {
+                v.push(10);
+                v.extend_from_slice(&seq.to_le_bytes());
+                v.extend_from_slice(&tsc.to_le_bytes());
+                v.extend_from_slice(&ns.to_le_bytes());
+                v.extend_from_slice(&tsc_khz.to_le_bytes());
+            }
+            ControlMsg::ClockSet {
+                offset_ns,
+                bound_ns,
+                applied,
+            } => {
+                v.push(11);
+                v.extend_from_slice(&offset_ns.to_le_bytes());
+                v.extend_from_slice(&bound_ns.to_le_bytes());
+                v.push(u8::from(*applied));
+            }
         }
         v
     }
@@ -310,6 +363,27 @@ impl ControlMsg {
             }
             7 => Ok(ControlMsg::CpuOffer(decode_cpu(b)?)),
             8 => Ok(ControlMsg::CpuAgreed(decode_cpu(b)?)),
+            9 => {
+                need(b, 5)?;
+                Ok(ControlMsg::ClockProbe { seq: u32_at(b, 1) })
+            }
+            10 => {
+                need(b, 25)?;
+                Ok(ControlMsg::ClockEcho {
+                    seq: u32_at(b, 1),
+                    tsc: u64_at(b, 5),
+                    ns: u64_at(b, 13),
+                    tsc_khz: u32_at(b, 21),
+                })
+            }
+            11 => {
+                need(b, 18)?;
+                Ok(ControlMsg::ClockSet {
+                    offset_ns: u64_at(b, 1) as i64,
+                    bound_ns: u64_at(b, 9),
+                    applied: bool_at(17)?,
+                })
+            }
             _ => Err(WireError::Malformed("unknown tag")),
         }
     }
@@ -385,6 +459,18 @@ mod tests {
                 signature: 0x906ea,
                 features: CpuFeatures::from_names(&["sse2", "avx2"]).unwrap(),
             }),
+            ControlMsg::ClockProbe { seq: 7 },
+            ControlMsg::ClockEcho {
+                seq: 7,
+                tsc: 0x1234_5678_9abc,
+                ns: 987_654_321,
+                tsc_khz: 2_445_428,
+            },
+            ControlMsg::ClockSet {
+                offset_ns: -1_000_000_000,
+                bound_ns: 21_000,
+                applied: true,
+            },
         ]
     }
 

@@ -37,13 +37,12 @@ const KVM_EXIT_INTERNAL_ERROR: u32 = 17;
 const KVM_EXIT_X86_RDMSR: u32 = 29;
 const KVM_EXIT_X86_WRMSR: u32 = 30;
 
-/// Sets the vCPU's TSC offset to 0 (guest TSC = host TSC).
-pub fn zero_tsc_offset(vcpu: &VcpuFd) -> std::io::Result<()> {
-    let zero: u64 = 0;
+/// Sets the vCPU's TSC offset (guest TSC = host TSC + `offset`, modulo 2^64).
+pub fn set_tsc_offset(vcpu: &VcpuFd, offset: u64) -> std::io::Result<()> {
     let attr = kvm_bindings::kvm_device_attr {
         group: kvm_bindings::KVM_VCPU_TSC_CTRL,
         attr: u64::from(kvm_bindings::KVM_VCPU_TSC_OFFSET),
-        addr: std::ptr::addr_of!(zero) as u64,
+        addr: std::ptr::addr_of!(offset) as u64,
         flags: 0,
     };
     // SAFETY: KVM_SET_DEVICE_ATTR reads the attribute struct and the u64 it points to,

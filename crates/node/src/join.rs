@@ -1,8 +1,13 @@
 //! Joining the cluster: what the nodes agree on after they connect and before any of
-//! them builds its VM. Today that is the CPU every vCPU shows: each node offers what its
-//! host can show (less the features its cluster-file entry hides), node 0 answers with
-//! the intersection, and every node builds its vCPUs from that answer. A guest thread
-//! may run on any node, so a feature one node lacks must be missing everywhere.
+//! them builds its VM.
+//!
+//! 1. The CPU every vCPU shows: each node offers what its host can show (less the
+//!    features its cluster-file entry hides), node 0 answers with the intersection, and
+//!    every node builds its vCPUs from that answer. A guest thread may run on any node,
+//!    so a feature one node lacks must be missing everywhere.
+//! 2. The clocks: each node measures its host's clocks against node 0's
+//!    ([`crate::clock_sync`]) and tells node 0 what it found; every vCPU then shows node
+//!    0's TSC and kvmclock.
 
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::Instant;
@@ -11,6 +16,12 @@ use dvmm_cluster::wire::{StopCode, KIND_CONTROL};
 use dvmm_cluster::ControlMsg;
 use dvmm_layout::cpu_features::{CpuFeatures, CpuModel};
 use dvmm_transport::Event;
+use dvmm_vmm::vm::ClockAlign;
+
+use crate::clock_sync::{same_rate, Estimate, HostClock, Offset, Round, Sample};
+
+/// Probes per node: the best of them bounds the offset.
+const CLOCK_ROUNDS: u32 = 16;
 
 /// Why nodes could not agree.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +52,19 @@ pub enum JoinError {
         /// Node 0's CPU.
         ours: String,
     },
+    /// The hosts' TSCs run at different rates: guest time would drift between nodes.
+    #[error("node {node}'s TSC runs at {ours} kHz, node 0's at {theirs} kHz: the guest's TSC would run at different rates on different nodes (dvmm needs hosts with one TSC frequency)")]
+    UnlikeTscRates {
+        /// This node.
+        node: u16,
+        /// This host's TSC frequency.
+        ours: u32,
+        /// Node 0's.
+        theirs: u32,
+    },
+    /// This host cannot show the guest node 0's TSC.
+    #[error(transparent)]
+    TscOffsetsIgnored(#[from] crate::clock_sync::OffsetsIgnored),
     /// Node 0 ended the join (e.g. it found nodes it cannot combine).
     #[error("node {from} stopped the cluster while it was joining: {reason}")]
     Stopped {
@@ -124,6 +148,153 @@ pub fn agree_cpu(
         send(n as u16, &ControlMsg::CpuAgreed(cpu));
     }
     Ok(Joined { cpu, early })
+}
+
+/// Node `me` of `nodes` puts its clocks in step with node 0's: node 0 answers every
+/// probe until each other node has said what it measured (and logs it); another node
+/// probes, and returns the clock set-up for its vCPUs.
+pub fn agree_clock(
+    me: u16,
+    nodes: usize,
+    clock: &HostClock,
+    send: &dyn Fn(u16, &ControlMsg),
+    events: &Receiver<Event>,
+    deadline: Instant,
+    early: &mut Vec<Event>,
+) -> Result<ClockAlign, JoinError> {
+    if me == 0 {
+        let mut done = vec![false; nodes];
+        done[0] = true;
+        while let Some(missing) = done.iter().position(|d| !d) {
+            match next(events, deadline, missing, early)? {
+                (from, ControlMsg::ClockProbe { seq }) => {
+                    let now = clock.now();
+                    send(
+                        from,
+                        &ControlMsg::ClockEcho {
+                            seq,
+                            tsc: now.tsc,
+                            ns: now.ns,
+                            tsc_khz: clock.tsc_khz(),
+                        },
+                    );
+                }
+                (
+                    from,
+                    ControlMsg::ClockSet {
+                        offset_ns,
+                        bound_ns,
+                        applied,
+                    },
+                ) if usize::from(from) < nodes => {
+                    done[usize::from(from)] = true;
+                    tracing::info!(
+                        "node {from} measured node 0's clocks {offset_ns} ns ahead of its own (+-{bound_ns} ns): {}",
+                        if applied {
+                            "its vCPUs are moved forward by that much"
+                        } else {
+                            "within the bound, so its vCPUs use its host's clocks as they are"
+                        }
+                    );
+                }
+                (from, ControlMsg::Stop { reason, .. }) => {
+                    return Err(JoinError::Stopped { from, reason })
+                }
+                (from, other) => early.push(control_event(from, &other)),
+            }
+        }
+        // Node 0's own clocks are the guest's (a test skew is all that can move them).
+        return Ok(clock.fit(clock.align(Offset::default()), 0)?);
+    }
+    let mut rounds = Vec::with_capacity(CLOCK_ROUNDS as usize);
+    let mut rate = None;
+    for seq in 0..CLOCK_ROUNDS {
+        let sent = clock.now();
+        send(0, &ControlMsg::ClockProbe { seq });
+        let (echo, khz) = loop {
+            match next(events, deadline, 0, early)? {
+                (
+                    0,
+                    ControlMsg::ClockEcho {
+                        seq: s,
+                        tsc,
+                        ns,
+                        tsc_khz,
+                    },
+                ) if s == seq => break (Sample { tsc, ns }, tsc_khz),
+                (0, ControlMsg::ClockEcho { .. }) => {}
+                (from, ControlMsg::Stop { reason, .. }) => {
+                    return Err(JoinError::Stopped { from, reason })
+                }
+                (from, other) => early.push(control_event(from, &other)),
+            }
+        };
+        let got = clock.now();
+        rounds.push(Round { sent, echo, got });
+        rate = Some(khz);
+    }
+    if let Some(theirs) = rate.filter(|&k| !same_rate(k, clock.tsc_khz())) {
+        let e = JoinError::UnlikeTscRates {
+            node: me,
+            ours: clock.tsc_khz(),
+            theirs,
+        };
+        send(
+            0,
+            &ControlMsg::Stop {
+                code: StopCode::Failed,
+                reason: e.to_string(),
+            },
+        );
+        return Err(e);
+    }
+    // CLOCK_ROUNDS > 0, so there is an estimate.
+    let est = Estimate::from_rounds(&rounds).unwrap_or(Estimate {
+        offset: Offset::default(),
+        bound_ns: 0,
+    });
+    let applied = est.significant();
+    tracing::info!(
+        "node 0's clocks are {} ns ahead of this host's (+-{} ns, best of {CLOCK_ROUNDS} round trips){}",
+        est.offset.ns,
+        est.bound_ns,
+        if applied {
+            ": this node's vCPUs show node 0's TSC and kvmclock"
+        } else {
+            ": within the bound, so this node's vCPUs use this host's clocks as they are"
+        }
+    );
+    let align = clock.fit(
+        clock.align(if applied {
+            est.offset
+        } else {
+            Offset::default()
+        }),
+        est.bound_ns,
+    );
+    match align {
+        Ok(align) => {
+            send(
+                0,
+                &ControlMsg::ClockSet {
+                    offset_ns: est.offset.ns,
+                    bound_ns: est.bound_ns,
+                    applied,
+                },
+            );
+            Ok(align)
+        }
+        Err(e) => {
+            send(
+                0,
+                &ControlMsg::Stop {
+                    code: StopCode::Failed,
+                    reason: format!("node {me}: {e}"),
+                },
+            );
+            Err(e.into())
+        }
+    }
 }
 
 /// The CPU all `offers` (node 0's first) can show: node 0's vendor and signature, the

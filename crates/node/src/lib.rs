@@ -10,6 +10,7 @@
 //! one node's part of the VM and knows nothing of the network) and wires it to the
 //! transport, the cluster file's control messages and the DSM engine.
 
+pub mod clock_sync;
 pub mod join;
 
 use dvmm_sync::{CondvarExt, MutexExt};
@@ -65,6 +66,12 @@ pub enum NodeError {
     /// The nodes could not agree on the VM they run.
     #[error("cluster: {0}")]
     Join(#[from] join::JoinError),
+    /// This host's TSC may change rate or stop: guest time would drift between nodes.
+    #[error("this host's TSC is not invariant (CPUID 0x80000007 EDX bit 8; /proc/cpuinfo shows no nonstop_tsc): the guest's clocks on this node would drift from the other nodes'; a cluster needs hosts with an invariant TSC")]
+    NoInvariantTsc,
+    /// `DVMM_TEST_CLOCK_SKEW` is malformed.
+    #[error("DVMM_TEST_CLOCK_SKEW={0:?} is not a list of NODE:NANOSECONDS")]
+    BadClockSkew(String),
 }
 
 /// KVM's shadow page tables as the DSM engine's derived state: dropped whenever a page
@@ -412,8 +419,15 @@ impl Dispatch {
             ControlMsg::Stop { code, reason } => {
                 self.control.finish(outcome_of(from, code, reason));
             }
-            ControlMsg::CpuOffer(_) | ControlMsg::CpuAgreed(_) => {
-                tracing::warn!(from, "a CPU offer or agreement after the join was ignored");
+            ControlMsg::CpuOffer(_)
+            | ControlMsg::CpuAgreed(_)
+            | ControlMsg::ClockProbe { .. }
+            | ControlMsg::ClockEcho { .. }
+            | ControlMsg::ClockSet { .. } => {
+                tracing::warn!(
+                    from,
+                    "a join message (CPU or clock) after the join was ignored"
+                );
             }
         }
     }
@@ -501,6 +515,20 @@ pub fn console_backend(c: &dvmm_cluster::ConsoleSpec) -> dvmm_virtio::console::C
     }
 }
 
+/// Node `id`'s skew in a `NODE:NS[,NODE:NS...]` list (0 if it is not listed); `None`
+/// if the list is malformed.
+fn clock_skew_for(list: &str, id: usize) -> Option<i64> {
+    let mut skew = 0;
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (node, ns) = item.split_once(':')?;
+        let ns: i64 = ns.trim().parse().ok()?;
+        if node.trim().parse::<usize>().ok()? == id {
+            skew = ns;
+        }
+    }
+    Some(skew)
+}
+
 fn check_readable(path: &std::path::Path) -> std::io::Result<()> {
     use std::io::Read;
     let mut byte = [0u8; 1];
@@ -544,6 +572,29 @@ pub fn run_node(
     if cluster.insecure_transport {
         tracing::warn!("--insecure-transport: node traffic is authenticated but NOT encrypted");
     }
+    if nodes > 1 && !clock_sync::invariant_tsc() {
+        return Err(NodeError::NoInvariantTsc);
+    }
+    // Test hook: DVMM_TEST_CLOCK_SKEW=NODE:NS[,NODE:NS...] makes those nodes' host
+    // clocks read as if they were NS ahead (hosts whose clocks differ, on one machine).
+    let skew_ns = match std::env::var("DVMM_TEST_CLOCK_SKEW") {
+        Ok(v) => clock_skew_for(&v, id).ok_or(NodeError::BadClockSkew(v))?,
+        Err(_) => 0,
+    };
+    if skew_ns != 0 {
+        tracing::warn!(
+            skew_ns,
+            "this host's clocks read skewed (DVMM_TEST_CLOCK_SKEW)"
+        );
+    }
+    let tsc = Vm::host_tsc()?;
+    if nodes > 1 && !tsc.offsets_apply {
+        tracing::info!(
+            "this host's KVM lets guest code read the host's TSC (TSC offsets do not apply): \
+             the cluster runs only if this host's TSC agrees with node 0's"
+        );
+    }
+    let host_clock = clock_sync::HostClock::new(tsc.khz, skew_ns, tsc.offsets_apply);
     let (transport, events) = Transport::start(tcfg).map_err(NodeError::Transport)?;
     tracing::info!(node = id, nodes, "connected to all peers");
 
@@ -567,13 +618,23 @@ pub fn run_node(
         );
     }
     let offer = Vm::offered_cpu(hide)?;
-    let joined = join::agree_cpu(
+    let deadline = Instant::now() + READY_TIMEOUT;
+    let mut joined = join::agree_cpu(
         id as u16,
         nodes,
         offer,
         &|to, msg| link.send(to, msg),
         &events,
-        Instant::now() + READY_TIMEOUT,
+        deadline,
+    )?;
+    let clock = join::agree_clock(
+        id as u16,
+        nodes,
+        &host_clock,
+        &|to, msg| link.send(to, msg),
+        &events,
+        deadline,
+        &mut joined.early,
     )?;
     let placement = Placement {
         node: id,
@@ -603,6 +664,7 @@ pub fn run_node(
         test_devices: cluster.test_devices,
         hide_cpu: *hide,
         cpu: Some(joined.cpu),
+        clock,
     };
     let shares = placement.shares.clone();
     let vm = Vm::build_node(&cfg, placement, console_out)?;
@@ -752,4 +814,19 @@ pub fn run_node(
     // Give the stop message a moment to leave before the connections close.
     std::thread::sleep(Duration::from_millis(50));
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clock_skew_for;
+
+    #[test]
+    fn a_clock_skew_list_names_nodes() {
+        assert_eq!(clock_skew_for("1:1000000000", 1), Some(1_000_000_000));
+        assert_eq!(clock_skew_for("1:1000000000", 0), Some(0));
+        assert_eq!(clock_skew_for("0:-5, 2:7", 2), Some(7));
+        assert_eq!(clock_skew_for("", 0), Some(0));
+        assert_eq!(clock_skew_for("1=5", 1), None);
+        assert_eq!(clock_skew_for("x:5", 0), None);
+    }
 }

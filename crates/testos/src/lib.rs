@@ -42,6 +42,7 @@ pub const CHECKS: &[&str] = &[
     "timer-periodic",
     "timer-oneshot",
     "timer-tsc-deadline",
+    "tsc-sync",
     "ioapic-uart",
     "int3",
     "user",

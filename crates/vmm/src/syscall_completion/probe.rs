@@ -1,5 +1,6 @@
 //! A tiny probe VM that finds out what this host's KVM does with `syscall` and `int n`
-//! from guest user mode (a few milliseconds at start-up).
+//! from guest user mode (a few milliseconds at start-up), and whether the guest's
+//! `rdtsc` sees the TSC offset KVM is given ([`tsc_offset_applies`]).
 //!
 //! The probe guest is 64-bit with 4 KiB pages: kernel pages at CPL0, one user code and
 //! one user stack page, a GDT with Linux's STAR layout, a TSS and an IDT whose every
@@ -170,6 +171,7 @@ fn lay_out(mem: &mut ProbeMemory) {
     mem.put(LSTAR, &[0xf4, 0xf4]); // hlt
     mem.put(USER_CODE, &[0x0f, 0x05, 0xf4]); // syscall
     mem.put(USER_CODE + 0x10, &[0xcd, 0x80, 0xf4]); // int $0x80
+    mem.put(USER_CODE + 0x20, &[0x0f, 0x31, 0xf4]); // rdtsc; hlt (#GP at CPL3)
 }
 
 fn seg(selector: u16, code: bool, dpl: u8) -> kvm_segment {
@@ -337,6 +339,66 @@ fn probe_now(kvm: &Kvm) -> Result<HostSyscall, ProbeError> {
         syscall_stays_at_cpl3,
         int_n_raises_ud,
     })
+}
+
+/// Whether a guest's `rdtsc` sees the vCPU's KVM TSC offset: with the offset 2^50
+/// cycles (months) ahead, the probe guest reads the TSC and stops.
+fn tsc_offset_applies_now(kvm: &Kvm) -> Result<bool, ProbeError> {
+    const AHEAD: u64 = 1 << 50;
+    let kerr = |what| move |source| ProbeError::Kvm { what, source };
+    let vm = kvm.create_vm().map_err(kerr("KVM_CREATE_VM"))?;
+    let mut mem = ProbeMemory::new()?;
+    lay_out(&mut mem);
+    let region = kvm_userspace_memory_region {
+        slot: 0,
+        guest_phys_addr: 0,
+        memory_size: MEM_SIZE as u64,
+        userspace_addr: mem.ptr as u64,
+        flags: 0,
+    };
+    // SAFETY: the region is our mapping of MEM_SIZE bytes, which outlives `vm` (declared
+    // after it, so dropped first).
+    unsafe { vm.set_user_memory_region(region) }.map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
+    let mut vcpu = vm.create_vcpu(0).map_err(kerr("KVM_CREATE_VCPU"))?;
+    let cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kerr("KVM_GET_SUPPORTED_CPUID"))?;
+    vcpu.set_cpuid2(&cpuid).map_err(kerr("KVM_SET_CPUID2"))?;
+    dvmm_hypervisor::kvm::set_tsc_offset(&vcpu, AHEAD)
+        .map_err(|e| ProbeError::Unexpected(format!("could not be given a TSC offset: {e}")))?;
+    let (at, _) = run_to_user(&mut vcpu, &mut mem, USER_CODE + 0x20)?;
+    if at != handler(13) {
+        return Err(ProbeError::Unexpected(format!(
+            "stopped at {at:#x} after rdtsc; hlt"
+        )));
+    }
+    let r = vcpu.get_regs().map_err(kerr("KVM_GET_REGS"))?;
+    let guest = (r.rdx << 32) | (r.rax & 0xffff_ffff);
+    // SAFETY: RDTSC reads the time-stamp counter; it has no memory effects.
+    let host = unsafe { core::arch::x86_64::_rdtsc() };
+    Ok(guest.wrapping_sub(host) > AHEAD / 2 && guest.wrapping_sub(host) < AHEAD * 2)
+}
+
+/// Whether this host's KVM makes the guest's `rdtsc` show the TSC offset it is given
+/// (true on VT-x/AMD-V; PVM lets guest code read the host's TSC directly). Runs a
+/// probe VM on its own thread, bounded in time.
+pub fn tsc_offset_applies() -> Result<bool, ProbeError> {
+    const LIMIT: Duration = Duration::from_secs(5);
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("tsc-probe".into())
+        .spawn(move || {
+            let r = Kvm::new()
+                .map_err(|source| ProbeError::Kvm {
+                    what: "opening /dev/kvm",
+                    source,
+                })
+                .and_then(|kvm| tsc_offset_applies_now(&kvm));
+            let _ = tx.send(r);
+        })
+        .map_err(ProbeError::Memory)?;
+    rx.recv_timeout(LIMIT)
+        .unwrap_or(Err(ProbeError::Timeout(LIMIT)))
 }
 
 /// Runs the probe VM (on its own thread, bounded in time) and reports what it found,

@@ -8,14 +8,16 @@ use super::kvm_err;
 use crate::syscall_completion::{self, HostSyscall};
 use crate::VmmError;
 
-/// Makes the guest's clocks the host's, so that every node of a cluster (each its own
-/// KVM VM, created at its own moment) shows the guest the same time: the TSC offset is
-/// set to 0 (guest TSC = host TSC) and kvmclock to the host's boot-time clock. Across
-/// hosts this relies on the hosts' TSCs and clocks being in step.
-pub(super) fn align_clocks(vm: &VmFd, vcpus: &[VcpuFd]) {
+/// Sets the guest's clocks from the host's, so that every node of a cluster (each its
+/// own KVM VM, created at its own moment) shows the guest the same time: the TSC offset
+/// is `align.tsc_offset` (0: guest TSC = host TSC) and kvmclock starts at the host's
+/// boot-time clock plus `align.boottime_offset_ns`. The join measures the offsets
+/// between hosts (`dvmm_node::clock_sync`).
+pub(super) fn align_clocks(vm: &VmFd, vcpus: &[VcpuFd], align: super::ClockAlign) {
     for v in vcpus {
-        if let Err(e) = dvmm_hypervisor::kvm::zero_tsc_offset(v) {
-            tracing::warn!(error = %e, "cannot set the guest TSC offset to 0");
+        // KVM adds the offset modulo 2^64.
+        if let Err(e) = dvmm_hypervisor::kvm::set_tsc_offset(v, align.tsc_offset as u64) {
+            tracing::warn!(error = %e, offset = align.tsc_offset, "cannot set the guest TSC offset");
         }
     }
     let mut ts = libc::timespec {
@@ -24,8 +26,9 @@ pub(super) fn align_clocks(vm: &VmFd, vcpus: &[VcpuFd]) {
     };
     // SAFETY: clock_gettime fills the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    let now = (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64;
     let clock = kvm_bindings::kvm_clock_data {
-        clock: (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64,
+        clock: now.wrapping_add_signed(align.boottime_offset_ns),
         ..Default::default()
     };
     if let Err(e) = vm.set_clock(&clock) {

@@ -77,6 +77,29 @@ pub struct VmConfig {
     /// The CPU every vCPU shows, as the cluster agreed (a subset of what this host
     /// offers: [`Vm::offered_cpu`]); `None`: this host's, less `hide_cpu`.
     pub cpu: Option<CpuModel>,
+    /// How this node's guest clocks differ from its host's (nodes in step with node 0).
+    pub clock: ClockAlign,
+}
+
+/// This host's TSC, as guests see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HostTsc {
+    /// Frequency in kHz.
+    pub khz: u32,
+    /// Whether the guest's `rdtsc` shows the TSC offset KVM is given (false on PVM).
+    pub offsets_apply: bool,
+}
+
+/// The guest's clocks on this node, relative to this host's: the guest TSC is the host
+/// TSC plus `tsc_offset`, kvmclock starts at the host's `CLOCK_BOOTTIME` plus
+/// `boottime_offset_ns`. Zero on node 0 (its host's clocks are the guest's) and on
+/// nodes whose clocks are node 0's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClockAlign {
+    /// Guest TSC less host TSC, in cycles.
+    pub tsc_offset: i64,
+    /// Guest kvmclock less host `CLOCK_BOOTTIME`, in ns.
+    pub boottime_offset_ns: i64,
 }
 
 /// A network card for the guest.
@@ -516,6 +539,27 @@ impl Vm {
         ))
     }
 
+    /// This host's TSC as KVM gives it to a guest: its frequency (a throwaway vCPU) and
+    /// whether guest code sees the TSC offsets dvmm sets (a probe VM).
+    pub fn host_tsc() -> Result<HostTsc, VmmError> {
+        let kvm = Kvm::new().map_err(|source| VmmError::KvmUnavailable { source })?;
+        let vm = kvm.create_vm().map_err(kvm_err("creating a VM"))?;
+        let vcpu = vm.create_vcpu(0).map_err(kvm_err("creating a vCPU"))?;
+        let khz = vcpu
+            .get_tsc_khz()
+            .map_err(kvm_err("reading the TSC frequency"))?;
+        let offsets_apply = match crate::syscall_completion::probe::tsc_offset_applies() {
+            Ok(a) => a,
+            Err(e) => {
+                // A PVM host lets guest code read the host's TSC; hardware KVM does not.
+                let a = !HostKvm::detect().emulates_guest_kernel();
+                tracing::warn!(error = %e, "the TSC probe failed; assuming guest code {} TSC offsets", if a { "sees" } else { "does not see" });
+                a
+            }
+        };
+        Ok(HostTsc { khz, offsets_apply })
+    }
+
     /// Creates node `placement.node`'s part of a cluster VM: only its own vCPUs, and
     /// only node 0 gets the devices and starts the boot vCPU. (Every node loads the guest
     /// image the same way, so their RAM starts identical.) It cannot run until its
@@ -604,7 +648,7 @@ impl Vm {
                     .map_err(kvm_err("creating a vCPU"))?,
             );
         }
-        align_clocks(&vm, &vcpus);
+        align_clocks(&vm, &vcpus, cfg.clock);
         let offered = cpuid::offer(
             supported.as_slice(),
             host.emulates_guest_kernel(),
