@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod faulty_link;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Stdio};
