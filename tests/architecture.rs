@@ -43,6 +43,38 @@ fn product_code(text: &str) -> String {
         .join("\n")
 }
 
+/// The paths named right after a `crate::` or `super::`: one (`a::b::C`), or each item
+/// of a brace group (`{a, b::C, d::{e, f}}` names `a`, `b::C` and `d`).
+fn named_paths(after: &str) -> Vec<String> {
+    let is_path = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let Some(group) = after.strip_prefix('{') else {
+        return vec![after.chars().take_while(|c| is_path(*c)).collect()];
+    };
+    let mut paths = Vec::new();
+    let (mut depth, mut item) = (0usize, String::new());
+    for c in group.chars() {
+        match c {
+            '{' => depth += 1,
+            '}' if depth == 0 => break,
+            '}' => depth -= 1,
+            ',' if depth == 0 => {
+                paths.push(std::mem::take(&mut item));
+                continue;
+            }
+            _ => {}
+        }
+        if depth == 0 {
+            item.push(c);
+        }
+    }
+    paths.push(item);
+    paths
+        .iter()
+        .map(|p| p.trim().chars().take_while(|c| is_path(*c)).collect())
+        .filter(|p: &String| !p.is_empty() && p != "self")
+        .collect()
+}
+
 /// Module -> the modules of the same crate it names with `crate::` or `super::`.
 fn import_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
     let mut files = Vec::new();
@@ -62,22 +94,20 @@ fn import_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
         let parent = m.rsplit_once("::").map_or("", |(p, _)| p).to_string();
         for (prefix, base) in [("crate::", String::new()), ("super::", parent)] {
             for (at, _) in code.match_indices(prefix) {
-                let path: String = code[at + prefix.len()..]
-                    .chars()
-                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':')
-                    .collect();
-                // The longest module prefix of the named path.
-                let segs: Vec<&str> = path.split("::").filter(|s| !s.is_empty()).collect();
-                for n in (1..=segs.len()).rev() {
-                    let mut t = segs[..n].join("::");
-                    if !base.is_empty() {
-                        t = format!("{base}::{t}");
-                    }
-                    if modules.contains_key(&t) {
-                        if &t != m && !m.starts_with(&format!("{t}::")) {
-                            uses.insert(t);
+                for path in named_paths(&code[at + prefix.len()..]) {
+                    // The longest module prefix of the named path.
+                    let segs: Vec<&str> = path.split("::").filter(|s| !s.is_empty()).collect();
+                    for n in (1..=segs.len()).rev() {
+                        let mut t = segs[..n].join("::");
+                        if !base.is_empty() {
+                            t = format!("{base}::{t}");
                         }
-                        break;
+                        if modules.contains_key(&t) {
+                            if &t != m && !m.starts_with(&format!("{t}::")) {
+                                uses.insert(t);
+                            }
+                            break;
+                        }
                     }
                 }
             }
@@ -85,6 +115,16 @@ fn import_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
         graph.insert(m.clone(), uses);
     }
     graph
+}
+
+#[test]
+fn brace_groups_name_each_of_their_paths() {
+    assert_eq!(named_paths("loader::{a, b}; x"), ["loader::"]);
+    assert_eq!(
+        named_paths("{acpi, e820, multiboot::{f, g}, BootError};"),
+        ["acpi", "e820", "multiboot::", "BootError"]
+    );
+    assert_eq!(named_paths("{self, cpu::Table}"), ["cpu::Table"]);
 }
 
 /// One cycle of `graph`, if it has any.

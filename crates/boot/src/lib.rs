@@ -17,6 +17,7 @@ pub mod acpi;
 pub mod cpu;
 pub mod e820;
 mod error;
+pub mod guest_setup;
 pub mod identify;
 pub mod loader;
 pub mod multiboot;

@@ -7,12 +7,10 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use dvmm_layout::{
-    ram_ranges, RamRange, BOOT_GDT_ADDR, BOOT_STACK_TOP, CMDLINE_ADDR, CMDLINE_MAX, HIGH_RAM_START,
-    KERNEL_LOAD_ADDR, MMIO_HOLE_START, PAGE_SIZE, PDPT_ADDR, PD_ADDR, PML4_ADDR, PVH_INFO_ADDR,
-    ZERO_PAGE_ADDR,
+    ram_ranges, RamRange, BOOT_STACK_TOP, CMDLINE_ADDR, CMDLINE_MAX, HIGH_RAM_START,
+    KERNEL_LOAD_ADDR, PAGE_SIZE, PDPT_ADDR, PD_ADDR, PML4_ADDR, PVH_INFO_ADDR, ZERO_PAGE_ADDR,
 };
 use linux_loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::pvh::PvhBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -30,17 +28,13 @@ use crate::cpu::{
     CR0_NE, CR0_NW, CR0_PE, CR0_PG, CR0_WP, CR4_PAE, EFER_LMA, EFER_LME, RFLAGS_RESERVED,
 };
 use crate::e820::E820Entry;
+use crate::guest_setup::{
+    check_cmdline, check_placement, low_ram_end, mem_err, not_a_kernel, write_cmdline, write_gdt,
+    GDT_CODE32, GDT_DATA, GDT_TSS,
+};
+pub use crate::guest_setup::{BootSpec, EntryKind, Loaded, BOOT_CS, BOOT_DS, BOOT_TSS};
 use crate::{acpi, e820, multiboot, payload, BootError, Topology};
 
-/// `__BOOT_CS`: the code segment selector at entry.
-pub const BOOT_CS: u16 = 0x10;
-/// `__BOOT_DS`: the data segment selector at entry.
-pub const BOOT_DS: u16 = 0x18;
-/// The boot TSS selector.
-pub const BOOT_TSS: u16 = 0x20;
-/// Number of 8-byte slots in the boot GDT (the last one is the TSS descriptor's
-/// upper half in long mode).
-const GDT_SLOTS: usize = 6;
 /// Magic value of `hvm_start_info`.
 pub const PVH_START_INFO_MAGIC: u32 = 0x336e_c578;
 /// `type_of_loader` for an undefined boot loader.
@@ -75,53 +69,6 @@ const PTE_TABLE: u64 = 0x03;
 const IDENTITY_MAP_GIBS: u64 = 4;
 
 const GDT_CODE64: u64 = gdt_entry(0xA09B, 0, 0xFFFFF);
-pub(crate) const GDT_CODE32: u64 = gdt_entry(0xC09B, 0, 0xFFFFF);
-pub(crate) const GDT_DATA: u64 = gdt_entry(0xC093, 0, 0xFFFFF);
-pub(crate) const GDT_TSS: u64 = gdt_entry(0x008B, 0, 0x67);
-
-/// What to boot.
-#[derive(Clone, Copy, Debug)]
-pub struct BootSpec<'a> {
-    /// A bzImage, or an ELF kernel with a PVH entry note.
-    pub kernel: &'a Path,
-    /// Optional initramfs.
-    pub initramfs: Option<&'a Path>,
-    /// Kernel command line (without NUL).
-    pub cmdline: &'a str,
-    /// The VM's shape (RAM size, vCPUs, NUMA nodes).
-    pub topology: &'a Topology,
-    /// For a bzImage: unpack its compressed vmlinux here and enter that through its PVH
-    /// note, instead of running the kernel's own decompressor. For hosts that emulate
-    /// guest kernel code, where that decompressor takes tens of minutes. Falls back to
-    /// the normal 64-bit entry when the payload cannot be unpacked or has no PVH note.
-    pub extract_payload: bool,
-}
-
-/// Which entry protocol was used (for logging).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EntryKind {
-    /// Linux x86 boot protocol, 64-bit entry at load address + 0x200.
-    LinuxBzImage64,
-    /// Xen PVH entry (32-bit protected mode, paging off).
-    Pvh,
-    /// Multiboot v1 (32-bit protected mode, paging off, EAX = 0x2BADB002).
-    Multiboot,
-}
-
-/// The result of loading: the boot vCPU's state and where things went.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Loaded {
-    /// The entry protocol used.
-    pub entry: EntryKind,
-    /// The boot vCPU's initial state.
-    pub cpu: CpuBootState,
-    /// One past the last byte of the loaded kernel image.
-    pub kernel_end: u64,
-    /// Where the initramfs was put, if any.
-    pub initramfs: Option<RamRange>,
-    /// Guest-physical address of the ACPI RSDP.
-    pub rsdp: u64,
-}
 
 /// Load kernel (+initramfs, cmdline), write ACPI tables, e820, boot_params or PVH
 /// start_info, GDT/page tables, and return the boot vCPU's state.
@@ -239,52 +186,6 @@ fn check_memory(mem: &GuestMemoryMmap, topology: &Topology) -> Result<(), BootEr
         }
     }
     Ok(())
-}
-
-pub(crate) fn low_ram_end(topology: &Topology) -> u64 {
-    topology.memory.min(MMIO_HOLE_START)
-}
-
-pub(crate) fn not_a_kernel(path: &Path, reason: impl Into<String>) -> BootError {
-    BootError::NotAKernel {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
-}
-
-pub(crate) fn mem_err(what: &str, addr: u64, e: impl std::fmt::Display) -> BootError {
-    BootError::GuestMemory(format!("cannot write {what} at {addr:#x}: {e}"))
-}
-
-pub(crate) fn check_cmdline(cmdline: &str, max: usize) -> Result<(), BootError> {
-    if cmdline.len() > max {
-        return Err(BootError::CmdlineTooLong {
-            len: cmdline.len(),
-            max,
-        });
-    }
-    Ok(())
-}
-
-/// Writes `cmdline` (already checked: no NUL, within the kernel's limit) at
-/// `CMDLINE_ADDR`, NUL-terminated.
-pub(crate) fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<(), BootError> {
-    let cmdline = Cmdline::try_from(cmdline, cmdline.len() + 1)
-        .map_err(|e| mem_err("the command line", CMDLINE_ADDR, e))?;
-    linux_loader::loader::load_cmdline(mem, GuestAddress(CMDLINE_ADDR), &cmdline)
-        .map_err(|e| mem_err("the command line", CMDLINE_ADDR, e))
-}
-
-/// Writes the boot GDT with `code` at `BOOT_CS`; returns the GDTR value.
-pub(crate) fn write_gdt(mem: &GuestMemoryMmap, code: u64) -> Result<Table, BootError> {
-    let gdt: [u64; GDT_SLOTS] = [0, 0, code, GDT_DATA, GDT_TSS, 0];
-    let bytes: Vec<u8> = gdt.iter().flat_map(|e| e.to_le_bytes()).collect();
-    mem.write_slice(&bytes, GuestAddress(BOOT_GDT_ADDR))
-        .map_err(|e| mem_err("the boot GDT", BOOT_GDT_ADDR, e))?;
-    Ok(Table {
-        base: BOOT_GDT_ADDR,
-        limit: (bytes.len() - 1) as u16,
-    })
 }
 
 /// The identity map of 0..4 GiB with 2 MiB pages: PML4, PDPT and four PDs.
@@ -627,31 +528,6 @@ fn check_elf<R: Read + Seek>(
     Ok(())
 }
 
-/// A kernel segment of `len` bytes at `addr` must lie in `[1 MiB, low_end)`: below 1
-/// MiB are dvmm's boot data, above the low RAM's end the MMIO hole.
-pub(crate) fn check_placement(
-    path: &Path,
-    addr: u64,
-    len: u64,
-    low_end: u64,
-) -> Result<(), BootError> {
-    if addr < KERNEL_LOAD_ADDR {
-        return Err(not_a_kernel(
-            path,
-            format!("segment at {addr:#x} lies below 1 MiB, where dvmm keeps its boot data"),
-        ));
-    }
-    if addr.checked_add(len).is_none_or(|e| e > low_end) {
-        return Err(BootError::KernelTooLarge {
-            path: path.to_path_buf(),
-            addr,
-            size: len,
-            available: low_end.saturating_sub(addr),
-        });
-    }
-    Ok(())
-}
-
 /// Zeroes the BSS part of each PT_LOAD segment (linux-loader copies only file bytes).
 fn zero_bss<R: Read + Seek>(mem: &GuestMemoryMmap, file: &mut R) -> Result<(), BootError> {
     let mut ehdr = [0u8; ELF64_EHDR_LEN];
@@ -804,7 +680,7 @@ fn write_start_info(
 mod tests {
     use super::*;
     use crate::e820::{E820_RAM, E820_RESERVED};
-    use dvmm_layout::{ACPI_TABLES_ADDR, EBDA_START};
+    use dvmm_layout::{ACPI_TABLES_ADDR, BOOT_GDT_ADDR, EBDA_START};
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     const MIB: u64 = 1 << 20;

@@ -21,7 +21,7 @@ use crate::cpu::{
     segment_from_gdt_entry, CpuBootState, Segment, Table, CR0_ET, CR0_PE, RFLAGS_RESERVED,
 };
 use crate::e820::E820Entry;
-use crate::loader::{
+use crate::guest_setup::{
     check_cmdline, check_placement, low_ram_end, mem_err, not_a_kernel, write_cmdline, write_gdt,
     BootSpec, EntryKind, Loaded, BOOT_CS, BOOT_DS, BOOT_TSS, GDT_CODE32, GDT_DATA, GDT_TSS,
 };
