@@ -175,7 +175,7 @@ impl Estimate {
     }
 }
 
-/// Whether this host's TSC is invariant (CPUID.80000007H:EDX[8]): it runs at one rate in
+/// Whether this host's TSC is invariant (CPUID 0x80000007 EDX bit 8): it runs at one rate in
 /// every power state, so TSCs of different hosts keep a fixed offset.
 pub fn invariant_tsc() -> bool {
     use core::arch::x86_64::__cpuid;
