@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{
     kvm_regs, kvm_segment, kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
 /// What this host does with system-call instructions from guest user mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -272,26 +272,42 @@ fn run_to_user(
     Err(ProbeError::Unexpected("kept being interrupted".into()))
 }
 
+/// A probe VM: one vCPU over the laid-out probe memory. Fields drop in order: the vCPU,
+/// then the VM, then the memory it maps.
+struct ProbeVm {
+    vcpu: VcpuFd,
+    _vm: VmFd,
+    mem: ProbeMemory,
+}
+
+impl ProbeVm {
+    fn new(kvm: &Kvm) -> Result<ProbeVm, ProbeError> {
+        let kerr = |what| move |source| ProbeError::Kvm { what, source };
+        let vm = kvm.create_vm().map_err(kerr("KVM_CREATE_VM"))?;
+        let mut mem = ProbeMemory::new()?;
+        lay_out(&mut mem);
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: mem.ptr as u64,
+            flags: 0,
+        };
+        // SAFETY: the region is our mapping of MEM_SIZE bytes, which the returned
+        // ProbeVm drops only after the VM.
+        unsafe { vm.set_user_memory_region(region) }.map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
+        let vcpu = vm.create_vcpu(0).map_err(kerr("KVM_CREATE_VCPU"))?;
+        let cpuid = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kerr("KVM_GET_SUPPORTED_CPUID"))?;
+        vcpu.set_cpuid2(&cpuid).map_err(kerr("KVM_SET_CPUID2"))?;
+        Ok(ProbeVm { vcpu, _vm: vm, mem })
+    }
+}
+
 fn probe_now(kvm: &Kvm) -> Result<HostSyscall, ProbeError> {
     let kerr = |what| move |source| ProbeError::Kvm { what, source };
-    let vm = kvm.create_vm().map_err(kerr("KVM_CREATE_VM"))?;
-    let mut mem = ProbeMemory::new()?;
-    lay_out(&mut mem);
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        guest_phys_addr: 0,
-        memory_size: MEM_SIZE as u64,
-        userspace_addr: mem.ptr as u64,
-        flags: 0,
-    };
-    // SAFETY: the region is our mapping of MEM_SIZE bytes, which outlives `vm` (declared
-    // after it, so dropped first).
-    unsafe { vm.set_user_memory_region(region) }.map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
-    let mut vcpu = vm.create_vcpu(0).map_err(kerr("KVM_CREATE_VCPU"))?;
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kerr("KVM_GET_SUPPORTED_CPUID"))?;
-    vcpu.set_cpuid2(&cpuid).map_err(kerr("KVM_SET_CPUID2"))?;
+    let mut p = ProbeVm::new(kvm)?;
     let star = (0x18u64 << 48) | (u64::from(SEL_KCODE) << 32);
     let msrs = Msrs::from_entries(&[
         kvm_bindings::kvm_msr_entry {
@@ -311,9 +327,9 @@ fn probe_now(kvm: &Kvm) -> Result<HostSyscall, ProbeError> {
         },
     ])
     .map_err(|_| ProbeError::Unexpected("MSR list".into()))?;
-    vcpu.set_msrs(&msrs).map_err(kerr("KVM_SET_MSRS"))?;
+    p.vcpu.set_msrs(&msrs).map_err(kerr("KVM_SET_MSRS"))?;
 
-    let (at, cpl) = run_to_user(&mut vcpu, &mut mem, USER_CODE)?;
+    let (at, cpl) = run_to_user(&mut p.vcpu, &mut p.mem, USER_CODE)?;
     let syscall_stays_at_cpl3 = match (at, cpl) {
         (LSTAR, 0) => false,
         (a, _) if a == handler(14) => true,
@@ -323,7 +339,7 @@ fn probe_now(kvm: &Kvm) -> Result<HostSyscall, ProbeError> {
             )))
         }
     };
-    let (at, cpl) = run_to_user(&mut vcpu, &mut mem, USER_CODE + 0x10)?;
+    let (at, cpl) = run_to_user(&mut p.vcpu, &mut p.mem, USER_CODE + 0x10)?;
     let int_n_raises_ud = match (at, cpl) {
         (a, 0) if a == handler(0x80) => false,
         (a, _) if a == handler(6) => true,
@@ -333,8 +349,6 @@ fn probe_now(kvm: &Kvm) -> Result<HostSyscall, ProbeError> {
             )))
         }
     };
-    drop(vcpu);
-    drop(vm);
     Ok(HostSyscall {
         syscall_stays_at_cpl3,
         int_n_raises_ud,
@@ -346,33 +360,16 @@ fn probe_now(kvm: &Kvm) -> Result<HostSyscall, ProbeError> {
 fn tsc_offset_applies_now(kvm: &Kvm) -> Result<bool, ProbeError> {
     const AHEAD: u64 = 1 << 50;
     let kerr = |what| move |source| ProbeError::Kvm { what, source };
-    let vm = kvm.create_vm().map_err(kerr("KVM_CREATE_VM"))?;
-    let mut mem = ProbeMemory::new()?;
-    lay_out(&mut mem);
-    let region = kvm_userspace_memory_region {
-        slot: 0,
-        guest_phys_addr: 0,
-        memory_size: MEM_SIZE as u64,
-        userspace_addr: mem.ptr as u64,
-        flags: 0,
-    };
-    // SAFETY: the region is our mapping of MEM_SIZE bytes, which outlives `vm` (declared
-    // after it, so dropped first).
-    unsafe { vm.set_user_memory_region(region) }.map_err(kerr("KVM_SET_USER_MEMORY_REGION"))?;
-    let mut vcpu = vm.create_vcpu(0).map_err(kerr("KVM_CREATE_VCPU"))?;
-    let cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(kerr("KVM_GET_SUPPORTED_CPUID"))?;
-    vcpu.set_cpuid2(&cpuid).map_err(kerr("KVM_SET_CPUID2"))?;
-    dvmm_hypervisor::kvm::set_tsc_offset(&vcpu, AHEAD)
+    let mut p = ProbeVm::new(kvm)?;
+    dvmm_hypervisor::kvm::set_tsc_offset(&p.vcpu, AHEAD)
         .map_err(|e| ProbeError::Unexpected(format!("could not be given a TSC offset: {e}")))?;
-    let (at, _) = run_to_user(&mut vcpu, &mut mem, USER_CODE + 0x20)?;
+    let (at, _) = run_to_user(&mut p.vcpu, &mut p.mem, USER_CODE + 0x20)?;
     if at != handler(13) {
         return Err(ProbeError::Unexpected(format!(
             "stopped at {at:#x} after rdtsc; hlt"
         )));
     }
-    let r = vcpu.get_regs().map_err(kerr("KVM_GET_REGS"))?;
+    let r = p.vcpu.get_regs().map_err(kerr("KVM_GET_REGS"))?;
     let guest = (r.rdx << 32) | (r.rax & 0xffff_ffff);
     // SAFETY: RDTSC reads the time-stamp counter; it has no memory effects.
     let host = unsafe { core::arch::x86_64::_rdtsc() };
@@ -451,5 +448,20 @@ mod tests {
         if host.hardware_virtualization && !host.pvm {
             assert!(!h.needs_completion(), "{h:?}");
         }
+    }
+
+    /// Needs /dev/kvm: hardware KVM applies a vCPU's TSC offset to the guest's `rdtsc`;
+    /// PVM (which emulates guest kernel code) lets the guest read the host's TSC.
+    #[test]
+    fn the_tsc_probe_matches_the_kind_of_host() {
+        if !std::path::Path::new("/dev/kvm").exists() {
+            return;
+        }
+        let host = crate::host::HostKvm::detect();
+        assert_eq!(
+            tsc_offset_applies().expect("probe ran"),
+            !host.emulates_guest_kernel(),
+            "{host:?}"
+        );
     }
 }
