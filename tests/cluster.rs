@@ -480,30 +480,11 @@ fn a_feature_one_node_lacks_is_hidden_from_every_vcpu() {
         ),
     )
     .unwrap();
-    let spawn = |id: &str| {
-        Command::new(common::dvmm_bin())
-            .args(["node", "--cluster", file.to_str().unwrap(), "--id", id])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn node")
-    };
-    let mut n1 = spawn("1");
-    let mut n0 = spawn("0");
-    // Read both nodes' output while they run (a full pipe would stall a node).
-    let drain = |r: Box<dyn std::io::Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let mut r = r;
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let o0 = drain(Box::new(n0.stdout.take().unwrap()));
-    let e0 = drain(Box::new(n0.stderr.take().unwrap()));
-    let e1 = drain(Box::new(n1.stderr.take().unwrap()));
+    let mut n1 = common::spawn_node(&file, "1");
+    let mut n0 = common::spawn_node(&file, "0");
+    let o0 = common::read_all(n0.stdout.take().unwrap());
+    let e0 = common::read_all(n0.stderr.take().unwrap());
+    let e1 = common::read_all(n1.stderr.take().unwrap());
     let s0 = wait_exit(&mut n0, LIMIT);
     let s1 = wait_exit(&mut n1, Duration::from_secs(10));
     let (out, e0, e1) = (o0.join().unwrap(), e0.join().unwrap(), e1.join().unwrap());

@@ -8,8 +8,6 @@
 
 mod common;
 
-use std::io::Read;
-use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -75,29 +73,11 @@ fn run_through(faults: Faults, iters: &str) -> Outcome {
     let f0 = file(real0, "node0.toml");
     let f1 = file(proxy.addr, "node1.toml");
     let start = Instant::now();
-    let spawn = |file: &std::path::Path, id: &str| {
-        Command::new(common::dvmm_bin())
-            .args(["node", "--cluster", file.to_str().unwrap(), "--id", id])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn node")
-    };
-    let mut n0 = spawn(&f0, "0");
-    let mut n1 = spawn(&f1, "1");
-    let drain = |r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let mut r = r;
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let o0 = drain(Box::new(n0.stdout.take().unwrap()));
-    let e0 = drain(Box::new(n0.stderr.take().unwrap()));
-    let e1 = drain(Box::new(n1.stderr.take().unwrap()));
+    let mut n0 = common::spawn_node(&f0, "0");
+    let mut n1 = common::spawn_node(&f1, "1");
+    let o0 = common::read_all(n0.stdout.take().unwrap());
+    let e0 = common::read_all(n0.stderr.take().unwrap());
+    let e1 = common::read_all(n1.stderr.take().unwrap());
     let s0 = common::wait_within(&mut n0, LIMIT);
     let s1 = common::wait_within(&mut n1, Duration::from_secs(20));
     let took = start.elapsed();

@@ -295,3 +295,32 @@ pub fn script(args: &[&str]) -> Vec<PathBuf> {
         .map(PathBuf::from)
         .collect()
 }
+
+/// Starts `dvmm node --cluster FILE --id ID` with piped output (read it with
+/// [`read_all`] while it runs: a full pipe stalls the node).
+pub fn spawn_node(cluster_file: &std::path::Path, id: &str) -> std::process::Child {
+    Command::new(dvmm_bin())
+        .args([
+            "node",
+            "--cluster",
+            &cluster_file.to_string_lossy(),
+            "--id",
+            id,
+        ])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn node")
+}
+
+/// Reads `r` to its end on a thread of its own; join it for the text.
+pub fn read_all(r: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let mut r = r;
+        let _ = r.read_to_string(&mut s);
+        s
+    })
+}
