@@ -19,6 +19,9 @@ use dvmm_irq::{ioapic::IoApic, route};
 
 pub mod timers;
 
+#[cfg(test)]
+mod tests;
+
 use crate::kick::Kicker;
 use timers::{min_opt, TimerService, TimerTargets};
 
