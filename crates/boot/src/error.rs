@@ -109,9 +109,20 @@ pub enum BootError {
     /// The requested VM shape is impossible.
     #[error("invalid VM topology: {0}")]
     Topology(String),
-    /// Guest memory is missing or cannot be written where boot data must go.
+    /// Guest memory is missing where boot data must go.
     #[error("guest memory: {0}")]
     GuestMemory(String),
+    /// Writing boot data into guest memory failed.
+    #[error("guest memory: cannot write {what} at {addr:#x}: {source}")]
+    GuestWrite {
+        /// What was being written.
+        what: String,
+        /// Where.
+        addr: u64,
+        /// Why it failed.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The ACPI tables do not fit into their reserved area.
     #[error(
         "ACPI tables need {size} bytes, more than the {} bytes reserved for them; use fewer \

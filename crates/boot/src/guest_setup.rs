@@ -82,8 +82,16 @@ pub(crate) fn not_a_kernel(path: &Path, reason: impl Into<String>) -> BootError 
     }
 }
 
-pub(crate) fn mem_err(what: &str, addr: u64, e: impl std::fmt::Display) -> BootError {
-    BootError::GuestMemory(format!("cannot write {what} at {addr:#x}: {e}"))
+pub(crate) fn mem_err(
+    what: &str,
+    addr: u64,
+    e: impl std::error::Error + Send + Sync + 'static,
+) -> BootError {
+    BootError::GuestWrite {
+        what: what.to_string(),
+        addr,
+        source: Box::new(e),
+    }
 }
 
 pub(crate) fn check_cmdline(cmdline: &str, max: usize) -> Result<(), BootError> {

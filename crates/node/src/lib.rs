@@ -62,7 +62,7 @@ pub enum NodeError {
     },
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
-    Thread(std::io::Error),
+    Thread(#[source] std::io::Error),
     /// The nodes could not agree on the VM they run.
     #[error("cluster: {0}")]
     Join(#[from] join::JoinError),

@@ -55,7 +55,7 @@ pub enum VmmError {
     Profile(#[from] profile::ProfileError),
     /// A thread could not be started.
     #[error("cannot start a thread: {0}")]
-    Thread(std::io::Error),
+    Thread(#[source] std::io::Error),
     /// Two devices were given overlapping addresses (a bug in dvmm's device map).
     #[error("dvmm's device map is wrong: {0}")]
     DeviceMap(#[source] dvmm_devices::bus::BusError),
@@ -98,8 +98,8 @@ pub enum VmmError {
         node: usize,
     },
     /// KVM's CPUID table could not be built from dvmm's entries (too many entries).
-    #[error("cannot build the CPUID table: {0}")]
-    CpuidTable(String),
+    #[error("cannot build the CPUID table: {0:?}")]
+    CpuidTable(#[source] vmm_sys_util::fam::Error),
     /// The cluster agreed on a CPU this host cannot show.
     #[error("the CPU the cluster agreed on is not one this host offers ({0}); were the nodes' offers made on other hosts?")]
     CpuNotOffered(String),

@@ -679,8 +679,7 @@ impl Vm {
                 host.emulates_guest_kernel(),
             );
             cpuid::restrict_to(&mut entries, &shown);
-            let table =
-                cpuid::to_kvm(&entries).map_err(|e| VmmError::CpuidTable(format!("{e:?}")))?;
+            let table = cpuid::to_kvm(&entries).map_err(VmmError::CpuidTable)?;
             v.set_cpuid2(&table).map_err(kvm_err("setting CPUID"))?;
         }
 
