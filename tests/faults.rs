@@ -30,6 +30,8 @@ struct Outcome {
     transcript: String,
     /// Both nodes' logs.
     logs: String,
+    /// Whether the proxy's stall happened.
+    stalled: bool,
 }
 
 fn free_port() -> u16 {
@@ -77,6 +79,7 @@ fn run_through(faults: Faults, iters: &str) -> Outcome {
     let mut n1 = common::spawn_node(&f1, "1");
     let o0 = common::read_all(n0.stdout.take().unwrap());
     let e0 = common::read_all(n0.stderr.take().unwrap());
+    let o1 = common::read_all(n1.stdout.take().unwrap());
     let e1 = common::read_all(n1.stderr.take().unwrap());
     let s0 = common::wait_within(&mut n0, LIMIT);
     let s1 = common::wait_within(&mut n1, Duration::from_secs(20));
@@ -88,7 +91,8 @@ fn run_through(faults: Faults, iters: &str) -> Outcome {
         }
     }
     let (out, e0, e1) = (o0.join().unwrap(), e0.join().unwrap(), e1.join().unwrap());
-    let logs = format!("--- node 0 ---\n{e0}\n--- node 1 ---\n{e1}");
+    let out1 = o1.join().unwrap();
+    let logs = format!("--- node 0 ---\n{e0}\n--- node 1 ---\n{out1}{e1}");
     let transcript = format!("{out}\n{logs}");
     assert!(
         s0.is_some() && s1.is_some(),
@@ -101,6 +105,7 @@ fn run_through(faults: Faults, iters: &str) -> Outcome {
         took,
         transcript,
         logs,
+        stalled: proxy.stalled.load(std::sync::atomic::Ordering::Acquire),
     }
 }
 
@@ -178,6 +183,11 @@ fn a_stall_shorter_than_the_dead_peer_timeout_is_survived() {
         ITERS,
     );
     assert_exact(&o);
+    assert!(
+        o.stalled,
+        "the run ended before the stall\n{}",
+        o.transcript
+    );
 }
 
 /// A 6 s stall: both nodes give up on the link within the time-out and stop with an
@@ -192,6 +202,7 @@ fn a_stall_longer_than_the_dead_peer_timeout_stops_the_cluster() {
         "testos.iters=2000 testos.watchdog=500",
     );
     assert_stopped_naming_the_link(&o, "6 s stall");
+    assert!(o.stalled, "{}", o.transcript);
     assert!(o.logs.contains("no traffic"), "{}", o.transcript);
     // Lost after 2 s of silence; both nodes are gone well before the stall ends + 20 s.
     assert!(o.took < Duration::from_secs(40), "took {:?}", o.took);

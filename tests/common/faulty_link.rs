@@ -6,7 +6,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
@@ -35,6 +35,18 @@ pub struct FaultyLink {
     pub addr: SocketAddr,
     /// Bytes forwarded so far (both directions).
     pub forwarded: Arc<AtomicU64>,
+    /// Whether the stall happened (some bytes were held for it).
+    pub stalled: Arc<AtomicBool>,
+    /// Tells the accepting thread to end.
+    done: Arc<AtomicBool>,
+}
+
+impl Drop for FaultyLink {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Release);
+        // Wake the accepting thread so that it sees the flag.
+        let _ = TcpStream::connect(self.addr);
+    }
 }
 
 impl FaultyLink {
@@ -43,10 +55,15 @@ impl FaultyLink {
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
         let addr = listener.local_addr().expect("proxy address");
         let forwarded = Arc::new(AtomicU64::new(0));
-        let fwd = forwarded.clone();
+        let stalled = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let (fwd, st, end) = (forwarded.clone(), stalled.clone(), done.clone());
         thread::spawn(move || {
             let born = Instant::now();
             for conn in listener.incoming() {
+                if end.load(Ordering::Acquire) {
+                    return;
+                }
                 let Ok(client) = conn else { return };
                 let Ok(server) = TcpStream::connect(target) else {
                     let _ = client.shutdown(Shutdown::Both);
@@ -58,12 +75,18 @@ impl FaultyLink {
                 let down = (server, client);
                 let f = faults.clone();
                 let (a, b) = (fwd.clone(), fwd.clone());
-                thread::spawn(move || pump(up.0, up.1, f, true, born, a));
+                let (s1, s2) = (st.clone(), st.clone());
+                thread::spawn(move || pump(up.0, up.1, f, true, born, a, s1));
                 let f = faults.clone();
-                thread::spawn(move || pump(down.0, down.1, f, false, born, b));
+                thread::spawn(move || pump(down.0, down.1, f, false, born, b, s2));
             }
         });
-        FaultyLink { addr, forwarded }
+        FaultyLink {
+            addr,
+            forwarded,
+            stalled,
+            done,
+        }
     }
 }
 
@@ -90,6 +113,7 @@ fn pump(
     dialer: bool,
     born: Instant,
     forwarded: Arc<AtomicU64>,
+    stalled_flag: Arc<AtomicBool>,
 ) {
     let (tx, rx) = mpsc::channel::<(Instant, Vec<u8>)>();
     let mut writer = to.try_clone().expect("clone");
@@ -100,6 +124,7 @@ fn pump(
             if let Some((at, len)) = stall {
                 if !stalled && born.elapsed() >= at {
                     stalled = true;
+                    stalled_flag.store(true, Ordering::Release);
                     thread::sleep(len);
                 }
             }
@@ -121,7 +146,7 @@ fn pump(
     let mut offset = 0u64;
     let mut last_due = Instant::now();
     let mut buf = vec![0u8; 64 * 1024];
-    loop {
+    'read: loop {
         let n = match from.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
@@ -144,10 +169,12 @@ fn pump(
         forwarded.fetch_add(n as u64, Ordering::Relaxed);
         for _ in 0..copies {
             if tx.send((due, chunk.clone())).is_err() {
-                break;
+                // The writer is gone: so is this direction.
+                break 'read;
             }
         }
     }
+    let _ = from.shutdown(Shutdown::Both);
     drop(tx);
     let _ = w.join();
     let _ = to.shutdown(Shutdown::Write);

@@ -173,6 +173,25 @@ impl Estimate {
     pub fn significant(&self) -> bool {
         self.offset.ns.unsigned_abs() > self.bound_ns
     }
+
+    /// The offset to apply, clock by clock: each of the TSC's and the boot-time clock's
+    /// where it is larger than the bound, 0 where the measurement cannot tell it from
+    /// none (`tsc_khz` converts the TSC's to ns).
+    pub fn applied(&self, tsc_khz: u32) -> Offset {
+        let tsc_ns = cycles_to_ns(self.offset.tsc, tsc_khz);
+        Offset {
+            tsc: if tsc_ns.unsigned_abs() > self.bound_ns {
+                self.offset.tsc
+            } else {
+                0
+            },
+            ns: if self.significant() {
+                self.offset.ns
+            } else {
+                0
+            },
+        }
+    }
 }
 
 /// Whether this host's TSC is invariant (CPUID 0x80000007 EDX bit 8): it runs at one rate in
@@ -275,6 +294,21 @@ mod tests {
             .contains("does not let dvmm move the guest's TSC"));
         let hw = HostClock::new(2_000_000, 0, true);
         assert_eq!(hw.fit(want, 0).unwrap(), want);
+    }
+
+    #[test]
+    fn each_clock_is_moved_only_beyond_the_bound() {
+        // 1 GHz TSC: cycles are ns. The TSCs differ by 5 us, the boot clocks by 10 ns.
+        let e = Estimate {
+            offset: Offset { tsc: 5_000, ns: 10 },
+            bound_ns: 100,
+        };
+        assert_eq!(e.applied(1_000_000), Offset { tsc: 5_000, ns: 0 });
+        let e = Estimate {
+            offset: Offset { tsc: 50, ns: -500 },
+            bound_ns: 100,
+        };
+        assert_eq!(e.applied(1_000_000), Offset { tsc: 0, ns: -500 });
     }
 
     #[test]

@@ -35,10 +35,12 @@ pub enum JoinError {
         reason: String,
     },
     /// A peer said nothing in time.
-    #[error("node {node} did not say which CPU it offers within {secs} s (is it the same dvmm version?)")]
+    #[error("node {node} did not {what} within {secs} s (is it the same dvmm version?)")]
     Silent {
         /// The first node not heard from.
         node: usize,
+        /// What it did not do.
+        what: &'static str,
         /// The time allowed.
         secs: u64,
     },
@@ -98,7 +100,12 @@ pub fn agree_cpu(
     if me != 0 {
         send(0, &ControlMsg::CpuOffer(offer));
         loop {
-            match next(events, deadline, 0, &mut early)? {
+            match next(
+                events,
+                deadline,
+                (0, "say which CPU the cluster shows"),
+                &mut early,
+            )? {
                 (0, ControlMsg::CpuAgreed(cpu)) => return Ok(Joined { cpu, early }),
                 (from, ControlMsg::Stop { reason, .. }) => {
                     return Err(JoinError::Stopped { from, reason })
@@ -110,7 +117,12 @@ pub fn agree_cpu(
     let mut offers: Vec<Option<CpuModel>> = vec![None; nodes];
     offers[0] = Some(offer);
     while let Some(missing) = offers.iter().position(Option::is_none) {
-        match next(events, deadline, missing, &mut early)? {
+        match next(
+            events,
+            deadline,
+            (missing, "say which CPU it offers"),
+            &mut early,
+        )? {
             (from, ControlMsg::CpuOffer(m)) if usize::from(from) < nodes => {
                 offers[usize::from(from)] = Some(m);
             }
@@ -166,7 +178,12 @@ pub fn agree_clock(
         let mut done = vec![false; nodes];
         done[0] = true;
         while let Some(missing) = done.iter().position(|d| !d) {
-            match next(events, deadline, missing, early)? {
+            match next(
+                events,
+                deadline,
+                (missing, "finish measuring its clock"),
+                early,
+            )? {
                 (from, ControlMsg::ClockProbe { seq }) => {
                     let now = clock.now();
                     send(
@@ -212,7 +229,7 @@ pub fn agree_clock(
         let sent = clock.now();
         send(0, &ControlMsg::ClockProbe { seq });
         let (echo, khz) = loop {
-            match next(events, deadline, 0, early)? {
+            match next(events, deadline, (0, "answer a clock probe"), early)? {
                 (
                     0,
                     ControlMsg::ClockEcho {
@@ -253,7 +270,8 @@ pub fn agree_clock(
         offset: Offset::default(),
         bound_ns: 0,
     });
-    let applied = est.significant();
+    let moved = est.applied(clock.tsc_khz());
+    let applied = moved != Offset::default();
     tracing::info!(
         "node 0's clocks are {} ns ahead of this host's (+-{} ns, best of {CLOCK_ROUNDS} round trips){}",
         est.offset.ns,
@@ -264,14 +282,7 @@ pub fn agree_clock(
             ": within the bound, so this node's vCPUs use this host's clocks as they are"
         }
     );
-    let align = clock.fit(
-        clock.align(if applied {
-            est.offset
-        } else {
-            Offset::default()
-        }),
-        est.bound_ns,
-    );
+    let align = clock.fit(clock.align(moved), est.bound_ns);
     match align {
         Ok(align) => {
             send(
@@ -370,7 +381,7 @@ pub fn dropped_line(offers: &[CpuModel]) -> Option<String> {
 fn next(
     events: &Receiver<Event>,
     deadline: Instant,
-    waiting_for: usize,
+    (waiting_for, what): (usize, &'static str),
     early: &mut Vec<Event>,
 ) -> Result<(u16, ControlMsg), JoinError> {
     loop {
@@ -380,6 +391,7 @@ fn next(
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
                 return Err(JoinError::Silent {
                     node: waiting_for,
+                    what,
                     secs: crate::READY_TIMEOUT.as_secs(),
                 })
             }

@@ -619,23 +619,35 @@ pub fn run_node(
     }
     let offer = Vm::offered_cpu(hide)?;
     let deadline = Instant::now() + READY_TIMEOUT;
-    let mut joined = join::agree_cpu(
-        id as u16,
-        nodes,
-        offer,
-        &|to, msg| link.send(to, msg),
-        &events,
-        deadline,
-    )?;
-    let clock = join::agree_clock(
-        id as u16,
-        nodes,
-        &host_clock,
-        &|to, msg| link.send(to, msg),
-        &events,
-        deadline,
-        &mut joined.early,
-    )?;
+    let send = |to, msg: &ControlMsg| link.send(to, msg);
+    let joined = join::agree_cpu(id as u16, nodes, offer, &send, &events, deadline).and_then(
+        |mut joined| {
+            let clock = join::agree_clock(
+                id as u16,
+                nodes,
+                &host_clock,
+                &send,
+                &events,
+                deadline,
+                &mut joined.early,
+            )?;
+            Ok((joined, clock))
+        },
+    );
+    let (joined, clock) = match joined {
+        Ok(j) => j,
+        Err(e) => {
+            // The others learn why from node 0, not only that it went away.
+            if id == 0 {
+                link.broadcast(&ControlMsg::Stop {
+                    code: StopCode::Failed,
+                    reason: format!("node 0: {e}"),
+                });
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            return Err(e.into());
+        }
+    };
     let placement = Placement {
         node: id,
         shares: cluster.nodes.iter().map(|n| (n.vcpus, n.memory)).collect(),

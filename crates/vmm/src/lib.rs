@@ -97,6 +97,9 @@ pub enum VmmError {
         /// The node it asks for.
         node: usize,
     },
+    /// The guest's clocks could not be set as the cluster measured them.
+    #[error("guest clocks: {0}")]
+    ClockSetup(String),
     /// KVM's CPUID table could not be built from dvmm's entries (too many entries).
     #[error("cannot build the CPUID table: {0:?}")]
     CpuidTable(#[source] vmm_sys_util::fam::Error),

@@ -13,11 +13,31 @@ use crate::VmmError;
 /// is `align.tsc_offset` (0: guest TSC = host TSC) and kvmclock starts at the host's
 /// boot-time clock plus `align.boottime_offset_ns`. The join measures the offsets
 /// between hosts (`dvmm_node::clock_sync`).
-pub(super) fn align_clocks(vm: &VmFd, vcpus: &[VcpuFd], align: super::ClockAlign) {
+pub(super) fn align_clocks(
+    vm: &VmFd,
+    vcpus: &[VcpuFd],
+    align: super::ClockAlign,
+) -> Result<(), VmmError> {
     for v in vcpus {
-        // KVM adds the offset modulo 2^64.
+        // KVM adds the offset modulo 2^64. Kernels before 5.16 lack the attribute:
+        // then the guest TSC is written directly (host TSC + offset, now).
         if let Err(e) = dvmm_hypervisor::kvm::set_tsc_offset(v, align.tsc_offset as u64) {
-            tracing::warn!(error = %e, offset = align.tsc_offset, "cannot set the guest TSC offset");
+            // SAFETY: RDTSC reads the time-stamp counter; it has no memory effects.
+            let host = unsafe { core::arch::x86_64::_rdtsc() };
+            let guest = host.wrapping_add_signed(align.tsc_offset);
+            let msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+                index: dvmm_hypervisor::MSR_IA32_TSC,
+                data: guest,
+                ..Default::default()
+            }])
+            .map_err(|_| VmmError::ClockSetup(format!("cannot set the guest TSC offset: {e}")))?;
+            if !matches!(v.set_msrs(&msrs), Ok(1)) {
+                return Err(VmmError::ClockSetup(format!(
+                    "cannot set the guest TSC (offset {} cycles): {e}, and writing IA32_TSC failed too",
+                    align.tsc_offset
+                )));
+            }
+            tracing::debug!(error = %e, "no KVM TSC offset attribute; wrote IA32_TSC instead");
         }
     }
     let mut ts = libc::timespec {
@@ -32,8 +52,15 @@ pub(super) fn align_clocks(vm: &VmFd, vcpus: &[VcpuFd], align: super::ClockAlign
         ..Default::default()
     };
     if let Err(e) = vm.set_clock(&clock) {
+        if align.boottime_offset_ns != 0 {
+            return Err(VmmError::ClockSetup(format!(
+                "cannot move kvmclock by {} ns: {e}",
+                align.boottime_offset_ns
+            )));
+        }
         tracing::warn!(error = %e, "cannot align kvmclock with the host clock");
     }
+    Ok(())
 }
 
 /// Makes KVM hand the LAPIC's MSRs (and MSRs it does not know) to us.

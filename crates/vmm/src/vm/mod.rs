@@ -648,7 +648,7 @@ impl Vm {
                     .map_err(kvm_err("creating a vCPU"))?,
             );
         }
-        align_clocks(&vm, &vcpus, cfg.clock);
+        align_clocks(&vm, &vcpus, cfg.clock)?;
         let offered = cpuid::offer(
             supported.as_slice(),
             host.emulates_guest_kernel(),
