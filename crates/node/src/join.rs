@@ -87,8 +87,41 @@ pub struct Joined {
 }
 
 /// Node `me` of `nodes` offers `offer` and gets the CPU all nodes show. `send(to, msg)`
-/// sends a control message; `events` is the transport's receive side.
+/// sends a control message; `events` is the transport's receive side. On failure the
+/// other nodes are told why ([`tell_others`]).
 pub fn agree_cpu(
+    me: u16,
+    nodes: usize,
+    offer: CpuModel,
+    send: &dyn Fn(u16, &ControlMsg),
+    events: &Receiver<Event>,
+    deadline: Instant,
+) -> Result<Joined, JoinError> {
+    cpu_phase(me, nodes, offer, send, events, deadline).map_err(|e| tell_others(me, nodes, send, e))
+}
+
+/// A failed join's reason, sent where it is needed: from node 0 to every other node;
+/// from another node to node 0, unless node 0 is what failed (it stopped the join, or
+/// it is gone). Returns `e`.
+fn tell_others(me: u16, nodes: usize, send: &dyn Fn(u16, &ControlMsg), e: JoinError) -> JoinError {
+    let stop = ControlMsg::Stop {
+        code: StopCode::Failed,
+        reason: format!("node {me}: {e}"),
+    };
+    if me == 0 {
+        for n in 1..nodes {
+            send(n as u16, &stop);
+        }
+    } else if !matches!(
+        e,
+        JoinError::Stopped { from: 0, .. } | JoinError::PeerLost { node: 0, .. }
+    ) {
+        send(0, &stop);
+    }
+    e
+}
+
+fn cpu_phase(
     me: u16,
     nodes: usize,
     offer: CpuModel,
@@ -133,21 +166,7 @@ pub fn agree_cpu(
         }
     }
     let offers: Vec<CpuModel> = offers.into_iter().flatten().collect();
-    let cpu = match combine(&offers) {
-        Ok(cpu) => cpu,
-        Err(e) => {
-            for n in 1..nodes {
-                send(
-                    n as u16,
-                    &ControlMsg::Stop {
-                        code: StopCode::Failed,
-                        reason: e.to_string(),
-                    },
-                );
-            }
-            return Err(e);
-        }
-    };
+    let cpu = combine(&offers)?;
     if let Some(line) = dropped_line(&offers) {
         tracing::info!("{line}");
     }
@@ -164,8 +183,22 @@ pub fn agree_cpu(
 
 /// Node `me` of `nodes` puts its clocks in step with node 0's: node 0 answers every
 /// probe until each other node has said what it measured (and logs it); another node
-/// probes, and returns the clock set-up for its vCPUs.
+/// probes, and returns the clock set-up for its vCPUs. On failure the other nodes are
+/// told why ([`tell_others`]).
 pub fn agree_clock(
+    me: u16,
+    nodes: usize,
+    clock: &HostClock,
+    send: &dyn Fn(u16, &ControlMsg),
+    events: &Receiver<Event>,
+    deadline: Instant,
+    early: &mut Vec<Event>,
+) -> Result<ClockAlign, JoinError> {
+    clock_phase(me, nodes, clock, send, events, deadline, early)
+        .map_err(|e| tell_others(me, nodes, send, e))
+}
+
+fn clock_phase(
     me: u16,
     nodes: usize,
     clock: &HostClock,
@@ -251,19 +284,11 @@ pub fn agree_clock(
         rate = Some(khz);
     }
     if let Some(theirs) = rate.filter(|&k| !same_rate(k, clock.tsc_khz())) {
-        let e = JoinError::UnlikeTscRates {
+        return Err(JoinError::UnlikeTscRates {
             node: me,
             ours: clock.tsc_khz(),
             theirs,
-        };
-        send(
-            0,
-            &ControlMsg::Stop {
-                code: StopCode::Failed,
-                reason: e.to_string(),
-            },
-        );
-        return Err(e);
+        });
     }
     // CLOCK_ROUNDS > 0, so there is an estimate.
     let est = Estimate::from_rounds(&rounds).unwrap_or(Estimate {
@@ -282,30 +307,16 @@ pub fn agree_clock(
             ": within the bound, so this node's vCPUs use this host's clocks as they are"
         }
     );
-    let align = clock.fit(clock.align(moved), est.bound_ns);
-    match align {
-        Ok(align) => {
-            send(
-                0,
-                &ControlMsg::ClockSet {
-                    offset_ns: est.offset.ns,
-                    bound_ns: est.bound_ns,
-                    applied,
-                },
-            );
-            Ok(align)
-        }
-        Err(e) => {
-            send(
-                0,
-                &ControlMsg::Stop {
-                    code: StopCode::Failed,
-                    reason: format!("node {me}: {e}"),
-                },
-            );
-            Err(e.into())
-        }
-    }
+    let align = clock.fit(clock.align(moved), est.bound_ns)?;
+    send(
+        0,
+        &ControlMsg::ClockSet {
+            offset_ns: est.offset.ns,
+            bound_ns: est.bound_ns,
+            applied,
+        },
+    );
+    Ok(align)
 }
 
 /// The CPU all `offers` (node 0's first) can show: node 0's vendor and signature, the

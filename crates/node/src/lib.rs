@@ -637,14 +637,8 @@ pub fn run_node(
     let (joined, clock) = match joined {
         Ok(j) => j,
         Err(e) => {
-            // The others learn why from node 0, not only that it went away.
-            if id == 0 {
-                link.broadcast(&ControlMsg::Stop {
-                    code: StopCode::Failed,
-                    reason: format!("node 0: {e}"),
-                });
-                std::thread::sleep(Duration::from_millis(50));
-            }
+            // The join told the others why; let that leave before the link closes.
+            std::thread::sleep(Duration::from_millis(50));
             return Err(e.into());
         }
     };
