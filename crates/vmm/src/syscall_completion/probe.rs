@@ -376,21 +376,23 @@ fn tsc_offset_applies_now(kvm: &Kvm) -> Result<bool, ProbeError> {
     Ok(guest.wrapping_sub(host) > AHEAD / 2 && guest.wrapping_sub(host) < AHEAD * 2)
 }
 
-/// Whether this host's KVM makes the guest's `rdtsc` show the TSC offset it is given
-/// (true on VT-x/AMD-V; PVM lets guest code read the host's TSC directly). Runs a
-/// probe VM on its own thread, bounded in time.
-pub fn tsc_offset_applies() -> Result<bool, ProbeError> {
+/// Runs `probe` on a probe VM's own thread named `name`, for at most 5 s. (A probe
+/// that does not come back is left behind; it holds nothing the VM needs.)
+fn bounded<T: Send + 'static>(
+    name: &str,
+    probe: fn(&Kvm) -> Result<T, ProbeError>,
+) -> Result<T, ProbeError> {
     const LIMIT: Duration = Duration::from_secs(5);
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
-        .name("tsc-probe".into())
+        .name(name.into())
         .spawn(move || {
             let r = Kvm::new()
                 .map_err(|source| ProbeError::Kvm {
                     what: "opening /dev/kvm",
                     source,
                 })
-                .and_then(|kvm| tsc_offset_applies_now(&kvm));
+                .and_then(|kvm| probe(&kvm));
             let _ = tx.send(r);
         })
         .map_err(ProbeError::Memory)?;
@@ -398,29 +400,18 @@ pub fn tsc_offset_applies() -> Result<bool, ProbeError> {
         .unwrap_or(Err(ProbeError::Timeout(LIMIT)))
 }
 
+/// Whether this host's KVM makes the guest's `rdtsc` show the TSC offset it is given
+/// (true on VT-x/AMD-V; PVM lets guest code read the host's TSC directly). Runs a
+/// probe VM on its own thread, bounded in time.
+pub fn tsc_offset_applies() -> Result<bool, ProbeError> {
+    bounded("tsc-probe", tsc_offset_applies_now)
+}
+
 /// Runs the probe VM (on its own thread, bounded in time) and reports what it found,
 /// with how long it took.
 pub fn probe() -> Result<(HostSyscall, Duration), ProbeError> {
-    const LIMIT: Duration = Duration::from_secs(5);
     let start = Instant::now();
-    let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("syscall-probe".into())
-        .spawn(move || {
-            let r = Kvm::new()
-                .map_err(|source| ProbeError::Kvm {
-                    what: "opening /dev/kvm",
-                    source,
-                })
-                .and_then(|kvm| probe_now(&kvm));
-            let _ = tx.send(r);
-        })
-        .map_err(ProbeError::Memory)?;
-    match rx.recv_timeout(LIMIT) {
-        Ok(r) => r.map(|h| (h, start.elapsed())),
-        // The thread is left behind; it holds nothing the VM needs.
-        Err(_) => Err(ProbeError::Timeout(LIMIT)),
-    }
+    bounded("syscall-probe", probe_now).map(|h| (h, start.elapsed()))
 }
 
 #[cfg(test)]
