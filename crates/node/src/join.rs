@@ -88,7 +88,7 @@ pub struct Joined {
 
 /// Node `me` of `nodes` offers `offer` and gets the CPU all nodes show. `send(to, msg)`
 /// sends a control message; `events` is the transport's receive side. On failure the
-/// other nodes are told why ([`tell_others`]).
+/// other nodes are told why.
 pub fn agree_cpu(
     me: u16,
     nodes: usize,
@@ -184,7 +184,7 @@ fn cpu_phase(
 /// Node `me` of `nodes` puts its clocks in step with node 0's: node 0 answers every
 /// probe until each other node has said what it measured (and logs it); another node
 /// probes, and returns the clock set-up for its vCPUs. On failure the other nodes are
-/// told why ([`tell_others`]).
+/// told why.
 pub fn agree_clock(
     me: u16,
     nodes: usize,
