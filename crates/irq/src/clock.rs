@@ -14,21 +14,38 @@ pub struct MonotonicClock;
 
 impl Clock for MonotonicClock {
     fn now_ns(&self) -> u64 {
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: `ts` is a valid, writable timespec and CLOCK_MONOTONIC is always
-        // available on Linux; the call writes only into `ts`.
-        let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-        if rc != 0 {
-            // Cannot happen for CLOCK_MONOTONIC; 0 keeps callers panic-free.
-            return 0;
-        }
-        (ts.tv_sec as u64)
-            .saturating_mul(1_000_000_000)
-            .saturating_add(ts.tv_nsec as u64)
+        clock_ns(libc::CLOCK_MONOTONIC)
     }
+}
+
+/// Host clock `id` in ns.
+fn clock_ns(id: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec and the clocks asked for
+    // (CLOCK_MONOTONIC, CLOCK_BOOTTIME) are always available on Linux; the call writes
+    // only into `ts`.
+    let rc = unsafe { libc::clock_gettime(id, &mut ts) };
+    if rc != 0 {
+        // Cannot happen for these clocks; 0 keeps callers panic-free.
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// The host's `CLOCK_BOOTTIME` in ns: what KVM's kvmclock counts from.
+pub fn boottime_ns() -> u64 {
+    clock_ns(libc::CLOCK_BOOTTIME)
+}
+
+/// The host's TSC.
+pub fn host_tsc() -> u64 {
+    // SAFETY: RDTSC reads the time-stamp counter; it has no memory effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
 }
 
 /// Manually advanced clock for tests (interior mutability, AtomicU64).

@@ -53,16 +53,8 @@ impl HostClock {
 
     /// Reads both clocks, back to back.
     pub fn now(&self) -> Sample {
-        // SAFETY: RDTSC reads the time-stamp counter; it has no memory effects.
-        let tsc = unsafe { core::arch::x86_64::_rdtsc() };
-        let mut ts = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: clock_gettime fills the timespec we own.
-        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-        let ns = u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000
-            + u64::try_from(ts.tv_nsec).unwrap_or(0);
+        let tsc = dvmm_irq::clock::host_tsc();
+        let ns = dvmm_irq::clock::boottime_ns();
         Sample {
             tsc: tsc.wrapping_add_signed(self.skew_tsc()),
             ns: ns.wrapping_add_signed(self.skew_ns),

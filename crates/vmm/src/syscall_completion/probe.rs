@@ -371,8 +371,7 @@ fn tsc_offset_applies_now(kvm: &Kvm) -> Result<bool, ProbeError> {
     }
     let r = p.vcpu.get_regs().map_err(kerr("KVM_GET_REGS"))?;
     let guest = (r.rdx << 32) | (r.rax & 0xffff_ffff);
-    // SAFETY: RDTSC reads the time-stamp counter; it has no memory effects.
-    let host = unsafe { core::arch::x86_64::_rdtsc() };
+    let host = dvmm_irq::clock::host_tsc();
     Ok(guest.wrapping_sub(host) > AHEAD / 2 && guest.wrapping_sub(host) < AHEAD * 2)
 }
 

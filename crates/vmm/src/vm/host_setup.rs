@@ -22,9 +22,7 @@ pub(super) fn align_clocks(
         // KVM adds the offset modulo 2^64. Kernels before 5.16 lack the attribute:
         // then the guest TSC is written directly (host TSC + offset, now).
         if let Err(e) = dvmm_hypervisor::kvm::set_tsc_offset(v, align.tsc_offset as u64) {
-            // SAFETY: RDTSC reads the time-stamp counter; it has no memory effects.
-            let host = unsafe { core::arch::x86_64::_rdtsc() };
-            let guest = host.wrapping_add_signed(align.tsc_offset);
+            let guest = dvmm_irq::clock::host_tsc().wrapping_add_signed(align.tsc_offset);
             let msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
                 index: dvmm_hypervisor::MSR_IA32_TSC,
                 data: guest,
@@ -40,13 +38,7 @@ pub(super) fn align_clocks(
             tracing::debug!(error = %e, "no KVM TSC offset attribute; wrote IA32_TSC instead");
         }
     }
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime fills the timespec we own.
-    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    let now = (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64;
+    let now = dvmm_irq::clock::boottime_ns();
     let clock = kvm_bindings::kvm_clock_data {
         clock: now.wrapping_add_signed(align.boottime_offset_ns),
         ..Default::default()
