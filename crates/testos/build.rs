@@ -4,8 +4,16 @@ use std::env;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const SOURCES: &[&str] = &["boot.S", "kernel.c", "user.c"];
-const DEPS: &[&str] = &["boot.S", "kernel.c", "user.c", "testos.h", "linker.ld"];
+const SOURCES: &[&str] = &[
+    "boot.S",
+    "kernel.c",
+    "console.c",
+    "platform.c",
+    "checks.c",
+    "checks_dsm.c",
+    "user.c",
+];
+const HEADERS: &[&str] = &["testos.h", "kernel.h", "linker.ld"];
 
 const CFLAGS: &[&str] = &[
     "-ffreestanding",
@@ -45,7 +53,7 @@ fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
     let cc = env::var("TESTOS_CC").unwrap_or_else(|_| "gcc".to_string());
 
-    for dep in DEPS {
+    for dep in SOURCES.iter().chain(HEADERS) {
         println!("cargo:rerun-if-changed={}", src.join(dep).display());
     }
     println!("cargo:rerun-if-env-changed=TESTOS_CC");
