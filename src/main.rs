@@ -398,6 +398,7 @@ fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
         hide_cpu: args.hide_cpuid,
         cpu: None,
         clock: Default::default(),
+        timer_pacing: dvmm_node::timer_pacing_from_env()?,
     };
     let vm = Vm::build(&cfg, Box::new(ConsoleOut))?;
     let _raw = attach_console(set, vm.console_input(), vm.control())?;

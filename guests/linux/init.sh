@@ -23,6 +23,7 @@ mount -t devtmpfs devtmpfs /dev 2>/dev/null
 echo "dvmm-init: kernel $(uname -r)"
 echo "dvmm-init: nproc=$(nproc)"
 echo "dvmm-init: $(grep MemTotal /proc/meminfo | tr -s ' ')"
+echo "dvmm-init: $(grep DirectMap /proc/meminfo | tr -s " " | tr "\n" " ")"
 echo "dvmm-init: numa nodes=$(cat /sys/devices/system/node/online 2>/dev/null || echo none)"
 for n in /sys/devices/system/node/node*; do
   [ -d "$n" ] || continue

@@ -199,11 +199,29 @@ pub struct Lapic {
     timer_next_ns: Option<u64>,
     timer_period_ns: u64,
     tsc_deadline: u64,
+    pacing: TimerPacing,
 
     nmi_pending: u8,
     init_pending: bool,
     sipi: Option<u8>,
     wait_for_sipi: bool,
+}
+
+/// The longest gap [`Lapic::set_timer_pacing`] puts between two timer interrupts.
+pub const MAX_TIMER_PACING_GAP_NS: u64 = 50_000_000;
+/// A re-arm this long after the last timer interrupt is taken as unrelated to it (the
+/// guest set a new timer later), and is not paced.
+pub const TIMER_PACING_WINDOW_NS: u64 = 25_000_000;
+
+/// Timer pacing state (see [`Lapic::set_timer_pacing`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct TimerPacing {
+    /// 0: off.
+    factor: u32,
+    /// When the last timer interrupt became pending, until the guest re-arms the timer.
+    fired_ns: Option<u64>,
+    /// The timer does not fire before this host time.
+    not_before_ns: u64,
 }
 
 fn bit_test(bits: &[u32; 8], v: u8) -> bool {
@@ -252,6 +270,7 @@ impl Lapic {
             timer_next_ns: None,
             timer_period_ns: 0,
             tsc_deadline: 0,
+            pacing: TimerPacing::default(),
             nmi_pending: 0,
             init_pending: false,
             sipi: None,
@@ -280,6 +299,10 @@ impl Lapic {
         self.timer_next_ns = None;
         self.timer_period_ns = 0;
         self.tsc_deadline = 0;
+        self.pacing = TimerPacing {
+            factor: self.pacing.factor,
+            ..TimerPacing::default()
+        };
         self.nmi_pending = 0;
     }
 
@@ -574,10 +597,46 @@ impl Lapic {
         if self.timer_masked() {
             return None;
         }
-        if self.tsc_deadline_mode() {
+        let due = if self.tsc_deadline_mode() {
             (self.tsc_deadline != 0).then(|| self.tsc.ns_at_tsc(self.tsc_deadline))
         } else {
             self.timer_next_ns
+        };
+        due.map(|d| d.max(self.pacing.not_before_ns))
+    }
+
+    /// Spaces this LAPIC's timer interrupts where handling one costs the guest a lot of
+    /// time: when the guest re-arms the timer (a TSC-deadline or initial-count write) `h`
+    /// ns after its last interrupt became pending, the next one fires no sooner than
+    /// `factor * h` ns later (at most [`MAX_TIMER_PACING_GAP_NS`]). The interrupt comes
+    /// late, as on a busy host; none is lost and the count and deadline registers read
+    /// as programmed. A periodic timer, which is never re-armed, is not paced. 0 turns
+    /// pacing off (the default).
+    pub fn set_timer_pacing(&mut self, factor: u32) {
+        self.pacing.factor = factor;
+        if factor == 0 {
+            self.pacing = TimerPacing::default();
+        }
+    }
+
+    /// The vCPU halted: until it re-arms the timer it was idle, not handling the last
+    /// timer interrupt, so that re-arm is not paced.
+    pub fn note_halt(&mut self) {
+        self.pacing.fired_ns = None;
+    }
+
+    /// The guest re-armed the timer: start the gap after a paced interrupt. A re-arm
+    /// later than [`TIMER_PACING_WINDOW_NS`] after the interrupt is not the handler's.
+    fn pace_rearm(&mut self, now_ns: u64) {
+        if let Some(fired) = self.pacing.fired_ns.take() {
+            let busy = now_ns.saturating_sub(fired);
+            if busy > TIMER_PACING_WINDOW_NS {
+                return;
+            }
+            let gap = busy
+                .saturating_mul(u64::from(self.pacing.factor))
+                .min(MAX_TIMER_PACING_GAP_NS);
+            self.pacing.not_before_ns = now_ns.saturating_add(gap);
         }
     }
 
@@ -596,6 +655,9 @@ impl Lapic {
     /// masked), reload periodic (skipping missed periods without bursting), stop one-shot /
     /// TSC-deadline. Returns true if a vector became pending.
     pub fn timer_tick(&mut self, now_ns: u64) -> bool {
+        if now_ns < self.pacing.not_before_ns {
+            return false;
+        }
         if self.tsc_deadline_mode() {
             if self.tsc_deadline == 0 || now_ns < self.tsc.ns_at_tsc(self.tsc_deadline) {
                 return false;
@@ -627,6 +689,9 @@ impl Lapic {
         }
         bit_set(&mut self.irr, vector);
         bit_clear(&mut self.tmr, vector);
+        if self.pacing.factor != 0 {
+            self.pacing.fired_ns = Some(now_ns);
+        }
         true
     }
 
@@ -641,6 +706,7 @@ impl Lapic {
         } else {
             self.timer_period_ns = self.ticks_to_ns(u64::from(value));
             self.timer_next_ns = Some(now_ns.saturating_add(self.timer_period_ns));
+            self.pace_rearm(now_ns);
         }
         Some(LapicEvent::TimerChanged)
     }
@@ -847,6 +913,9 @@ impl Lapic {
                 }
                 self.timer_tick(now_ns);
                 self.tsc_deadline = value;
+                if value != 0 {
+                    self.pace_rearm(now_ns);
+                }
                 Ok(Some(LapicEvent::TimerChanged))
             }
             MSR_X2APIC_FIRST..=MSR_X2APIC_LAST => {

@@ -72,6 +72,22 @@ pub enum NodeError {
     /// `DVMM_TEST_CLOCK_SKEW` is malformed.
     #[error("DVMM_TEST_CLOCK_SKEW={0:?} is not a list of NODE:NANOSECONDS")]
     BadClockSkew(String),
+    /// `DVMM_TIMER_PACING` is malformed.
+    #[error("DVMM_TIMER_PACING={0:?} is not a whole number (0 turns timer pacing off)")]
+    BadTimerPacing(String),
+}
+
+/// The timer pacing factor `DVMM_TIMER_PACING` asks for (`None`: unset, the host's
+/// default; see `dvmm_vmm::vm::VmConfig::timer_pacing`).
+pub fn timer_pacing_from_env() -> Result<Option<u32>, NodeError> {
+    match std::env::var("DVMM_TIMER_PACING") {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|_| NodeError::BadTimerPacing(v)),
+        Err(_) => Ok(None),
+    }
 }
 
 /// KVM's shadow page tables as the DSM engine's derived state: dropped whenever a page
@@ -671,6 +687,7 @@ pub fn run_node(
         hide_cpu: *hide,
         cpu: Some(joined.cpu),
         clock,
+        timer_pacing: timer_pacing_from_env()?,
     };
     let shares = placement.shares.clone();
     let vm = Vm::build_node(&cfg, placement, console_out)?;

@@ -667,3 +667,82 @@ fn the_lapic_owns_exactly_its_msrs() {
         assert!(!is_lapic_msr(msr), "{msr:#x}");
     }
 }
+
+#[test]
+fn paced_tsc_deadline_waits_factor_times_the_handling_time() {
+    let mut l = enabled_lapic(0);
+    l.set_timer_pacing(4);
+    l.mmio_write(REG_LVT_TIMER, 0x4_0030, 0);
+    // 2 GHz TSC: tsc 2_000_000 is 1 ms. The first deadline is not paced.
+    l.msr_write(MSR_IA32_TSC_DEADLINE, 2_000_000, 0).unwrap();
+    assert_eq!(l.timer_deadline(), Some(1_000_000));
+    assert!(l.timer_tick(1_000_000));
+    assert_eq!(l.acknowledge(), Some(0x30));
+    l.mmio_write(REG_EOI, 0, 1_000_100);
+    // The handler re-arms 3 ms after the interrupt, for 1 ms later: paced to 4 x 3 ms.
+    l.msr_write(MSR_IA32_TSC_DEADLINE, 10_000_000, 4_000_000)
+        .unwrap();
+    assert_eq!(l.msr_read(MSR_IA32_TSC_DEADLINE, 0), Ok(10_000_000));
+    assert_eq!(l.timer_deadline(), Some(16_000_000));
+    assert!(!l.timer_tick(15_999_999));
+    assert_eq!(l.pending_vector(), None);
+    assert!(l.timer_tick(16_000_000));
+    assert_eq!(l.acknowledge(), Some(0x30));
+    // A later deadline than the gap is kept as is; a quick re-arm leaves a short gap.
+    l.msr_write(MSR_IA32_TSC_DEADLINE, 40_000_000, 16_010_000)
+        .unwrap();
+    assert_eq!(l.timer_deadline(), Some(20_000_000));
+    // A re-arm without an interrupt in between (the guest moving its deadline) adds
+    // no gap of its own.
+    l.msr_write(MSR_IA32_TSC_DEADLINE, 33_000_000, 16_020_000)
+        .unwrap();
+    assert_eq!(l.timer_deadline(), Some(16_500_000));
+}
+
+#[test]
+fn pacing_gap_is_bounded_and_off_by_default() {
+    let mut l = enabled_lapic(0);
+    l.mmio_write(REG_TIMER_DIVIDE, 0xB, 0); // /1: a tick is a ns
+    l.mmio_write(REG_LVT_TIMER, 0x30, 0);
+    l.mmio_write(REG_TIMER_INITIAL, 100, 0);
+    assert!(l.timer_tick(100));
+    // Off: a re-arm long after the interrupt is not delayed.
+    l.mmio_write(REG_TIMER_INITIAL, 100, 1_000_000_000);
+    assert_eq!(l.timer_deadline(), Some(1_000_000_100));
+    l.set_timer_pacing(4);
+    // A 20 ms handler would want 80 ms: capped.
+    assert!(l.timer_tick(1_000_000_100));
+    l.mmio_write(REG_TIMER_INITIAL, 100, 1_020_000_100);
+    assert_eq!(
+        l.timer_deadline(),
+        Some(1_020_000_100 + MAX_TIMER_PACING_GAP_NS)
+    );
+    // The one-shot count still runs out as programmed.
+    assert_eq!(l.mmio_read(REG_TIMER_CURRENT, 1_020_000_200), 0);
+    // Turning pacing off drops the pending gap.
+    l.set_timer_pacing(0);
+    assert_eq!(l.timer_deadline(), Some(1_020_000_200));
+    l.set_timer_pacing(4);
+    // A re-arm long after the interrupt, or after a halt, is not the handler's.
+    assert!(l.timer_tick(1_020_000_200));
+    let late = 1_020_000_200 + TIMER_PACING_WINDOW_NS + 1;
+    l.mmio_write(REG_TIMER_INITIAL, 100, late);
+    assert_eq!(l.timer_deadline(), Some(late + 100));
+    assert!(l.timer_tick(late + 100));
+    l.note_halt();
+    l.mmio_write(REG_TIMER_INITIAL, 100, late + 1_000_000);
+    assert_eq!(l.timer_deadline(), Some(late + 1_000_100));
+}
+
+#[test]
+fn paced_periodic_timer_is_not_delayed() {
+    let mut l = enabled_lapic(0);
+    l.set_timer_pacing(4);
+    l.mmio_write(REG_TIMER_DIVIDE, 0xB, 0);
+    l.mmio_write(REG_LVT_TIMER, 0x2_0031, 0);
+    l.mmio_write(REG_TIMER_INITIAL, 100, T0);
+    assert!(l.timer_tick(T0 + 100));
+    assert_eq!(l.timer_deadline(), Some(T0 + 200));
+    assert!(l.timer_tick(T0 + 200));
+    assert_eq!(l.timer_deadline(), Some(T0 + 300));
+}

@@ -405,6 +405,7 @@ fn wait_for_sipi(handle: &VcpuHandle, env: &VcpuEnv) -> Option<u8> {
     handle.set_activity(Activity::WaitingForSipi);
     let _running = RunningAgain::new(handle, env);
     let mut lapic = handle.lock();
+    lapic.note_halt();
     loop {
         if env.control.stopping() {
             return None;

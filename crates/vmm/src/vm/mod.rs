@@ -6,8 +6,7 @@
 
 use dvmm_sync::MutexExt;
 use std::io::Write;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -32,113 +31,27 @@ use crate::cpuid;
 use crate::device_space::{DeviceSpace, RemoteIo};
 use crate::host::HostKvm;
 use crate::irqchip::timers::TimerService;
-use crate::irqchip::{InterruptHub, RemoteInterrupts, VcpuHandle};
+use crate::irqchip::{InterruptHub, VcpuHandle};
 use crate::memory::GuestRam;
 use crate::syscall_completion::SyscallCompletion;
 use crate::vcpu::{self, VcpuEnv};
 use crate::VmmError;
 
+mod config;
 mod devices;
 mod host_setup;
+mod service_threads;
 
 use devices::{add, attach_devices};
 use dvmm_hypervisor::kvm::KvmVcpu;
 use host_setup::{align_clocks, host_syscall, route_msrs_to_userspace};
+use service_threads::{
+    quiet_note_every, spawn_sampler, spawn_stall_watch, ConsoleWatch, Profiling, WatchedConsole,
+};
 
-/// What to run.
-#[derive(Clone, Debug)]
-pub struct VmConfig {
-    /// Kernel image (bzImage or PVH ELF).
-    pub kernel: PathBuf,
-    /// Optional initramfs.
-    pub initramfs: Option<PathBuf>,
-    /// Kernel command line.
-    pub cmdline: String,
-    /// Number of vCPUs.
-    pub vcpus: u32,
-    /// Guest RAM in bytes.
-    pub memory: u64,
-    /// Sample the vCPUs and write a flat profile at the end.
-    pub profile: Option<crate::profile::ProfileConfig>,
-    /// Disk images, attached as virtio-blk devices in this order (every node is given
-    /// the whole list; each opens those it serves).
-    pub disks: Vec<DiskConfig>,
-    /// Network cards (virtio-net on host TAP devices), in this order.
-    pub nets: Vec<NetConfig>,
-    /// A virtio-rng device fed by the host's `/dev/urandom` (node 0's).
-    pub rng: bool,
-    /// A virtio-console (the guest's `/dev/hvc0`) and where its bytes go (node 0's).
-    pub console: Option<dvmm_virtio::console::ConsoleBackend>,
-    /// QEMU's test devices (fw_cfg, isa-debug-exit, pc-testdev), for test suites such
-    /// as kvm-unit-tests (node 0's, with the other devices).
-    pub test_devices: bool,
-    /// CPU features this host must not show the guest.
-    pub hide_cpu: CpuFeatures,
-    /// The CPU every vCPU shows, as the cluster agreed (a subset of what this host
-    /// offers: [`Vm::offered_cpu`]); `None`: this host's, less `hide_cpu`.
-    pub cpu: Option<CpuModel>,
-    /// How this node's guest clocks differ from its host's (nodes in step with node 0).
-    pub clock: ClockAlign,
-}
-
-/// This host's TSC, as guests see it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct HostTsc {
-    /// Frequency in kHz.
-    pub khz: u32,
-    /// Whether the guest's `rdtsc` shows the TSC offset KVM is given (false on PVM).
-    pub offsets_apply: bool,
-}
-
-/// The guest's clocks on this node, relative to this host's: the guest TSC is the host
-/// TSC plus `tsc_offset`, kvmclock starts at the host's `CLOCK_BOOTTIME` plus
-/// `boottime_offset_ns`. Zero on node 0 (its host's clocks are the guest's) and on
-/// nodes whose clocks are node 0's.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ClockAlign {
-    /// Guest TSC less host TSC, in cycles.
-    pub tsc_offset: i64,
-    /// Guest kvmclock less host `CLOCK_BOOTTIME`, in ns.
-    pub boottime_offset_ns: i64,
-}
-
-/// A network card for the guest.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NetConfig {
-    /// The host TAP device (it must exist on the serving node's host).
-    pub tap: String,
-    /// The card's MAC address.
-    pub mac: [u8; 6],
-    /// The node that serves it (opens the TAP, runs its queues).
-    pub node: usize,
-}
-
-/// A disk image for the guest.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DiskConfig {
-    /// Raw image file (or host block device).
-    pub path: PathBuf,
-    /// Attach it read-only.
-    pub readonly: bool,
-    /// The node that serves it (opens the image, runs its queue).
-    pub node: usize,
-}
-
-/// Where this VM instance sits in a multi-node cluster.
-pub struct Placement {
-    /// This node's id (node 0 runs the boot vCPU and the devices).
-    pub node: usize,
-    /// `(vcpus, memory)` of every node, in node order.
-    pub shares: Vec<(u32, u64)>,
-    /// Interrupt delivery to other nodes.
-    pub remote_irq: Arc<dyn RemoteInterrupts>,
-    /// Device accesses forwarded to other nodes (to node 0, and from node 0 to the
-    /// node that serves a PCI function).
-    pub remote_io: Arc<dyn RemoteIo>,
-    /// The VM's end state, made by the node runtime before the VM (its link to the
-    /// other nodes needs it from the start: a peer may stop the VM at any time).
-    pub control: Arc<VmControl>,
-}
+pub use config::{
+    ClockAlign, DiskConfig, HostTsc, NetConfig, Placement, VmConfig, DEFAULT_TIMER_PACING,
+};
 
 /// Feeds console input to the guest's serial port.
 #[derive(Clone)]
@@ -183,141 +96,8 @@ pub struct Vm {
     virtio: Vec<devices::SharedVirtio>,
 }
 
-/// When the guest last printed something on its console.
-struct ConsoleWatch {
-    started: Instant,
-    last_ms: AtomicU64,
-}
-
-impl ConsoleWatch {
-    fn quiet_for(&self) -> Duration {
-        let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
-        self.started.elapsed().saturating_sub(last)
-    }
-}
-
-/// The console output, noting when the guest last wrote to it.
-struct WatchedConsole {
-    out: Box<dyn Write + Send>,
-    watch: Arc<ConsoleWatch>,
-}
-
-impl Write for WatchedConsole {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let ms = u64::try_from(self.watch.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.watch.last_ms.store(ms, Ordering::Relaxed);
-        self.out.write(buf)
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.out.flush()
-    }
-}
-
-/// How long the guest may print nothing before dvmm says what its vCPUs are doing
-/// (and again each time as long again passes); `DVMM_QUIET_NOTE_SECS` changes it.
-fn quiet_note_every() -> Duration {
-    std::env::var("DVMM_QUIET_NOTE_SECS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|&s: &u64| s > 0)
-        .map_or(Duration::from_secs(30), Duration::from_secs)
-}
-
-/// A profiled run: where the report goes and how to name what it found.
-struct Profiling {
-    config: crate::profile::ProfileConfig,
-    symbols: Option<crate::profile::SymbolTable>,
-    sampler: Arc<crate::profile::Sampler>,
-    title: String,
-}
-
 fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> VmmError {
     move |source| VmmError::Kvm { what, source }
-}
-
-impl Profiling {
-    fn write(&self) -> Result<(), VmmError> {
-        let (profile, lstar) = self.sampler.result();
-        let slide = crate::profile::kaslr_slide(self.symbols.as_ref(), lstar);
-        let rows = profile.by_name(self.symbols.as_ref(), slide);
-        let mut title = self.title.clone();
-        if slide != 0 {
-            title.push_str(&format!(" (KASLR slide {slide:#x})"));
-        }
-        crate::profile::write_report(
-            &self.config.output,
-            &crate::profile::format_report(&title, &rows),
-        )?;
-        tracing::info!(
-            path = %self.config.output.display(),
-            samples = profile.total(),
-            "guest profile written"
-        );
-        Ok(())
-    }
-}
-
-/// The profiler's sampler thread: every interval, a running vCPU is asked for its RIP;
-/// one that is halted or waiting is counted as such without being disturbed.
-fn spawn_sampler(
-    sampler: Arc<crate::profile::Sampler>,
-    handles: Vec<Arc<VcpuHandle>>,
-    control: Arc<VmControl>,
-) -> Result<JoinHandle<()>, VmmError> {
-    use crate::irqchip::Activity;
-    use crate::profile::Sample;
-    std::thread::Builder::new()
-        .name("profiler".into())
-        .spawn(move || {
-            let mut idle = crate::profile::Profile::default();
-            while !control.stopping() {
-                std::thread::sleep(sampler.interval);
-                for h in &handles {
-                    match h.activity() {
-                        Activity::Running => h.request_sample(),
-                        Activity::Halted => idle.add(Sample::Halted),
-                        Activity::WaitingForSipi => idle.add(Sample::WaitingForSipi),
-                        Activity::RemoteIo => idle.add(Sample::RemoteIo),
-                    }
-                }
-            }
-            sampler.collect(&idle);
-        })
-        .map_err(VmmError::Thread)
-}
-
-/// How long a running vCPU may stay inside `KVM_RUN` without an exit before the stall
-/// watch kicks it (emulated-kernel hosts).
-const STALL_KICK: std::time::Duration = std::time::Duration::from_millis(20);
-
-/// Where KVM emulates guest kernel code, some instructions (a `vmcall` at CPL0) are
-/// retried inside `KVM_RUN` forever with no exit; only a kick brings the vCPU out,
-/// where dvmm can complete them (`emulation::StuckHypercall`). A guest with timer
-/// ticks exits often enough by itself; this thread kicks a running vCPU that has not
-/// exited for [`STALL_KICK`], so that one without (a test kernel in a `vmcall` loop)
-/// does not hang.
-fn spawn_stall_watch(
-    handles: Vec<Arc<VcpuHandle>>,
-    control: Arc<VmControl>,
-) -> Result<JoinHandle<()>, VmmError> {
-    use crate::irqchip::Activity;
-    std::thread::Builder::new()
-        .name("stall-watch".into())
-        .spawn(move || {
-            let mut seen: Vec<u64> = handles.iter().map(|h| h.exits()).collect();
-            while !control.stopping() {
-                std::thread::sleep(STALL_KICK);
-                for (h, last) in handles.iter().zip(seen.iter_mut()) {
-                    let now = h.exits();
-                    if now == *last && h.activity() == Activity::Running {
-                        h.kicker.kick();
-                    }
-                    *last = now;
-                }
-            }
-        })
-        .map_err(VmmError::Thread)
 }
 
 /// A VM built up to the point where it needs its path to guest memory: KVM's VM and
@@ -725,9 +505,26 @@ impl Vm {
             "kernel loaded"
         );
 
+        let pacing = cfg.timer_pacing.unwrap_or(if host.emulates_guest_kernel() {
+            DEFAULT_TIMER_PACING
+        } else {
+            0
+        });
+        if pacing != 0 {
+            tracing::info!(
+                "pacing timer interrupts: a vCPU's next timer interrupt comes no sooner than \
+                 {pacing}x the time its guest took to handle the last one (at most {} ms), \
+                 as guest kernel code is slow here (DVMM_TIMER_PACING=0 turns this off)",
+                dvmm_irq::lapic::MAX_TIMER_PACING_GAP_NS / 1_000_000
+            );
+        }
         let handles: Vec<Arc<VcpuHandle>> = local
             .clone()
-            .map(|i| Arc::new(VcpuHandle::new(i, Lapic::new(i, i == 0, tsc))))
+            .map(|i| {
+                let mut lapic = Lapic::new(i, i == 0, tsc);
+                lapic.set_timer_pacing(pacing);
+                Arc::new(VcpuHandle::new(i, lapic))
+            })
             .collect();
         let timers = Arc::new(TimerService::new());
         let has_devices = node == 0;
