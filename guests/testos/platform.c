@@ -17,8 +17,10 @@ void delay_us(uint64_t us)
 
 /* All CPUs meet here; fails if some CPU does not arrive while none makes progress for
  * the watchdog's time (testos.watchdog): how long the others take depends on the host
- * (8 nodes sharing 2 cores print slowly), not on dvmm. */
-void barrier(const char *name)
+ * (8 nodes sharing 2 cores print slowly), not on dvmm. With nap, the waiters halt
+ * between looks (so that on an oversubscribed host the cpus still working get the host
+ * cpus). */
+static void meet(const char *name, int nap)
 {
     uint32_t gen = __atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE);
     if (__atomic_add_fetch(&bar_count, 1, __ATOMIC_ACQ_REL) == ncpus) {
@@ -32,30 +34,15 @@ void barrier(const char *name)
             fail("barrier '%s': only %u of %u cpus arrived, and no cpu made progress for %lu s",
                  name, bar_count, ncpus, watchdog_ms / 1000);
         check_failed();
-        pause();
+        if (nap)
+            nap_us(DSM_NAP_US);
+        else
+            pause();
     }
 }
 
-
-/* A barrier whose waiters halt between looks (so that on an oversubscribed host the
- * cpus still working get the host cpus); bounded by the watchdog. */
-void nap_barrier(const char *name)
-{
-    uint32_t gen = __atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE);
-    if (__atomic_add_fetch(&bar_count, 1, __ATOMIC_ACQ_REL) == ncpus) {
-        __atomic_store_n(&bar_count, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&bar_gen, gen + 1, __ATOMIC_RELEASE);
-        return;
-    }
-    volatile uint64_t end = rdtsc() + ms_to_tsc(watchdog_ms);
-    while (__atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE) == gen) {
-        if (no_progress_since(&end, watchdog_ms))
-            fail("barrier '%s': only %u of %u cpus arrived, and no cpu made progress for %lu s",
-                 name, bar_count, ncpus, watchdog_ms / 1000);
-        check_failed();
-        nap_us(DSM_NAP_US);
-    }
-}
+void barrier(const char *name) { meet(name, 0); }
+void nap_barrier(const char *name) { meet(name, 1); }
 
 /* ------------------------------------------------------------------------- */
 /* Local APIC and IOAPIC                                                      */

@@ -658,6 +658,13 @@ impl Lapic {
         if now_ns < self.pacing.not_before_ns {
             return false;
         }
+        self.expire_due(now_ns)
+    }
+
+    /// [`timer_tick`](Self::timer_tick) without pacing: a register write that reprograms
+    /// the timer first lets an expiry that is due under the old settings fire, paced or
+    /// not, so that pacing only ever delays an interrupt and never drops or merges one.
+    fn expire_due(&mut self, now_ns: u64) -> bool {
         if self.tsc_deadline_mode() {
             if self.tsc_deadline == 0 || now_ns < self.tsc.ns_at_tsc(self.tsc_deadline) {
                 return false;
@@ -712,7 +719,7 @@ impl Lapic {
     }
 
     fn write_timer_divide(&mut self, value: u32, now_ns: u64) -> Option<LapicEvent> {
-        self.timer_tick(now_ns);
+        self.expire_due(now_ns);
         let running = self.timer_next_ns.is_some() && !self.tsc_deadline_mode();
         let left = self.current_count(now_ns);
         self.timer_divide = value & 0xB;
@@ -735,7 +742,7 @@ impl Lapic {
             return None;
         }
         // Account for an expiry that is already due under the old settings.
-        self.timer_tick(now_ns);
+        self.expire_due(now_ns);
         let was_tsc = self.tsc_deadline_mode();
         self.lvt[LVT_TIMER] = value;
         if was_tsc != self.tsc_deadline_mode() {
@@ -911,7 +918,7 @@ impl Lapic {
                 if !self.tsc_deadline_mode() {
                     return Ok(None);
                 }
-                self.timer_tick(now_ns);
+                self.expire_due(now_ns);
                 self.tsc_deadline = value;
                 if value != 0 {
                     self.pace_rearm(now_ns);

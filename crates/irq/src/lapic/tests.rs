@@ -746,3 +746,39 @@ fn paced_periodic_timer_is_not_delayed() {
     assert!(l.timer_tick(T0 + 200));
     assert_eq!(l.timer_deadline(), Some(T0 + 300));
 }
+
+#[test]
+fn reprogramming_during_a_pacing_gap_fires_the_due_interrupt() {
+    let mut l = enabled_lapic(0);
+    l.set_timer_pacing(4);
+    l.mmio_write(REG_LVT_TIMER, 0x4_0030, 0);
+    l.msr_write(MSR_IA32_TSC_DEADLINE, 2_000_000, 0).unwrap();
+    assert!(l.timer_tick(1_000_000));
+    assert_eq!(l.acknowledge(), Some(0x30));
+    l.mmio_write(REG_EOI, 0, 1_000_100);
+    // Re-armed 3 ms later for 1 ms later: paced to 16 ms.
+    l.msr_write(MSR_IA32_TSC_DEADLINE, 10_000_000, 4_000_000)
+        .unwrap();
+    assert!(!l.timer_tick(6_000_000));
+    // At 8 ms the guest moves its deadline: the one due at 5 ms fires now, as it
+    // would have on hardware, instead of being replaced.
+    l.msr_write(MSR_IA32_TSC_DEADLINE, 40_000_000, 8_000_000)
+        .unwrap();
+    assert_eq!(l.pending_vector(), Some(0x30));
+    assert_eq!(l.timer_deadline(), Some(20_000_000));
+    // Masking the timer mid-gap also lets the due expiry fire first (on hardware it
+    // would be in IRR already, and masking does not take it back).
+    let mut m = enabled_lapic(0);
+    m.set_timer_pacing(4);
+    m.mmio_write(REG_TIMER_DIVIDE, 0xB, 0);
+    m.mmio_write(REG_LVT_TIMER, 0x30, 0);
+    m.mmio_write(REG_TIMER_INITIAL, 100, 0);
+    assert!(m.timer_tick(100));
+    assert_eq!(m.acknowledge(), Some(0x30));
+    m.mmio_write(REG_EOI, 0, 200);
+    m.mmio_write(REG_TIMER_INITIAL, 1000, 1_000_100);
+    assert_eq!(m.timer_deadline(), Some(1_000_100 + 4_000_000));
+    m.mmio_write(REG_LVT_TIMER, 0x1_0030, 2_000_000);
+    assert_eq!(m.pending_vector(), Some(0x30));
+    assert_eq!(m.timer_deadline(), None);
+}
