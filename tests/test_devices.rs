@@ -31,8 +31,15 @@ const GUEST: &[u8] = &[
     0xF4, // hlt
 ];
 
-/// An ELF32 image with a Multiboot header that loads `GUEST` at 2 MiB.
+/// An ELF32 image with a Multiboot header that loads `GUEST` at 2 MiB, written once:
+/// the tests run in parallel, and rewriting the file while another test's nodes read
+/// it gave one of them an empty kernel.
 fn image() -> std::path::PathBuf {
+    static IMAGE: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    IMAGE.get_or_init(write_image).clone()
+}
+
+fn write_image() -> std::path::PathBuf {
     let mut f = vec![0u8; 0x1000];
     f[0..4].copy_from_slice(b"\x7FELF");
     (f[4], f[5], f[6]) = (1, 1, 1);
