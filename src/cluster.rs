@@ -182,6 +182,11 @@ fn node_profile(output: &std::path::Path, id: usize) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Node `id`'s own API socket, in the launcher's private directory.
+fn node_api_socket(dir: &std::path::Path, id: usize) -> PathBuf {
+    dir.join(format!("api.node{id}"))
+}
+
 fn spawn_node(file: &std::path::Path, id: usize, args: &RunArgs) -> Result<Child> {
     let exe = std::env::current_exe().context("cannot find the dvmm executable")?;
     let mut cmd = Command::new(exe);
@@ -190,6 +195,11 @@ fn spawn_node(file: &std::path::Path, id: usize, args: &RunArgs) -> Result<Child
         .arg(file)
         .arg("--id")
         .arg(id.to_string());
+    if args.api_socket.is_some() {
+        if let Some(dir) = file.parent() {
+            cmd.arg("--api-socket").arg(node_api_socket(dir, id));
+        }
+    }
     if let Some(out) = &args.profile.profile {
         cmd.arg("--profile")
             .arg(node_profile(out, id))
@@ -228,6 +238,11 @@ fn signal(children: &Mutex<Vec<Child>>, sig: i32) {
 /// Runs the cluster; returns node 0's exit code.
 pub fn run_local_cluster(args: &RunArgs, set: libc::sigset_t) -> Result<u8> {
     let cluster = local_cluster(args)?;
+    let api = args
+        .api_socket
+        .as_deref()
+        .map(dvmm_api::server::ApiListener::bind)
+        .transpose()?;
     let dir = std::env::temp_dir().join(format!("dvmm-{}", std::process::id()));
     std::fs::DirBuilder::new()
         .mode(0o700)
@@ -261,6 +276,16 @@ pub fn run_local_cluster(args: &RunArgs, set: libc::sigset_t) -> Result<u8> {
             }
         }
     }
+    let _api = match api {
+        Some(listener) => Some(
+            listener.serve(Arc::new(crate::api_proxy::ClusterApi {
+                nodes: (0..cluster.nodes.len())
+                    .map(|i| node_api_socket(&dir.0, i))
+                    .collect(),
+            }))?,
+        ),
+        None => None,
+    };
     {
         let children = children.clone();
         crate::on_signals(set, move |sig| {
@@ -379,6 +404,7 @@ mod tests {
                 profile_interval: 2,
                 system_map: None,
             },
+            api_socket: None,
         };
         let c = local_cluster(&args).unwrap();
         let mut ports: Vec<u16> = c.nodes.iter().map(|n| n.address.port()).collect();

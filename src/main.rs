@@ -10,7 +10,9 @@ use clap::{Parser, Subcommand};
 use dvmm_layout::cpu_features::CpuFeatures;
 use dvmm_vmm::{Vm, VmConfig, VmControl, VmOutcome};
 
+mod api_proxy;
 mod cluster;
+mod ctl;
 
 /// dvmm: a distributed virtual machine monitor.
 #[derive(Parser, Debug)]
@@ -28,6 +30,8 @@ enum Command {
     Run(RunArgs),
     /// Run one node of a multi-host cluster described by a cluster file.
     Node(NodeArgs),
+    /// Ask a running VM's control API (its --api-socket) for its state or to act.
+    Ctl(ctl::CtlArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -83,6 +87,10 @@ struct RunArgs {
     console: ConsoleArg,
     #[command(flatten)]
     profile: ProfileArgs,
+    /// Serve the control API (HTTP over a Unix socket, docs/API.md) at PATH; the path
+    /// must not exist; the socket is made readable by its owner only.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
 }
 
 /// `--console`'s value: none, or where the virtio-console goes.
@@ -126,6 +134,10 @@ struct NodeArgs {
     id: usize,
     #[command(flatten)]
     profile: ProfileArgs,
+    /// Serve the control API (HTTP over a Unix socket, docs/API.md) at PATH; the path
+    /// must not exist; the socket is made readable by its owner only.
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
 }
 
 /// Parses a `--hide-cpuid` list.
@@ -383,6 +395,12 @@ fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
             n.node
         );
     }
+    // The socket first: a path in use fails before the guest is loaded.
+    let api = args
+        .api_socket
+        .as_deref()
+        .map(dvmm_api::server::ApiListener::bind)
+        .transpose()?;
     let cfg = VmConfig {
         kernel: args.kernel,
         initramfs: args.initramfs,
@@ -401,6 +419,9 @@ fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
         timer_pacing: dvmm_node::timer_pacing_from_env()?,
     };
     let vm = Vm::build(&cfg, Box::new(ConsoleOut))?;
+    let _api = api
+        .map(|l| dvmm_node::api::serve_single(l, &vm, &cfg))
+        .transpose()?;
     let _raw = attach_console(set, vm.console_input(), vm.control())?;
     let outcome = vm.run()?;
     Ok(exit_code(outcome))
@@ -415,6 +436,7 @@ fn node(args: NodeArgs, set: libc::sigset_t) -> Result<u8> {
         args.id,
         args.profile.config(),
         Box::new(ConsoleOut),
+        args.api_socket.as_deref(),
         |input, control| match attach_console(set, input, control) {
             Ok(r) => raw = r,
             Err(e) => attach_err = Some(e),
@@ -436,10 +458,12 @@ fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
-    let result = block_stop_signals().and_then(|set| match cli.command {
-        Command::Run(args) => run(args, set),
-        Command::Node(args) => node(args, set),
-    });
+    let result = match cli.command {
+        // A client: Ctrl-C ends it as usual.
+        Command::Ctl(args) => ctl::run(args),
+        Command::Run(args) => block_stop_signals().and_then(|set| run(args, set)),
+        Command::Node(args) => block_stop_signals().and_then(|set| node(args, set)),
+    };
     // The process ends here without dropping its devices: the console socket it made
     // goes now.
     dvmm_virtio::console::remove_created_sockets();

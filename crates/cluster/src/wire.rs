@@ -102,6 +102,21 @@ pub enum ControlMsg {
         /// Whether the sender applied the offset (false: it was within the bound).
         applied: bool,
     },
+    /// Pause (`pause`) or resume this node's vCPUs (the control API of the sender was
+    /// asked); answered with [`ControlMsg::Paused`].
+    Pause {
+        /// Matches the answer to the request.
+        seq: u32,
+        /// Pause (else resume).
+        pause: bool,
+    },
+    /// The answer to [`ControlMsg::Pause`] `seq`: done, or why not.
+    Paused {
+        /// The request's `seq`.
+        seq: u32,
+        /// Empty when done; else what went wrong.
+        error: String,
+    },
     /// The VM is over.
     Stop {
         /// Why.
@@ -272,6 +287,19 @@ impl ControlMsg {
                 v.extend_from_slice(&bound_ns.to_le_bytes());
                 v.push(u8::from(*applied));
             }
+            ControlMsg::Pause { seq, pause } => {
+                v.push(12);
+                v.extend_from_slice(&seq.to_le_bytes());
+                v.push(u8::from(*pause));
+            }
+            ControlMsg::Paused { seq, error } => {
+                v.push(13);
+                v.extend_from_slice(&seq.to_le_bytes());
+                let r = error.as_bytes();
+                let r = &r[..r.len().min(MAX_REASON)];
+                v.extend_from_slice(&(r.len() as u16).to_le_bytes());
+                v.extend_from_slice(r);
+            }
         }
         v
     }
@@ -384,6 +412,25 @@ impl ControlMsg {
                     applied: bool_at(17)?,
                 })
             }
+            12 => {
+                need(b, 6)?;
+                Ok(ControlMsg::Pause {
+                    seq: u32_at(b, 1),
+                    pause: bool_at(5)?,
+                })
+            }
+            13 => {
+                need(b, 7)?;
+                let n = usize::from(u16::from_le_bytes([b[5], b[6]]));
+                if n > MAX_REASON {
+                    return Err(WireError::Malformed("pause error too long"));
+                }
+                need(b, 7 + n)?;
+                Ok(ControlMsg::Paused {
+                    seq: u32_at(b, 1),
+                    error: String::from_utf8_lossy(&b[7..7 + n]).into_owned(),
+                })
+            }
             _ => Err(WireError::Malformed("unknown tag")),
         }
     }
@@ -411,6 +458,14 @@ mod tests {
                 },
             },
             ControlMsg::LevelEoi { vector: 0x61 },
+            ControlMsg::Pause {
+                seq: 9,
+                pause: true,
+            },
+            ControlMsg::Paused {
+                seq: 9,
+                error: "vCPU 3 did not stop".into(),
+            },
             ControlMsg::IoRequest {
                 id: 77,
                 space: IoSpace::Mmio,

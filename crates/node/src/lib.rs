@@ -10,6 +10,7 @@
 //! one node's part of the VM and knows nothing of the network) and wires it to the
 //! transport, the cluster file's control messages and the DSM engine.
 
+pub mod api;
 pub mod clock_sync;
 pub mod join;
 
@@ -49,6 +50,9 @@ pub enum NodeError {
     /// The DSM could not be set up.
     #[error("cluster: DSM: {0}")]
     Dsm(#[source] dvmm_dsm_uffd::DsmError),
+    /// The control API socket could not be made.
+    #[error("{0}")]
+    Api(#[source] dvmm_api::ApiError),
     /// The node-to-node transport could not be set up.
     #[error("cluster: {0}")]
     Transport(#[source] dvmm_transport::TransportError),
@@ -353,6 +357,8 @@ struct Dispatch {
     control: Arc<VmControl>,
     /// To node-io, which serves forwarded device accesses.
     io_requests: mpsc::Sender<ForwardedIo>,
+    /// Pauses asked by peers, and answers to this node's.
+    pauses: Arc<api::Pauses>,
     ready: Mutex<usize>,
     ready_cond: std::sync::Condvar,
 }
@@ -435,6 +441,8 @@ impl Dispatch {
             ControlMsg::Stop { code, reason } => {
                 self.control.finish(outcome_of(from, code, reason));
             }
+            ControlMsg::Pause { seq, pause } => self.pauses.on_request(from, seq, pause),
+            ControlMsg::Paused { seq, error } => self.pauses.on_answer(from, seq, error),
             ControlMsg::CpuOffer(_)
             | ControlMsg::CpuAgreed(_)
             | ControlMsg::ClockProbe { .. }
@@ -557,6 +565,7 @@ pub fn run_node(
     id: usize,
     profile: Option<dvmm_vmm::profile::ProfileConfig>,
     console_out: Box<dyn std::io::Write + Send>,
+    api_socket: Option<&std::path::Path>,
     on_console: impl FnOnce(Option<dvmm_vmm::ConsoleInput>, Arc<VmControl>),
 ) -> Result<VmOutcome, NodeError> {
     let nodes = cluster.nodes.len();
@@ -575,6 +584,11 @@ pub fn run_node(
             source,
         })?;
     }
+    // The API socket first: a path in use fails before any peer waits for this node.
+    let api_listener = api_socket
+        .map(dvmm_api::server::ApiListener::bind)
+        .transpose()
+        .map_err(NodeError::Api)?;
     let mut tcfg = TransportConfig::new(
         id as u16,
         cluster.nodes.iter().map(|n| n.address).collect(),
@@ -777,12 +791,14 @@ pub fn run_node(
             .spawn(move || serve_io(&devices, &link, io_queue))
             .map_err(NodeError::Thread)?;
     }
+    let pauses = Arc::new(api::Pauses::new(vm.live(), Some(link.clone())));
     let dispatch = Arc::new(Dispatch {
         link: link.clone(),
         dsm: dsm.clone(),
         vm_hub: vm.hub(),
         control: control.clone(),
         io_requests,
+        pauses: pauses.clone(),
         ready: Mutex::new(0),
         ready_cond: std::sync::Condvar::new(),
     });
@@ -793,6 +809,24 @@ pub fn run_node(
             .spawn(move || d.run(joined.early, events))
             .map_err(NodeError::Thread)?;
     }
+    let _api = match api_listener {
+        Some(listener) => Some(
+            listener
+                .serve(Arc::new(api::NodeApi {
+                    pauses,
+                    dsm: Some(dsm.clone()),
+                    shape: api::Shape {
+                        node: id as u32,
+                        nodes: nodes as u32,
+                        vcpus: cfg.vcpus,
+                        memory_bytes: cfg.memory,
+                        kernel: cfg.kernel.clone(),
+                    },
+                }))
+                .map_err(NodeError::Api)?,
+        ),
+        None => None,
+    };
     on_console(vm.console_input(), control.clone());
     {
         // Once the VM is ending, stop the DSM first: vCPUs blocked on a page that a lost

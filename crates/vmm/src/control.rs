@@ -1,8 +1,10 @@
 //! How a VM ends: the first event that ends it wins and every thread learns of it.
+//! And whether it is paused: vCPU threads park while it is.
 
 use dvmm_sync::{CondvarExt, MutexExt};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use dvmm_devices::{VmEvent, VmEventSink};
 
@@ -30,6 +32,10 @@ pub struct VmControl {
     outcome: Mutex<Option<VmOutcome>>,
     cond: Condvar,
     stopping: AtomicBool,
+    paused: AtomicBool,
+    /// When the current pause began, and the time spent in earlier ones.
+    pause: Mutex<(Option<Instant>, Duration)>,
+    pause_cond: Condvar,
 }
 
 impl VmControl {
@@ -47,6 +53,52 @@ impl VmControl {
         }
         self.stopping.store(true, Ordering::SeqCst);
         self.cond.notify_all();
+        drop(o);
+        // Taking the lock orders this wake-up after a parked vCPU's last look.
+        drop(self.pause.locked());
+        self.pause_cond.notify_all();
+    }
+
+    /// Pauses (`true`) or resumes the vCPUs; false if it already was so. Pausing only
+    /// asks: each vCPU thread parks at its next pass through its run loop (kick it).
+    pub fn set_paused(&self, on: bool) -> bool {
+        let mut p = self.pause.locked();
+        if self.paused.load(Ordering::SeqCst) == on {
+            return false;
+        }
+        self.paused.store(on, Ordering::SeqCst);
+        if on {
+            p.0 = Some(Instant::now());
+        } else if let Some(since) = p.0.take() {
+            p.1 += since.elapsed();
+        }
+        drop(p);
+        self.pause_cond.notify_all();
+        true
+    }
+
+    /// Whether the vCPUs are asked to stay paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    /// Time spent paused so far (the current pause included).
+    pub fn paused_for(&self) -> Duration {
+        let p = self.pause.locked();
+        p.1 + p.0.map_or(Duration::ZERO, |s| s.elapsed())
+    }
+
+    /// A vCPU thread: parks while the VM is paused and not stopping, with `quiet` set
+    /// (it is outside KVM, see [`crate::run_gate`]).
+    pub fn wait_while_paused(&self, quiet: &AtomicBool) {
+        let mut p = self.pause.locked();
+        quiet.store(true, Ordering::SeqCst);
+        while self.paused.load(Ordering::SeqCst) && !self.stopping() {
+            p = self
+                .pause_cond
+                .wait_timeout_locked(p, Duration::from_millis(500))
+                .0;
+        }
     }
 
     /// Whether the VM is stopping.
@@ -105,5 +157,40 @@ mod tests {
         c.finish(VmOutcome::Stopped);
         assert!(c.stopping());
         assert_eq!(c.wait(), VmOutcome::PowerOff);
+    }
+
+    #[test]
+    fn a_paused_vcpu_parks_until_resumed_or_stopped() {
+        use std::sync::Arc;
+        let c = Arc::new(VmControl::new());
+        assert!(c.set_paused(true));
+        assert!(!c.set_paused(true), "pausing twice changes nothing");
+        let quiet = Arc::new(AtomicBool::new(false));
+        let t = {
+            let (c, quiet) = (c.clone(), quiet.clone());
+            std::thread::spawn(move || c.wait_while_paused(&quiet))
+        };
+        let t0 = Instant::now();
+        while !quiet.load(Ordering::SeqCst) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "never parked");
+            std::thread::yield_now();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!t.is_finished(), "left while paused");
+        assert!(c.paused_for() >= Duration::from_millis(20));
+        assert!(c.set_paused(false));
+        t.join().unwrap();
+        let total = c.paused_for();
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(c.paused_for(), total, "the clock stops with the pause");
+
+        // A stop wins over a pause.
+        assert!(c.set_paused(true));
+        let t = {
+            let (c, quiet) = (c.clone(), quiet.clone());
+            std::thread::spawn(move || c.wait_while_paused(&quiet))
+        };
+        c.finish(VmOutcome::Stopped);
+        t.join().unwrap();
     }
 }

@@ -15,6 +15,7 @@ pub mod guest_paging;
 pub mod host;
 pub mod irqchip;
 pub mod kick;
+pub mod live;
 pub mod memory;
 pub mod profile;
 pub mod run_gate;

@@ -1,4 +1,7 @@
-//! Per-vCPU counts of VM exits by kind, logged when the vCPU ends.
+//! Per-vCPU counts of VM exits by kind: read live (the control API) and logged when
+//! the vCPU ends.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Kinds of exit we count.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,21 +39,44 @@ const KINDS: [ExitKind; 9] = [
     ExitKind::RamAsMmio,
 ];
 
-/// Exit counters of one vCPU (owned by its thread, so plain integers).
-#[derive(Default, Debug, Clone)]
+impl ExitKind {
+    /// The kind's name in counters and metrics.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExitKind::Pio => "pio",
+            ExitKind::Mmio => "mmio",
+            ExitKind::Msr => "msr",
+            ExitKind::Hlt => "hlt",
+            ExitKind::IrqWindow => "irq_window",
+            ExitKind::Kick => "kick",
+            ExitKind::Emulation => "emulation",
+            ExitKind::SyscallCompletion => "syscall_completion",
+            ExitKind::RamAsMmio => "ram_as_mmio",
+        }
+    }
+}
+
+/// Exit counters of one vCPU: written by its thread only, read by anyone (relaxed
+/// atomics: a reader sees each count at some recent value).
+#[derive(Default, Debug)]
 pub struct ExitStats {
-    counts: [u64; KINDS.len()],
+    counts: [AtomicU64; KINDS.len()],
 }
 
 impl ExitStats {
     /// Counts one exit.
-    pub fn count(&mut self, kind: ExitKind) {
-        self.counts[kind as usize] += 1;
+    pub fn count(&self, kind: ExitKind) {
+        self.counts[kind as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// How many exits of `kind`.
     pub fn get(&self, kind: ExitKind) -> u64 {
-        self.counts[kind as usize]
+        self.counts[kind as usize].load(Ordering::Relaxed)
+    }
+
+    /// Every kind's name and count.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        KINDS.iter().map(|k| (k.name(), self.get(*k))).collect()
     }
 
     /// Logs the counts at info level.
@@ -69,12 +95,14 @@ mod tests {
 
     #[test]
     fn counts_by_kind() {
-        let mut s = ExitStats::default();
+        let s = ExitStats::default();
         s.count(ExitKind::Pio);
         s.count(ExitKind::Pio);
         s.count(ExitKind::Hlt);
         assert_eq!(s.get(ExitKind::Pio), 2);
         assert_eq!(s.get(ExitKind::Hlt), 1);
         assert_eq!(s.get(ExitKind::Mmio), 0);
+        assert!(s.snapshot().contains(&("pio", 2)));
+        assert_eq!(s.snapshot().len(), KINDS.len());
     }
 }

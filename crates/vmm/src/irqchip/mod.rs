@@ -49,6 +49,8 @@ pub struct VcpuHandle {
     tid: std::sync::atomic::AtomicI32,
     /// Returns from `KVM_RUN` so far (for the stall watch).
     exits: std::sync::atomic::AtomicU64,
+    /// Exits by kind (counted by the vCPU thread, read by the control API).
+    pub exit_stats: crate::stats::ExitStats,
 }
 
 /// What a vCPU thread is doing, as far as the profiler cares.
@@ -79,6 +81,7 @@ impl VcpuHandle {
             quiet: AtomicBool::new(true),
             tid: std::sync::atomic::AtomicI32::new(0),
             exits: std::sync::atomic::AtomicU64::new(0),
+            exit_stats: Default::default(),
         }
     }
 

@@ -166,9 +166,8 @@ pub fn run<V: Vcpu>(
         libc::setpriority(libc::PRIO_PROCESS, tid, VCPU_NICE);
         handle.set_thread_id(tid as i32);
     }
-    let mut stats = ExitStats::default();
     let mut profile = crate::profile::Profile::default();
-    let result = run_loop(&mut vcpu, &handle, &env, boot, &mut stats, &mut profile);
+    let result = run_loop(&mut vcpu, &handle, &env, boot, &mut profile);
     handle.kicker.unbind();
     if let Some(s) = &env.sampler {
         s.collect(&profile);
@@ -176,7 +175,7 @@ pub fn run<V: Vcpu>(
             s.note_lstar(l);
         }
     }
-    stats.report(index);
+    handle.exit_stats.report(index);
     handle
         .quiet_flag()
         .store(true, std::sync::atomic::Ordering::SeqCst);
@@ -191,9 +190,9 @@ fn run_loop<V: Vcpu>(
     handle: &VcpuHandle,
     env: &VcpuEnv,
     boot: Option<CpuBootState>,
-    stats: &mut ExitStats,
     profile: &mut crate::profile::Profile,
 ) -> Result<(), VcpuError> {
+    let stats = &handle.exit_stats;
     // SAFETY: the flag belongs to `vcpu`, which outlives this loop; `run` unbinds the
     // kicker before `vcpu` is dropped.
     unsafe { handle.kicker.bind(vcpu.immediate_exit()) };
@@ -269,6 +268,10 @@ fn run_loop<V: Vcpu>(
             }
         }
 
+        if env.control.is_paused() {
+            env.control.wait_while_paused(handle.quiet_flag());
+            continue;
+        }
         env.gate.pass(handle.quiet_flag());
         let exit = vcpu.run();
         handle.count_exit();

@@ -588,6 +588,11 @@ impl Vm {
         self.env.control.clone()
     }
 
+    /// A handle for the control API: counters, pause, resume, stop.
+    pub fn live(&self) -> crate::live::LiveVm {
+        crate::live::LiveVm::new(self.env.control.clone(), self.handles.clone())
+    }
+
     /// The interrupt hub (for the node runtime's dispatcher).
     pub fn hub(&self) -> Arc<InterruptHub> {
         self.env.hub.clone()

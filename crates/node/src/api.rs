@@ -1,0 +1,271 @@
+//! The control API of a node: `dvmm_api::VmApi` answered from this node's VM, with
+//! pause and resume carried to every other node.
+//!
+//! A pause asked of any node's API pauses that node's vCPUs, then sends every other
+//! node [`ControlMsg::Pause`] and waits for each [`ControlMsg::Paused`]; if one fails,
+//! every node is resumed and the request fails naming the node. A node answers a peer's
+//! request on a thread of its own: pausing waits for its vCPUs, and a vCPU may be
+//! waiting for a reply that the dispatcher must deliver.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dvmm_api::{ApiFailure, Counters, NodeCounters, VcpuCounters, VmApi, VmInfo, VmState};
+use dvmm_cluster::ControlMsg;
+use dvmm_dsm_uffd::DsmEngine;
+use dvmm_sync::MutexExt;
+use dvmm_vmm::live::{LiveError, LiveVm};
+
+use crate::NodeLink;
+
+/// How long a pause waits for the other nodes' answers.
+const PEER_WAIT: Duration = Duration::from_secs(12);
+
+/// Pauses and resumes across the cluster.
+pub(crate) struct Pauses {
+    live: LiveVm,
+    /// None on a VM of one node.
+    link: Option<Arc<NodeLink>>,
+    next_seq: AtomicU32,
+    waiting: Mutex<HashMap<u32, mpsc::Sender<(u16, String)>>>,
+}
+
+impl Pauses {
+    pub(crate) fn new(live: LiveVm, link: Option<Arc<NodeLink>>) -> Pauses {
+        Pauses {
+            live,
+            link,
+            next_seq: AtomicU32::new(1),
+            waiting: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn local(&self, pause: bool) -> Result<(), LiveError> {
+        if pause {
+            self.live.pause()
+        } else {
+            self.live.resume()
+        }
+    }
+
+    /// Asks every other node and waits for their answers: the nodes that failed.
+    fn ask_peers(&self, pause: bool) -> Vec<(u16, String)> {
+        let Some(link) = &self.link else {
+            return Vec::new();
+        };
+        let nodes = link.transport.nodes();
+        if nodes <= 1 {
+            return Vec::new();
+        }
+        let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel();
+        self.waiting.locked().insert(seq, tx);
+        link.broadcast(&ControlMsg::Pause { seq, pause });
+        let mut left: Vec<u16> = (0..nodes).filter(|n| *n != link.id).collect();
+        let mut failed = Vec::new();
+        let deadline = Instant::now() + PEER_WAIT;
+        while !left.is_empty() {
+            let wait = deadline.saturating_duration_since(Instant::now());
+            match rx.recv_timeout(wait) {
+                Ok((from, error)) => {
+                    left.retain(|n| *n != from);
+                    if !error.is_empty() {
+                        failed.push((from, error));
+                    }
+                }
+                Err(_) => {
+                    failed.extend(
+                        left.drain(..)
+                            .map(|n| (n, format!("no answer in {PEER_WAIT:?}"))),
+                    );
+                }
+            }
+        }
+        self.waiting.locked().remove(&seq);
+        failed
+    }
+
+    /// Pauses or resumes the whole VM (this node first).
+    pub(crate) fn cluster(&self, pause: bool) -> Result<(), ApiFailure> {
+        self.local(pause).map_err(|e| match e {
+            LiveError::Stuck(_) => ApiFailure::internal(e.to_string()),
+            other => ApiFailure::conflict(other.to_string()),
+        })?;
+        let failed = self.ask_peers(pause);
+        if failed.is_empty() {
+            return Ok(());
+        }
+        let why: Vec<String> = failed
+            .iter()
+            .map(|(n, e)| format!("node {n}: {e}"))
+            .collect();
+        if pause {
+            // Leave no node paused by a pause that failed.
+            let _ = self.local(false);
+            let _ = self.ask_peers(false);
+        }
+        Err(ApiFailure::internal(format!(
+            "{} failed on {} (every node was resumed)",
+            if pause { "pause" } else { "resume" },
+            why.join("; ")
+        )))
+    }
+
+    /// A peer asks this node to pause or resume (called by the dispatcher).
+    pub(crate) fn on_request(self: &Arc<Self>, from: u16, seq: u32, pause: bool) {
+        let Some(link) = self.link.clone() else {
+            return;
+        };
+        let me = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("node-pause".into())
+            .spawn(move || {
+                let error = match me.local(pause) {
+                    // Asked twice (two nodes' APIs at once): it is as asked.
+                    Ok(()) | Err(LiveError::AlreadyPaused) | Err(LiveError::NotPaused) => {
+                        String::new()
+                    }
+                    Err(e) => e.to_string(),
+                };
+                link.send(from, &ControlMsg::Paused { seq, error });
+            });
+        if let Err(e) = spawned {
+            let Some(link) = &self.link else { return };
+            link.send(
+                from,
+                &ControlMsg::Paused {
+                    seq,
+                    error: format!("cannot start a thread: {e}"),
+                },
+            );
+        }
+    }
+
+    /// A peer's answer to one of this node's requests (called by the dispatcher).
+    pub(crate) fn on_answer(&self, from: u16, seq: u32, error: String) {
+        if let Some(tx) = self.waiting.locked().get(&seq) {
+            let _ = tx.send((from, error));
+        }
+    }
+}
+
+/// What `vm.info` reports that does not change while the VM runs.
+pub(crate) struct Shape {
+    pub(crate) node: u32,
+    pub(crate) nodes: u32,
+    pub(crate) vcpus: u32,
+    pub(crate) memory_bytes: u64,
+    pub(crate) kernel: PathBuf,
+}
+
+/// The API of one node.
+pub(crate) struct NodeApi {
+    pub(crate) pauses: Arc<Pauses>,
+    pub(crate) dsm: Option<Arc<DsmEngine>>,
+    pub(crate) shape: Shape,
+}
+
+impl VmApi for NodeApi {
+    fn info(&self) -> Result<VmInfo, ApiFailure> {
+        let live = &self.pauses.live;
+        Ok(VmInfo {
+            state: if live.is_stopping() {
+                VmState::Stopping
+            } else if live.is_paused() {
+                VmState::Paused
+            } else {
+                VmState::Running
+            },
+            nodes: self.shape.nodes,
+            node: Some(self.shape.node),
+            vcpus: self.shape.vcpus,
+            local_vcpus: live.vcpus(),
+            memory_bytes: self.shape.memory_bytes,
+            kernel: self.shape.kernel.display().to_string(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        })
+    }
+
+    fn pause(&self) -> Result<(), ApiFailure> {
+        self.pauses.cluster(true)
+    }
+
+    fn resume(&self) -> Result<(), ApiFailure> {
+        self.pauses.cluster(false)
+    }
+
+    fn shutdown(&self) -> Result<(), ApiFailure> {
+        if self.pauses.live.is_stopping() {
+            return Err(ApiFailure::conflict("the VM is already stopping"));
+        }
+        tracing::info!("shutdown asked through the control API");
+        // The run loop's end tells the other nodes.
+        self.pauses.live.stop();
+        Ok(())
+    }
+
+    fn counters(&self) -> Result<Counters, ApiFailure> {
+        Ok(Counters {
+            nodes: vec![node_counters(
+                self.shape.node,
+                &self.pauses.live,
+                self.dsm.as_deref(),
+            )],
+        })
+    }
+}
+
+/// One node's counters.
+pub(crate) fn node_counters(node: u32, live: &LiveVm, dsm: Option<&DsmEngine>) -> NodeCounters {
+    NodeCounters {
+        node,
+        vcpus: live
+            .counters()
+            .into_iter()
+            .map(|c| VcpuCounters {
+                index: c.index,
+                exits_total: c.exits_total,
+                exits: c
+                    .exits
+                    .into_iter()
+                    .map(|(k, n)| (k.to_string(), n))
+                    .collect(),
+            })
+            .collect(),
+        dsm: dsm
+            .map(|d| {
+                d.stats()
+                    .named()
+                    .into_iter()
+                    .map(|(k, n)| (k.to_string(), n))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        paused_ns: u64::try_from(live.paused_for().as_nanos()).unwrap_or(u64::MAX),
+    }
+}
+
+/// Serves the control API of a VM of one node (`dvmm run` without `--nodes`) on
+/// `listener`.
+pub fn serve_single(
+    listener: dvmm_api::server::ApiListener,
+    vm: &dvmm_vmm::vm::Vm,
+    cfg: &dvmm_vmm::vm::VmConfig,
+) -> Result<dvmm_api::server::ApiServer, dvmm_api::ApiError> {
+    let api = NodeApi {
+        pauses: Arc::new(Pauses::new(vm.live(), None)),
+        dsm: None,
+        shape: Shape {
+            node: 0,
+            nodes: 1,
+            vcpus: cfg.vcpus,
+            memory_bytes: cfg.memory,
+            kernel: cfg.kernel.clone(),
+        },
+    };
+    listener.serve(Arc::new(api))
+}

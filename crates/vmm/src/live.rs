@@ -1,0 +1,133 @@
+//! What a running VM shows and accepts from outside (the control API): its vCPUs'
+//! counters, pause and resume, stop. A [`LiveVm`] is a cheap handle, valid while the VM
+//! runs and after (it then reports the VM as stopping).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::control::{VmControl, VmOutcome};
+use crate::irqchip::VcpuHandle;
+
+/// How long a pause waits for every vCPU thread to leave the guest.
+const PAUSE_WAIT: Duration = Duration::from_secs(10);
+
+/// Why a pause or resume could not be done.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LiveError {
+    /// The VM is ending.
+    #[error("the VM is stopping")]
+    Stopping,
+    /// Asked to pause a paused VM.
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    /// Asked to resume a running VM.
+    #[error("the VM is not paused")]
+    NotPaused,
+    /// A vCPU did not leave the guest in time (the pause is taken back).
+    #[error("vCPU {0} did not stop within {PAUSE_WAIT:?} (the VM keeps running)")]
+    Stuck(u32),
+}
+
+/// One vCPU's counters at some recent moment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VcpuCounts {
+    /// The vCPU index (= APIC id).
+    pub index: u32,
+    /// Returns from `KVM_RUN`.
+    pub exits_total: u64,
+    /// Exits by kind.
+    pub exits: Vec<(&'static str, u64)>,
+}
+
+/// A handle on a running VM's local vCPUs and its end state.
+#[derive(Clone)]
+pub struct LiveVm {
+    control: Arc<VmControl>,
+    handles: Vec<Arc<VcpuHandle>>,
+}
+
+impl LiveVm {
+    pub(crate) fn new(control: Arc<VmControl>, handles: Vec<Arc<VcpuHandle>>) -> LiveVm {
+        LiveVm { control, handles }
+    }
+
+    /// The local vCPUs' indices.
+    pub fn vcpus(&self) -> Vec<u32> {
+        self.handles.iter().map(|h| h.index).collect()
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.control.is_paused()
+    }
+
+    /// Whether the VM is ending.
+    pub fn is_stopping(&self) -> bool {
+        self.control.stopping()
+    }
+
+    /// Time spent paused so far.
+    pub fn paused_for(&self) -> Duration {
+        self.control.paused_for()
+    }
+
+    /// Stops this node's vCPUs: returns once every one is out of the guest (parked, or
+    /// sleeping in userspace where it will park before it enters the guest again).
+    pub fn pause(&self) -> Result<(), LiveError> {
+        if self.control.stopping() {
+            return Err(LiveError::Stopping);
+        }
+        if !self.control.set_paused(true) {
+            return Err(LiveError::AlreadyPaused);
+        }
+        for h in &self.handles {
+            h.kicker.kick();
+        }
+        let deadline = Instant::now() + PAUSE_WAIT;
+        for h in &self.handles {
+            while !h.quiet_flag().load(Ordering::SeqCst) {
+                if self.control.stopping() {
+                    return Err(LiveError::Stopping);
+                }
+                if Instant::now() > deadline {
+                    self.control.set_paused(false);
+                    return Err(LiveError::Stuck(h.index));
+                }
+                h.kicker.kick();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        tracing::info!(vcpus = ?self.vcpus(), "paused");
+        Ok(())
+    }
+
+    /// Lets this node's vCPUs run again.
+    pub fn resume(&self) -> Result<(), LiveError> {
+        if self.control.stopping() {
+            return Err(LiveError::Stopping);
+        }
+        if !self.control.set_paused(false) {
+            return Err(LiveError::NotPaused);
+        }
+        tracing::info!(vcpus = ?self.vcpus(), "resumed");
+        Ok(())
+    }
+
+    /// Ends the VM as a stop from outside would.
+    pub fn stop(&self) {
+        self.control.finish(VmOutcome::Stopped);
+    }
+
+    /// The local vCPUs' counters.
+    pub fn counters(&self) -> Vec<VcpuCounts> {
+        self.handles
+            .iter()
+            .map(|h| VcpuCounts {
+                index: h.index,
+                exits_total: h.exits(),
+                exits: h.exit_stats.snapshot(),
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,261 @@
+//! The control API against running guests: `dvmm run --api-socket`, `dvmm ctl`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dvmm_api::client::ApiClient;
+use dvmm_api::{Counters, VmState};
+
+const LIMIT: Duration = Duration::from_secs(600);
+
+fn socket(tag: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("dvmm-api-test-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// Starts `dvmm run` with `args`; its stdout lines are collected as they come.
+fn spawn(args: &[&str]) -> (Child, Arc<Mutex<Vec<String>>>) {
+    let mut child = Command::new(common::dvmm_bin())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn dvmm");
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let out = child.stdout.take().expect("stdout");
+    {
+        let lines = lines.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                lines.lock().unwrap().push(l);
+            }
+        });
+    }
+    (child, lines)
+}
+
+/// Waits until the API at `path` answers.
+fn wait_for_api(path: &Path, child: &mut Child) -> ApiClient {
+    let c = ApiClient::new(path);
+    let t = Instant::now();
+    loop {
+        // The local cluster's socket answers before its nodes' do: ask for counters.
+        if c.counters().is_ok() {
+            return c;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "dvmm ended early");
+        assert!(t.elapsed() < LIMIT, "the API never answered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn exits_by_vcpu(c: &Counters) -> Vec<(u32, u64)> {
+    let mut v: Vec<(u32, u64)> = c
+        .nodes
+        .iter()
+        .flat_map(|n| n.vcpus.iter().map(|v| (v.index, v.exits_total)))
+        .collect();
+    v.sort();
+    v
+}
+
+fn total(c: &Counters) -> u64 {
+    exits_by_vcpu(c).iter().map(|(_, n)| n).sum()
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    common::wait_within(child, within).unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("dvmm did not end within {within:?}")
+    })
+}
+
+/// A pause through the one socket of a local cluster stops every vCPU on both nodes
+/// (their exit counters and the console stand still), resume lets them go on, and the
+/// guest still passes.
+#[test]
+fn pausing_a_cluster_stops_every_vcpu_and_the_guest_still_passes() {
+    let path = socket("cluster");
+    let p = path.to_str().unwrap();
+    let (mut child, lines) = spawn(&[
+        "run",
+        "--kernel",
+        dvmm_testos::TESTOS_ELF,
+        "--nodes",
+        "2",
+        "--cpus",
+        "2",
+        "--cmdline",
+        "testos testos.iters=300 testos.watchdog=500",
+        "--api-socket",
+        p,
+    ]);
+    let c = wait_for_api(&path, &mut child);
+    let info = c.info().unwrap();
+    assert_eq!(
+        (info.nodes, info.vcpus, info.node),
+        (2, 2, None),
+        "{info:?}"
+    );
+    assert_eq!(info.state, VmState::Running);
+
+    let a = c.counters().unwrap();
+    assert_eq!(a.nodes.len(), 2, "{a:?}");
+    assert_eq!(
+        exits_by_vcpu(&a)
+            .iter()
+            .map(|(i, _)| *i)
+            .collect::<Vec<_>>(),
+        vec![0, 1]
+    );
+    let t = Instant::now();
+    while total(&c.counters().unwrap()) == total(&a) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "counters never moved"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    c.pause().unwrap();
+    assert_eq!(c.info().unwrap().state, VmState::Paused);
+    let before = c.counters().unwrap();
+    let said = lines.lock().unwrap().len();
+    std::thread::sleep(Duration::from_millis(1500));
+    let after = c.counters().unwrap();
+    assert_eq!(
+        exits_by_vcpu(&before),
+        exits_by_vcpu(&after),
+        "a vCPU ran while paused"
+    );
+    assert_eq!(
+        lines.lock().unwrap().len(),
+        said,
+        "the guest printed while paused"
+    );
+    assert!(
+        lines.lock().unwrap().iter().all(|l| !l.contains("PASS")),
+        "the guest finished before the pause: make it run longer"
+    );
+    for n in &after.nodes {
+        assert!(
+            n.paused_ns >= 1_000_000_000,
+            "node {}: paused_ns {}",
+            n.node,
+            n.paused_ns
+        );
+    }
+    match c.pause() {
+        Err(dvmm_api::ApiError::Refused {
+            status: 409,
+            message,
+        }) => {
+            assert!(message.contains("already paused"), "{message}")
+        }
+        other => panic!("a second pause: {other:?}"),
+    }
+
+    c.resume().unwrap();
+    assert_eq!(c.info().unwrap().state, VmState::Running);
+    let st = wait_exit(&mut child, LIMIT);
+    let out = lines.lock().unwrap().join("\n");
+    assert!(
+        out.contains(dvmm_testos::PASS_LINE),
+        "no PASS after resume\n{out}"
+    );
+    assert!(!out.contains(dvmm_testos::FAIL_PREFIX), "{out}");
+    assert_eq!(st.code(), Some(0), "{out}");
+    assert!(!path.exists(), "the API socket outlived the VM");
+}
+
+/// One node: `dvmm ctl` reads the VM, a bad request gets a 4xx with a message, and
+/// `ctl shutdown` ends the VM as a stop from outside does (130).
+#[test]
+fn ctl_reads_and_stops_a_single_node_vm() {
+    let path = socket("single");
+    let p = path.to_str().unwrap();
+    let cmdline = format!("testos {}", dvmm_testos::CMDLINE_IDLE);
+    let (mut child, lines) = spawn(&[
+        "run",
+        "--kernel",
+        dvmm_testos::TESTOS_ELF,
+        "--cmdline",
+        &cmdline,
+        "--api-socket",
+        p,
+    ]);
+    let c = wait_for_api(&path, &mut child);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "socket mode {mode:o}");
+
+    let info = common::dvmm(&["ctl", "--api-socket", p, "info"], Duration::from_secs(30));
+    assert_eq!(info.code, Some(0), "{}", info.transcript());
+    let v: serde_json::Value = serde_json::from_str(&info.stdout).unwrap();
+    assert_eq!(v["nodes"], 1, "{}", info.stdout);
+    assert_eq!(v["node"], 0, "{}", info.stdout);
+    assert_eq!(v["state"], "running", "{}", info.stdout);
+
+    let r = c.raw("POST", "/api/v1/vm.pause", b"").unwrap();
+    assert_eq!(r.status, 405);
+    assert!(String::from_utf8_lossy(&r.body).contains("use PUT"));
+    let r = c.raw("GET", "/api/v2/vm.info", b"").unwrap();
+    assert_eq!(r.status, 404);
+    assert!(String::from_utf8_lossy(&r.body).contains("no such endpoint"));
+
+    let stop = common::dvmm(
+        &["ctl", "--api-socket", p, "shutdown"],
+        Duration::from_secs(30),
+    );
+    assert_eq!(stop.code, Some(0), "{}", stop.transcript());
+    let st = wait_exit(&mut child, Duration::from_secs(60));
+    assert_eq!(st.code(), Some(130), "{}", lines.lock().unwrap().join("\n"));
+    assert!(!path.exists(), "the API socket outlived the VM");
+
+    let gone = common::dvmm(&["ctl", "--api-socket", p, "info"], Duration::from_secs(30));
+    assert_eq!(gone.code, Some(1));
+    assert!(
+        gone.stderr.contains("cannot reach the dvmm API at") && gone.stderr.contains(p),
+        "{}",
+        gone.transcript()
+    );
+}
+
+/// A path that exists is never taken over: the run fails at once and the file stays.
+#[test]
+fn an_api_socket_path_that_exists_is_refused() {
+    let path = socket("exists");
+    std::fs::write(&path, b"mine").unwrap();
+    for nodes in ["1", "2"] {
+        let run = common::dvmm(
+            &[
+                "run",
+                "--kernel",
+                dvmm_testos::TESTOS_ELF,
+                "--nodes",
+                nodes,
+                "--cpus",
+                "2",
+                "--api-socket",
+                path.to_str().unwrap(),
+            ],
+            Duration::from_secs(60),
+        );
+        assert_eq!(run.code, Some(1), "{}", run.transcript());
+        assert!(
+            run.stderr.contains("already exists") && !run.stdout.contains("testos"),
+            "{}",
+            run.transcript()
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), b"mine");
+    }
+    std::fs::remove_file(&path).unwrap();
+}
