@@ -195,6 +195,17 @@ fn spawn_node(file: &std::path::Path, id: usize, args: &RunArgs) -> Result<Child
         .arg(file)
         .arg("--id")
         .arg(id.to_string());
+    if let Some(addr) = args.metrics_addr {
+        // Port 0 (any free port) stays 0 for every node.
+        let port = match addr.port() {
+            0 => 0,
+            p => u16::try_from(usize::from(p) + id).with_context(|| {
+                format!("--metrics-addr {addr}: no port {p}+{id} for node {id}")
+            })?,
+        };
+        cmd.arg("--metrics-addr")
+            .arg(std::net::SocketAddr::new(addr.ip(), port).to_string());
+    }
     if args.api_socket.is_some() {
         if let Some(dir) = file.parent() {
             cmd.arg("--api-socket").arg(node_api_socket(dir, id));
@@ -405,6 +416,7 @@ mod tests {
                 system_map: None,
             },
             api_socket: None,
+            metrics_addr: None,
         };
         let c = local_cluster(&args).unwrap();
         let mut ports: Vec<u16> = c.nodes.iter().map(|n| n.address.port()).collect();

@@ -91,6 +91,10 @@ struct RunArgs {
     /// must not exist; the socket is made readable by its owner only.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT, or PORT alone for
+    /// 127.0.0.1:PORT; with --nodes K, node i uses PORT+i).
+    #[arg(long, value_name = "HOST:PORT", value_parser = dvmm_api::metrics::parse_addr)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// `--console`'s value: none, or where the virtio-console goes.
@@ -138,6 +142,10 @@ struct NodeArgs {
     /// must not exist; the socket is made readable by its owner only.
     #[arg(long, value_name = "PATH")]
     api_socket: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT, or PORT alone for
+    /// 127.0.0.1:PORT; with --nodes K, node i uses PORT+i).
+    #[arg(long, value_name = "HOST:PORT", value_parser = dvmm_api::metrics::parse_addr)]
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// Parses a `--hide-cpuid` list.
@@ -418,7 +426,14 @@ fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
         clock: Default::default(),
         timer_pacing: dvmm_node::timer_pacing_from_env()?,
     };
+    let metrics = args
+        .metrics_addr
+        .map(dvmm_api::metrics::MetricsListener::bind)
+        .transpose()?;
     let vm = Vm::build(&cfg, Box::new(ConsoleOut))?;
+    let _metrics = metrics
+        .map(|l| dvmm_node::api::serve_single_metrics(l, &vm))
+        .transpose()?;
     let _api = api
         .map(|l| dvmm_node::api::serve_single(l, &vm, &cfg))
         .transpose()?;
@@ -436,7 +451,10 @@ fn node(args: NodeArgs, set: libc::sigset_t) -> Result<u8> {
         args.id,
         args.profile.config(),
         Box::new(ConsoleOut),
-        args.api_socket.as_deref(),
+        &dvmm_node::Endpoints {
+            api_socket: args.api_socket.clone(),
+            metrics_addr: args.metrics_addr,
+        },
         |input, control| match attach_console(set, input, control) {
             Ok(r) => raw = r,
             Err(e) => attach_err = Some(e),

@@ -71,6 +71,73 @@ fn total(c: &Counters) -> u64 {
     exits_by_vcpu(c).iter().map(|(_, n)| n).sum()
 }
 
+/// A port P with P+1 free too (node i of a local cluster serves metrics on P+i).
+fn two_free_ports() -> u16 {
+    loop {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = a.local_addr().unwrap().port();
+        if p < u16::MAX && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+}
+
+fn scrape(port: u16) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics port");
+    dvmm_api::http::write_request(&mut s, "GET", "/metrics", b"").unwrap();
+    let r = dvmm_api::http::read_response(&mut s).unwrap();
+    assert_eq!(r.status, 200);
+    String::from_utf8(r.body).unwrap()
+}
+
+/// The sum of the samples of `name` whose labels contain every one of `with`.
+fn metric(text: &str, name: &str, with: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        .filter(|l| with.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `promtool check metrics` on a scrape: Prometheus' own linter.
+fn promtool_check(text: &str) {
+    let tool = match std::env::var("DVMM_PROMTOOL") {
+        Ok(t) => PathBuf::from(t),
+        Err(_) => {
+            let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/promtool.sh");
+            let out = Command::new(script).output().expect("scripts/promtool.sh");
+            assert!(
+                out.status.success(),
+                "no promtool (scripts/promtool.sh fetches it from Debian's prometheus package): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+        }
+    };
+    let mut child = Command::new(&tool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
     common::wait_within(child, within).unwrap_or_else(|| {
         let _ = child.kill();
@@ -79,12 +146,15 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
 }
 
 /// A pause through the one socket of a local cluster stops every vCPU on both nodes
-/// (their exit counters and the console stand still), resume lets them go on, and the
-/// guest still passes.
+/// (their exit counters, in the API and in the metrics, and the console stand still),
+/// resume lets them go on, and the guest still passes. Each node's metrics pass
+/// `promtool check metrics` and move while the guest runs.
 #[test]
 fn pausing_a_cluster_stops_every_vcpu_and_the_guest_still_passes() {
     let path = socket("cluster");
     let p = path.to_str().unwrap();
+    let port = two_free_ports();
+    let metrics_addr = format!("127.0.0.1:{port}");
     let (mut child, lines) = spawn(&[
         "run",
         "--kernel",
@@ -97,6 +167,8 @@ fn pausing_a_cluster_stops_every_vcpu_and_the_guest_still_passes() {
         "testos testos.iters=300 testos.watchdog=500",
         "--api-socket",
         p,
+        "--metrics-addr",
+        &metrics_addr,
     ]);
     let c = wait_for_api(&path, &mut child);
     let info = c.info().unwrap();
@@ -125,8 +197,47 @@ fn pausing_a_cluster_stops_every_vcpu_and_the_guest_still_passes() {
         std::thread::sleep(Duration::from_millis(100));
     }
 
+    // Until node 1's vCPU has started and fetched pages from node 0.
+    let t = Instant::now();
+    let (m0, m1) = loop {
+        let (m0, m1) = (scrape(port), scrape(port + 1));
+        if metric(&m1, "dvmm_vcpu_exits_total", &[]) > 0.0
+            && metric(&m1, "dvmm_dsm_fault_wait_seconds_count", &[]) > 0.0
+        {
+            break (m0, m1);
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "node 1 never ran\n{m1}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    promtool_check(&m0);
+    promtool_check(&m1);
+    assert_eq!(metric(&m0, "dvmm_peer_up", &["peer=\"1\""]), 1.0, "{m0}");
+    assert_eq!(metric(&m1, "dvmm_peer_up", &["peer=\"0\""]), 1.0, "{m1}");
+    assert!(
+        metric(&m1, "dvmm_vcpu_exits_total", &["vcpu=\"1\""]) > 0.0,
+        "{m1}"
+    );
+    assert!(
+        metric(&m1, "dvmm_dsm_pages_total", &["received"]) > 0.0,
+        "node 1 got no page from node 0\n{m1}"
+    );
+    assert!(
+        metric(&m1, "dvmm_dsm_fault_wait_seconds_count", &[]) > 0.0,
+        "{m1}"
+    );
+    assert!(
+        metric(&m0, "dvmm_peer_bytes_total", &["sent"]) > 0.0,
+        "{m0}"
+    );
+
     c.pause().unwrap();
     assert_eq!(c.info().unwrap().state, VmState::Paused);
+    let exits_metric = |port| metric(&scrape(port), "dvmm_vcpu_exits_total", &[]);
+    let paused_metrics = (exits_metric(port), exits_metric(port + 1));
+    assert_eq!(metric(&scrape(port + 1), "dvmm_vm_paused", &[]), 1.0);
     let before = c.counters().unwrap();
     let said = lines.lock().unwrap().len();
     std::thread::sleep(Duration::from_millis(1500));
@@ -153,6 +264,11 @@ fn pausing_a_cluster_stops_every_vcpu_and_the_guest_still_passes() {
             n.paused_ns
         );
     }
+    assert_eq!(
+        (exits_metric(port), exits_metric(port + 1)),
+        paused_metrics,
+        "the exit metrics moved while paused"
+    );
     match c.pause() {
         Err(dvmm_api::ApiError::Refused {
             status: 409,

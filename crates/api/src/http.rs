@@ -125,9 +125,19 @@ pub fn reason(status: u16) -> &'static str {
 
 /// Writes a response; `body` is JSON (or empty with 204).
 pub fn write_response(stream: &mut impl Write, status: u16, body: &[u8]) -> std::io::Result<()> {
+    write_response_typed(stream, status, "application/json", body)
+}
+
+/// Writes a response whose body is of type `content_type`.
+pub fn write_response_typed(
+    stream: &mut impl Write,
+    status: u16,
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
     let mut head = format!("HTTP/1.1 {status} {}\r\nServer: dvmm\r\n", reason(status));
     if !body.is_empty() {
-        head.push_str("Content-Type: application/json\r\n");
+        head.push_str(&format!("Content-Type: {content_type}\r\n"));
     }
     head.push_str(&format!(
         "Content-Length: {}\r\nConnection: close\r\n\r\n",

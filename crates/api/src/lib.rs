@@ -1,5 +1,6 @@
 //! dvmm's control API: HTTP/1.1 over a Unix socket with JSON bodies, in the style of
-//! Firecracker's and Cloud Hypervisor's (`/api/v1/vm.info`, `/api/v1/vm.pause`, ...).
+//! Firecracker's and Cloud Hypervisor's (`/api/v1/vm.info`, `/api/v1/vm.pause`, ...);
+//! and its metrics endpoint (Prometheus text format over HTTP, [`metrics`]).
 //!
 //! This crate owns the wire side only: the routes ([`ROUTES`]), the JSON documents
 //! ([`model`]), a server that answers requests by asking a [`VmApi`] backend
@@ -10,6 +11,7 @@
 
 pub mod client;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod server;
 
@@ -160,6 +162,14 @@ pub enum ApiError {
         status: u16,
         /// The server's message.
         message: String,
+    },
+    /// The metrics address cannot be listened on.
+    #[error("cannot serve metrics on {addr}: {source} (is the port in use? choose another --metrics-addr)")]
+    MetricsBind {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The error.
+        source: std::io::Error,
     },
     /// A thread could not be started.
     #[error("cannot start the API thread: {0}")]

@@ -578,8 +578,7 @@ impl Inner {
                         }
                     }
                     if let Some(t) = st.waiting_since.remove(&page) {
-                        st.stats.faults_resolved += 1;
-                        st.stats.fault_wait_ns += t.elapsed().as_nanos() as u64;
+                        st.stats.count_fault_wait(t.elapsed().as_nanos() as u64);
                         let tids = st.faulters.remove(&page).unwrap_or_default();
                         if !st.owed_kicks.is_empty() {
                             let owed = &mut st.owed_kicks;

@@ -54,7 +54,7 @@ use executor::{is_held, must_defer, owe_kick};
 pub use error::DsmError;
 pub use pages::GuestPages;
 pub use pin::PinGuard;
-pub use stats::DsmStats;
+pub use stats::{DsmStats, FAULT_WAIT_BOUNDS_NS};
 
 /// Size of a DSM page.
 pub const PAGE_SIZE: u64 = 4096;

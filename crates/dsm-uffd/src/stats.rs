@@ -1,5 +1,18 @@
 //! The engine's counters.
 
+/// Upper bounds of the fault-wait histogram's buckets, in nanoseconds.
+pub const FAULT_WAIT_BOUNDS_NS: [u64; 9] = [
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    10_000_000,
+    100_000_000,
+];
+
 /// Counters of one engine (see [`crate::DsmEngine::stats`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DsmStats {
@@ -62,6 +75,9 @@ pub struct DsmStats {
     pub faults_resolved: u64,
     /// Total time faulting threads waited, in nanoseconds.
     pub fault_wait_ns: u64,
+    /// Faults that waited at most [`FAULT_WAIT_BOUNDS_NS`]`[i]` (not cumulative: each
+    /// fault counts in its first bucket; longer waits only in `faults_resolved`).
+    pub fault_wait_buckets: [u64; FAULT_WAIT_BOUNDS_NS.len()],
     /// Time spent handling faults and messages under the engine lock, in nanoseconds.
     pub busy_ns: u64,
     /// [`crate::PageNet::send_batch`] calls with more than one message.
@@ -119,6 +135,7 @@ impl DsmStats {
             io_errors,
             faults_resolved,
             fault_wait_ns,
+            fault_wait_buckets: _,
             busy_ns,
             batches_sent,
             batches_received,
@@ -169,5 +186,39 @@ impl DsmStats {
             ("faults_on_pending", *faults_on_pending),
             ("kicks_deferred", *kicks_deferred),
         ]
+    }
+}
+
+impl DsmStats {
+    /// Counts one fault that waited `ns` for its grant.
+    pub fn count_fault_wait(&mut self, ns: u64) {
+        self.faults_resolved += 1;
+        self.fault_wait_ns += ns;
+        if let Some(i) = FAULT_WAIT_BOUNDS_NS.iter().position(|b| ns <= *b) {
+            self.fault_wait_buckets[i] += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fault_wait_lands_in_its_first_bucket() {
+        let mut s = DsmStats::default();
+        s.count_fault_wait(5_000);
+        s.count_fault_wait(10_000);
+        s.count_fault_wait(60_000);
+        s.count_fault_wait(1_000_000_000);
+        assert_eq!(s.faults_resolved, 4);
+        assert_eq!(s.fault_wait_buckets[0], 2);
+        assert_eq!(s.fault_wait_buckets[3], 1, "60 us is in the 100 us bucket");
+        assert_eq!(
+            s.fault_wait_buckets.iter().sum::<u64>(),
+            3,
+            "1 s is beyond them all"
+        );
+        assert_eq!(s.fault_wait_ns, 1_000_075_000);
     }
 }

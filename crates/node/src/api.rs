@@ -249,6 +249,20 @@ pub(crate) fn node_counters(node: u32, live: &LiveVm, dsm: Option<&DsmEngine>) -
     }
 }
 
+/// Serves the metrics of a VM of one node (`dvmm run` without `--nodes`) on `listener`.
+pub fn serve_single_metrics(
+    listener: dvmm_api::metrics::MetricsListener,
+    vm: &dvmm_vmm::vm::Vm,
+) -> Result<dvmm_api::metrics::MetricsServer, dvmm_api::ApiError> {
+    listener.serve(Arc::new(crate::metrics::NodeMetrics {
+        node: 0,
+        nodes: 1,
+        live: vm.live(),
+        dsm: None,
+        link: None,
+    }))
+}
+
 /// Serves the control API of a VM of one node (`dvmm run` without `--nodes`) on
 /// `listener`.
 pub fn serve_single(

@@ -13,6 +13,7 @@
 pub mod api;
 pub mod clock_sync;
 pub mod join;
+mod metrics;
 
 use dvmm_sync::{CondvarExt, MutexExt};
 use dvmm_vmm::guest_access::GuestAccessError;
@@ -140,6 +141,8 @@ pub struct NodeLink {
     pending_io: Mutex<HashMap<u64, SyncSender<[u8; 8]>>>,
     next_io: AtomicU64,
     control: Arc<VmControl>,
+    /// Interrupt messages sent to each node (for the metrics).
+    irqs_sent: Vec<AtomicU64>,
 }
 
 impl NodeLink {
@@ -172,6 +175,9 @@ impl NodeLink {
 impl RemoteInterrupts for NodeLink {
     fn send_irq(&self, apic_id: u32, msg: &InterruptMessage) {
         if let Some(&node) = self.owner.get(apic_id as usize) {
+            if let Some(n) = self.irqs_sent.get(usize::from(node)) {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
             self.send(node, &ControlMsg::Irq { apic_id, msg: *msg });
         }
     }
@@ -347,6 +353,15 @@ fn outcome_of(from: u16, code: StopCode, reason: String) -> VmOutcome {
         StopCode::Stopped => VmOutcome::Stopped,
         StopCode::Failed => VmOutcome::Failed(format!("node {from}: {reason}")),
     }
+}
+
+/// Where a node serves its control API and metrics (neither by default).
+#[derive(Clone, Debug, Default)]
+pub struct Endpoints {
+    /// The control API's Unix socket (`--api-socket`).
+    pub api_socket: Option<std::path::PathBuf>,
+    /// The Prometheus metrics address (`--metrics-addr`).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// State the dispatcher thread needs.
@@ -565,7 +580,7 @@ pub fn run_node(
     id: usize,
     profile: Option<dvmm_vmm::profile::ProfileConfig>,
     console_out: Box<dyn std::io::Write + Send>,
-    api_socket: Option<&std::path::Path>,
+    endpoints: &Endpoints,
     on_console: impl FnOnce(Option<dvmm_vmm::ConsoleInput>, Arc<VmControl>),
 ) -> Result<VmOutcome, NodeError> {
     let nodes = cluster.nodes.len();
@@ -584,9 +599,17 @@ pub fn run_node(
             source,
         })?;
     }
-    // The API socket first: a path in use fails before any peer waits for this node.
-    let api_listener = api_socket
+    // The API socket and metrics port first: a path or port in use fails before any
+    // peer waits for this node.
+    let api_listener = endpoints
+        .api_socket
+        .as_deref()
         .map(dvmm_api::server::ApiListener::bind)
+        .transpose()
+        .map_err(NodeError::Api)?;
+    let metrics_listener = endpoints
+        .metrics_addr
+        .map(dvmm_api::metrics::MetricsListener::bind)
         .transpose()
         .map_err(NodeError::Api)?;
     let mut tcfg = TransportConfig::new(
@@ -639,6 +662,7 @@ pub fn run_node(
         pending_io: Mutex::new(HashMap::new()),
         next_io: AtomicU64::new(0),
         control: Arc::new(VmControl::new()),
+        irqs_sent: (0..nodes).map(|_| AtomicU64::new(0)).collect(),
     });
     let hide = &cluster.nodes[id].hide_cpuid;
     if !hide.is_empty() {
@@ -824,6 +848,19 @@ pub fn run_node(
                     },
                 }))
                 .map_err(NodeError::Api)?,
+        ),
+        None => None,
+    };
+    let _metrics = match metrics_listener {
+        Some(l) => Some(
+            l.serve(Arc::new(metrics::NodeMetrics {
+                node: id as u32,
+                nodes: nodes as u32,
+                live: vm.live(),
+                dsm: Some(dsm.clone()),
+                link: Some(link.clone()),
+            }))
+            .map_err(NodeError::Api)?,
         ),
         None => None,
     };

@@ -29,4 +29,4 @@ mod transport;
 pub use frame::{
     FrameError, Header, FLAG_CONTROL, FLAG_HANDSHAKE, HEADER_LEN, MAGIC, MAX_PAYLOAD, VERSION,
 };
-pub use transport::{Event, InlineHandler, Transport, TransportConfig, TransportError};
+pub use transport::{Event, InlineHandler, PeerStats, Transport, TransportConfig, TransportError};

@@ -27,6 +27,11 @@ const PSK_CONTEXT: &[u8] = b"dvmm-transport v1 cluster psk\0";
 /// Control message kinds (in frames with [`FLAG_CONTROL`]).
 pub(crate) const CTL_HELLO: u16 = 1;
 pub(crate) const CTL_HEARTBEAT: u16 = 2;
+/// A round-trip probe (payload: the sender's clock, 8 bytes), answered with
+/// [`CTL_PONG`] carrying the same payload.
+pub(crate) const CTL_PING: u16 = 3;
+/// The answer to [`CTL_PING`].
+pub(crate) const CTL_PONG: u16 = 4;
 
 /// A 32-byte key derived from the cluster secret.
 pub(crate) type Psk = [u8; 32];

@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 use crate::frame::{FLAG_CONTROL, MAX_PAYLOAD};
 use crate::session::{
     self, derive_psk, HandshakeError, Identity, Psk, RecvError, Role, RxSession, SealError,
-    SendError, Session, TxSession, CTL_HEARTBEAT,
+    SendError, Session, TxSession, CTL_HEARTBEAT, CTL_PING, CTL_PONG,
 };
 
 mod setup;
@@ -211,6 +211,29 @@ struct Peer {
     lost: AtomicBool,
     /// Time of the last successful send, in ns since `Inner::epoch`.
     last_tx_ns: AtomicU64,
+    frames_sent: AtomicU64,
+    bytes_sent: AtomicU64,
+    frames_received: AtomicU64,
+    bytes_received: AtomicU64,
+    /// The last measured round trip (ns; 0 until one was measured).
+    rtt_ns: AtomicU64,
+}
+
+/// Traffic on the connection to one peer, since it was made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerStats {
+    /// Whether the connection is up.
+    pub up: bool,
+    /// Frames sent (messages, heartbeats and probes).
+    pub frames_sent: u64,
+    /// Payload bytes sent.
+    pub bytes_sent: u64,
+    /// Frames received.
+    pub frames_received: u64,
+    /// Payload bytes received.
+    pub bytes_received: u64,
+    /// The last round trip measured by a probe (once a second), in ns; 0 until the first.
+    pub rtt_ns: u64,
 }
 
 struct Inner {
@@ -272,6 +295,9 @@ impl Inner {
         match res {
             Ok(()) => {
                 peer.last_tx_ns.store(self.now_ns(), Ordering::Relaxed);
+                peer.frames_sent.fetch_add(1, Ordering::Relaxed);
+                let len: usize = parts.iter().map(|p| p.len()).sum();
+                peer.bytes_sent.fetch_add(len as u64, Ordering::Relaxed);
                 Ok(())
             }
             Err(SendError::Seal(SealError::TooLarge(len))) => {
@@ -519,6 +545,11 @@ impl Transport {
             }),
             lost: AtomicBool::new(false),
             last_tx_ns: AtomicU64::new(inner.now_ns()),
+            frames_sent: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            frames_received: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
+            rtt_ns: AtomicU64::new(0),
         });
         let mut rx = session.rx;
         let (inner2, peer2) = (inner.clone(), peer.clone());
@@ -571,6 +602,19 @@ impl Transport {
             .is_ok_and(|p| !p.lost.load(Ordering::Acquire))
     }
 
+    /// Traffic on the connection to `node` (None for this node and unknown nodes).
+    pub fn peer_stats(&self, node: u16) -> Option<PeerStats> {
+        let p = self.inner.peer(node).ok()?;
+        Some(PeerStats {
+            up: !p.lost.load(Ordering::Acquire),
+            frames_sent: p.frames_sent.load(Ordering::Relaxed),
+            bytes_sent: p.bytes_sent.load(Ordering::Relaxed),
+            frames_received: p.frames_received.load(Ordering::Relaxed),
+            bytes_received: p.bytes_received.load(Ordering::Relaxed),
+            rtt_ns: p.rtt_ns.load(Ordering::Relaxed),
+        })
+    }
+
     /// Test hook: stop sending heartbeats, as a hung node would.
     #[cfg(test)]
     fn pause_heartbeats(&self) {
@@ -621,10 +665,20 @@ fn rx_loop(inner: &Inner, peer: &Peer, rx: &mut RxSession, stream: TcpStream) {
                 return;
             }
         };
+        peer.frames_received.fetch_add(1, Ordering::Relaxed);
+        peer.bytes_received
+            .fetch_add(msg.payload.len() as u64, Ordering::Relaxed);
         if msg.flags & FLAG_CONTROL != 0 {
             // Heartbeats only refresh the read timeout; unknown control kinds are
             // ignored so that later versions can add some.
-            if msg.kind != CTL_HEARTBEAT {
+            if msg.kind == CTL_PING {
+                let _ = inner.send_frame(peer, FLAG_CONTROL, CTL_PONG, &[&msg.payload]);
+            } else if msg.kind == CTL_PONG {
+                if let Ok(sent) = <[u8; 8]>::try_from(&msg.payload[..]) {
+                    let rtt = inner.now_ns().saturating_sub(u64::from_le_bytes(sent));
+                    peer.rtt_ns.store(rtt.max(1), Ordering::Relaxed);
+                }
+            } else if msg.kind != CTL_HEARTBEAT {
                 debug!(
                     node = peer.node,
                     kind = msg.kind,
@@ -648,6 +702,9 @@ fn rx_loop(inner: &Inner, peer: &Peer, rx: &mut RxSession, stream: TcpStream) {
 fn heartbeat_loop(inner: &Inner) {
     let tick = inner.heartbeat / 2;
     let idle_ns = u64::try_from(tick.as_nanos()).unwrap_or(u64::MAX);
+    // A round-trip probe about once a second.
+    let probe_every = (Duration::from_secs(1).as_nanos() / tick.as_nanos().max(1)).max(1);
+    let mut ticks: u128 = 0;
     while !inner.stop.load(Ordering::Acquire) {
         thread::park_timeout(tick);
         if inner.stop.load(Ordering::Acquire) {
@@ -655,6 +712,15 @@ fn heartbeat_loop(inner: &Inner) {
         }
         if inner.heartbeats_paused.load(Ordering::Acquire) {
             continue;
+        }
+        ticks += 1;
+        if ticks.is_multiple_of(probe_every) {
+            for peer in inner.peers.iter().filter_map(OnceLock::get) {
+                if !peer.lost.load(Ordering::Acquire) {
+                    let now = inner.now_ns().to_le_bytes();
+                    let _ = inner.send_frame(peer, FLAG_CONTROL, CTL_PING, &[&now]);
+                }
+            }
         }
         let now = inner.now_ns();
         for peer in inner.peers.iter().filter_map(OnceLock::get) {
@@ -785,6 +851,33 @@ mod tests {
                 .collect();
             assert_eq!(next.to_vec(), expect);
         }
+    }
+
+    #[test]
+    fn peer_stats_count_traffic_and_a_probe_measures_the_round_trip() {
+        let nodes = cluster(2, true);
+        let (a, b) = (&nodes[0].0, &nodes[1].0);
+        assert_eq!(a.peer_stats(0), None, "no stats for this node");
+        a.send(1, 9, &[7u8; 100]).unwrap();
+        assert!(matches!(recv(&nodes[1].1), Event::Message { kind: 9, .. }));
+        let sa = a.peer_stats(1).unwrap();
+        let sb = b.peer_stats(0).unwrap();
+        assert!(sa.up && sb.up);
+        assert!(sa.frames_sent >= 1 && sa.bytes_sent >= 100, "{sa:?}");
+        assert!(
+            sb.frames_received >= 1 && sb.bytes_received >= 100,
+            "{sb:?}"
+        );
+        let t = Instant::now();
+        while a.peer_stats(1).unwrap().rtt_ns == 0 {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "no round trip measured"
+            );
+            thread::sleep(Duration::from_millis(50));
+        }
+        let rtt = a.peer_stats(1).unwrap().rtt_ns;
+        assert!(rtt < 2_000_000_000, "rtt {rtt} ns");
     }
 
     #[test]
