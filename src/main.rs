@@ -13,6 +13,7 @@ use dvmm_vmm::{Vm, VmConfig, VmControl, VmOutcome};
 mod api_proxy;
 mod cluster;
 mod ctl;
+mod top;
 
 /// dvmm: a distributed virtual machine monitor.
 #[derive(Parser, Debug)]
@@ -32,6 +33,8 @@ enum Command {
     Node(NodeArgs),
     /// Ask a running VM's control API (its --api-socket) for its state or to act.
     Ctl(ctl::CtlArgs),
+    /// A live view of a running VM (its --api-socket): exits, faults, links, hot pages.
+    Top(top::TopArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -479,6 +482,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         // A client: Ctrl-C ends it as usual.
         Command::Ctl(args) => ctl::run(args),
+        Command::Top(args) => top::run(args),
         Command::Run(args) => block_stop_signals().and_then(|set| run(args, set)),
         Command::Node(args) => block_stop_signals().and_then(|set| node(args, set)),
     };

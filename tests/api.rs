@@ -375,3 +375,97 @@ fn an_api_socket_path_that_exists_is_refused() {
     }
     std::fs::remove_file(&path).unwrap();
 }
+
+/// `dvmm top` in a real terminal (tmux) against a running 2-node cluster: both nodes,
+/// their vCPUs and links, and the pages both nodes fault on, named from the guest's
+/// symbols.
+#[test]
+fn top_shows_a_running_cluster_in_a_terminal() {
+    if Command::new("tmux").arg("-V").output().is_err() {
+        panic!("needs tmux (apt-get install tmux)");
+    }
+    let path = socket("top");
+    let p = path.to_str().unwrap();
+    let map = std::env::temp_dir().join(format!("dvmm-top-{}.map", std::process::id()));
+    let nm = Command::new("nm")
+        .arg(dvmm_testos::TESTOS_ELF)
+        .output()
+        .expect("nm");
+    assert!(nm.status.success());
+    std::fs::write(&map, &nm.stdout).unwrap();
+    let (mut child, _lines) = spawn(&[
+        "run",
+        "--kernel",
+        dvmm_testos::TESTOS_ELF,
+        "--nodes",
+        "2",
+        "--cpus",
+        "2",
+        "--cmdline",
+        "testos testos.iters=2000 testos.watchdog=500",
+        "--api-socket",
+        p,
+    ]);
+    let c = wait_for_api(&path, &mut child);
+    let session = format!("dvmm-top-{}", std::process::id());
+    let top = format!(
+        "{} top --api-socket {p} --system-map {} --interval 0.5",
+        common::dvmm_bin(),
+        map.display()
+    );
+    let ok = Command::new("tmux")
+        .args([
+            "new-session",
+            "-d",
+            "-s",
+            &session,
+            "-x",
+            "150",
+            "-y",
+            "60",
+            &top,
+        ])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let t = Instant::now();
+    let mut screen = String::new();
+    let mut seen_contended = false;
+    while t.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(500));
+        let out = Command::new("tmux")
+            .args(["capture-pane", "-p", "-t", &session])
+            .output()
+            .unwrap();
+        screen = String::from_utf8_lossy(&out.stdout).into_owned();
+        if screen.contains("CONTENDED") {
+            seen_contended = true;
+            break;
+        }
+    }
+    let _ = Command::new("tmux")
+        .args(["kill-session", "-t", &session])
+        .status();
+    let _ = c.shutdown();
+    let _ = wait_exit(&mut child, Duration::from_secs(60));
+    let _ = std::fs::remove_file(&map);
+    assert!(
+        screen.contains("dvmm top: 2 node(s), 2 vCPU(s), 256 MiB"),
+        "{screen}"
+    );
+    assert!(
+        screen.contains("->1 ") && screen.contains("->0 "),
+        "links\n{screen}"
+    );
+    assert!(seen_contended, "no page both nodes fault on\n{screen}");
+    let line = screen.lines().find(|l| l.contains("CONTENDED")).unwrap();
+    assert!(
+        line.contains("n0 ") && line.contains("n1 "),
+        "a contended page names both nodes: {line}"
+    );
+    let named = line.split_whitespace().rev().nth(1).unwrap_or("");
+    assert!(
+        !named.is_empty() && !named.contains('/'),
+        "the contended page is named from the guest's symbols: {line}"
+    );
+}

@@ -15,7 +15,9 @@ pub mod metrics;
 pub mod model;
 pub mod server;
 
-pub use model::{Counters, NodeCounters, Ping, VcpuCounters, VmInfo, VmState};
+pub use model::{
+    Counters, HotPage, NodeCounters, PeerCounters, Ping, VcpuCounters, VmInfo, VmState,
+};
 
 /// An HTTP method the API uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

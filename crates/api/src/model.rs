@@ -63,6 +63,40 @@ pub struct NodeCounters {
     pub dsm: BTreeMap<String, u64>,
     /// Nanoseconds the VM has spent paused on this node.
     pub paused_ns: u64,
+    /// The pages whose guest faults on this node needed the DSM protocol most often
+    /// since the start, most first (at most 32; empty on a VM of one node).
+    #[serde(default)]
+    pub hot_pages: Vec<HotPage>,
+    /// The connections to the other nodes.
+    #[serde(default)]
+    pub peers: Vec<PeerCounters>,
+}
+
+/// Traffic with one other node.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerCounters {
+    /// The other node.
+    pub peer: u32,
+    /// Whether the connection is up.
+    pub up: bool,
+    /// Payload bytes sent to it.
+    pub bytes_sent: u64,
+    /// Payload bytes received from it.
+    pub bytes_received: u64,
+    /// The last measured round trip, in ns (0 until measured).
+    pub rtt_ns: u64,
+}
+
+/// A page guest code on this node keeps faulting on (its copy moved away or was
+/// write-protected because another node used it).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HotPage {
+    /// Guest-physical address of the page.
+    pub gpa: u64,
+    /// Read faults on it since the start.
+    pub read_faults: u64,
+    /// Write faults on it since the start.
+    pub write_faults: u64,
 }
 
 /// One vCPU's counters.

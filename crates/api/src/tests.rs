@@ -60,6 +60,18 @@ impl VmApi for FakeVm {
                 }],
                 dsm: [("read_faults".to_string(), 3)].into(),
                 paused_ns: 0,
+                hot_pages: vec![HotPage {
+                    gpa: 0x1000,
+                    read_faults: 2,
+                    write_faults: 1,
+                }],
+                peers: vec![PeerCounters {
+                    peer: 0,
+                    up: true,
+                    bytes_sent: 10,
+                    bytes_received: 20,
+                    rtt_ns: 30,
+                }],
             }],
         })
     }
@@ -134,6 +146,7 @@ fn conforms(doc: &Value, schema: &Value, value: &Value, at: &str) {
             value.is_u64() || value.is_i64(),
             "{at}: {value} not an integer"
         ),
+        Some("boolean") => assert!(value.is_boolean(), "{at}: {value} not a boolean"),
         Some("string") => {
             let s = value
                 .as_str()

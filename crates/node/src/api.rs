@@ -214,14 +214,36 @@ impl VmApi for NodeApi {
                 self.shape.node,
                 &self.pauses.live,
                 self.dsm.as_deref(),
+                self.pauses.link.as_deref(),
             )],
         })
     }
 }
 
 /// One node's counters.
-pub(crate) fn node_counters(node: u32, live: &LiveVm, dsm: Option<&DsmEngine>) -> NodeCounters {
+pub(crate) fn node_counters(
+    node: u32,
+    live: &LiveVm,
+    dsm: Option<&DsmEngine>,
+    link: Option<&NodeLink>,
+) -> NodeCounters {
     NodeCounters {
+        peers: link
+            .map(|l| {
+                (0..l.transport.nodes())
+                    .filter_map(|n| {
+                        let s = l.transport.peer_stats(n)?;
+                        Some(dvmm_api::PeerCounters {
+                            peer: u32::from(n),
+                            up: s.up,
+                            bytes_sent: s.bytes_sent,
+                            bytes_received: s.bytes_received,
+                            rtt_ns: s.rtt_ns,
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
         node,
         vcpus: live
             .counters()
@@ -246,6 +268,18 @@ pub(crate) fn node_counters(node: u32, live: &LiveVm, dsm: Option<&DsmEngine>) -
             })
             .unwrap_or_default(),
         paused_ns: u64::try_from(live.paused_for().as_nanos()).unwrap_or(u64::MAX),
+        hot_pages: dsm
+            .map(|d| {
+                d.hot_pages(32)
+                    .into_iter()
+                    .map(|(page, r, w)| dvmm_api::HotPage {
+                        gpa: dvmm_layout::ram_offset_to_gpa(page * dvmm_layout::PAGE_SIZE),
+                        read_faults: u64::from(r),
+                        write_faults: u64::from(w),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
     }
 }
 
