@@ -182,6 +182,11 @@ fn node_profile(output: &std::path::Path, id: usize) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// Node `id`'s part of the run report, in the launcher's private directory.
+fn node_report(dir: &std::path::Path, id: usize) -> PathBuf {
+    dir.join(format!("report.node{id}"))
+}
+
 /// Node `id`'s own API socket, in the launcher's private directory.
 fn node_api_socket(dir: &std::path::Path, id: usize) -> PathBuf {
     dir.join(format!("api.node{id}"))
@@ -216,8 +221,13 @@ fn spawn_node(file: &std::path::Path, id: usize, args: &RunArgs) -> Result<Child
             .arg(node_profile(out, id))
             .arg("--profile-interval")
             .arg(args.profile.profile_interval.to_string());
-        if let Some(map) = &args.profile.system_map {
-            cmd.arg("--system-map").arg(map);
+    }
+    if let Some(map) = &args.profile.system_map {
+        cmd.arg("--system-map").arg(map);
+    }
+    if args.report.is_some() {
+        if let Some(dir) = file.parent() {
+            cmd.arg("--report").arg(node_report(dir, id));
         }
     }
     if id != 0 {
@@ -347,6 +357,17 @@ pub fn run_local_cluster(args: &RunArgs, set: libc::sigset_t) -> Result<u8> {
     if let Some(out) = &args.profile.profile {
         merge_profiles(out, n);
     }
+    if let Some(out) = &args.report {
+        let mut parts = Vec::new();
+        for i in 0..n {
+            let json = dvmm_node::report::json_path(&node_report(&dir.0, i));
+            match dvmm_node::report::read_parts(&json) {
+                Ok(p) => parts.extend(p),
+                Err(e) => tracing::warn!(node = i, error = %e, "no report part from this node"),
+            }
+        }
+        dvmm_node::write_report(out, &parts, args.profile.system_map.as_deref());
+    }
     let code = codes[0].unwrap_or(1);
     if codes.iter().any(|c| *c != Some(0)) {
         let all: Vec<String> = how
@@ -417,6 +438,7 @@ mod tests {
             },
             api_socket: None,
             metrics_addr: None,
+            report: None,
         };
         let c = local_cluster(&args).unwrap();
         let mut ports: Vec<u16> = c.nodes.iter().map(|n| n.address.port()).collect();

@@ -98,6 +98,11 @@ struct RunArgs {
     /// 127.0.0.1:PORT; with --nodes K, node i uses PORT+i).
     #[arg(long, value_name = "HOST:PORT", value_parser = dvmm_api::metrics::parse_addr)]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// When the VM ends, write a summary to FILE (and its data to FILE.json): time
+    /// waited on remote memory, the pages several nodes fault on, traffic per link,
+    /// exits, the profile's top entries, suggestions.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
 }
 
 /// `--console`'s value: none, or where the virtio-console goes.
@@ -114,8 +119,9 @@ pub struct ProfileArgs {
     /// Milliseconds between two samples of one vCPU.
     #[arg(long, value_name = "MS", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..=1000))]
     profile_interval: u64,
-    /// The guest kernel's System.map, to name kernel addresses in the profile.
-    #[arg(long, value_name = "FILE", requires = "profile")]
+    /// The guest's symbols (a kernel's System.map, or `nm` of an ELF image), to name
+    /// kernel addresses in the profile and pages in the report.
+    #[arg(long, value_name = "FILE")]
     system_map: Option<PathBuf>,
 }
 
@@ -149,6 +155,11 @@ struct NodeArgs {
     /// 127.0.0.1:PORT; with --nodes K, node i uses PORT+i).
     #[arg(long, value_name = "HOST:PORT", value_parser = dvmm_api::metrics::parse_addr)]
     metrics_addr: Option<std::net::SocketAddr>,
+    /// When the VM ends, write a summary to FILE (and its data to FILE.json): time
+    /// waited on remote memory, the pages several nodes fault on, traffic per link,
+    /// exits, the profile's top entries, suggestions.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
 }
 
 /// Parses a `--hide-cpuid` list.
@@ -441,7 +452,13 @@ fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
         .map(|l| dvmm_node::api::serve_single(l, &vm, &cfg))
         .transpose()?;
     let _raw = attach_console(set, vm.console_input(), vm.control())?;
+    let live = vm.live();
+    let started = std::time::Instant::now();
     let outcome = vm.run()?;
+    if let Some(path) = &args.report {
+        let part = dvmm_node::api::single_report(&live, &cfg, started.elapsed(), &outcome);
+        dvmm_node::write_report(path, &[part], args.profile.system_map.as_deref());
+    }
     Ok(exit_code(outcome))
 }
 
@@ -454,9 +471,11 @@ fn node(args: NodeArgs, set: libc::sigset_t) -> Result<u8> {
         args.id,
         args.profile.config(),
         Box::new(ConsoleOut),
-        &dvmm_node::Endpoints {
+        &dvmm_node::Outputs {
             api_socket: args.api_socket.clone(),
             metrics_addr: args.metrics_addr,
+            report: args.report.clone(),
+            symbols: args.profile.system_map.clone(),
         },
         |input, control| match attach_console(set, input, control) {
             Ok(r) => raw = r,

@@ -45,6 +45,9 @@ fn symbol(symbols: Option<&SymbolTable>, gpa: u64) -> String {
         .unwrap_or_default()
 }
 
+/// Faults on one page since the last frame, by node: (reads, writes).
+type ByNode = BTreeMap<u32, (u64, u64)>;
+
 fn dsm(c: &dvmm_api::NodeCounters, k: &str) -> u64 {
     c.dsm.get(k).copied().unwrap_or(0)
 }
@@ -76,7 +79,7 @@ pub fn frame(
     let before: BTreeMap<u32, &dvmm_api::NodeCounters> =
         prev.nodes.iter().map(|n| (n.node, n)).collect();
     // Per page: faults since the last frame, by node (reads, writes).
-    let mut pages: BTreeMap<u64, BTreeMap<u32, (u64, u64)>> = BTreeMap::new();
+    let mut pages: BTreeMap<u64, ByNode> = BTreeMap::new();
     for n in &now.nodes {
         let p = before.get(&n.node);
         let faults = (dsm(n, "read_faults") + dsm(n, "write_faults"))
@@ -144,7 +147,7 @@ pub fn frame(
         out,
         "hot pages (faults/s since the last frame; nodes: reads/writes)"
     );
-    let mut hot: Vec<(u64, u64, &BTreeMap<u32, (u64, u64)>)> = pages
+    let mut hot: Vec<(u64, u64, &ByNode)> = pages
         .iter()
         .map(|(gpa, by)| (*gpa, by.values().map(|(r, w)| r + w).sum(), by))
         .collect();

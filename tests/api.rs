@@ -469,3 +469,64 @@ fn top_shows_a_running_cluster_in_a_terminal() {
         "the contended page is named from the guest's symbols: {line}"
     );
 }
+
+/// `--report` after a 2-node run: the pages both nodes write are listed with the guest
+/// symbol they hold and called out as write-shared; the data is beside it as JSON.
+#[test]
+fn the_report_names_pages_two_nodes_write_and_says_so() {
+    let dir = std::env::temp_dir().join(format!("dvmm-report-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let map = dir.join("testos.map");
+    let nm = Command::new("nm")
+        .arg(dvmm_testos::TESTOS_ELF)
+        .output()
+        .expect("nm");
+    std::fs::write(&map, &nm.stdout).unwrap();
+    let report = dir.join("report.txt");
+    let run = common::dvmm(
+        &[
+            "run",
+            "--kernel",
+            dvmm_testos::TESTOS_ELF,
+            "--nodes",
+            "2",
+            "--cpus",
+            "2",
+            "--cmdline",
+            "testos testos.iters=200 testos.watchdog=500",
+            "--report",
+            report.to_str().unwrap(),
+            "--system-map",
+            map.to_str().unwrap(),
+        ],
+        LIMIT,
+    );
+    assert_eq!(run.code, Some(0), "{}", run.transcript());
+    let text = std::fs::read_to_string(&report).unwrap();
+    assert!(
+        text.starts_with("dvmm run report: 2 node(s), 2 vCPU(s)"),
+        "{text}"
+    );
+    assert!(text.contains("ended: power off"), "{text}");
+    for node in ["node 0:", "node 1:"] {
+        assert!(text.contains(node), "{node}\n{text}");
+    }
+    // testos's IRIW litmus test writes its log page from both nodes.
+    let line = text
+        .lines()
+        .find(|l| l.contains("(dsm_iriw_logs):"))
+        .unwrap_or_else(|| panic!("no contended dsm_iriw_logs\n{text}"));
+    assert!(
+        line.contains("node 0 ") && line.contains("node 1 "),
+        "{line}"
+    );
+    assert!(
+        text.contains("(dsm_iriw_logs) is written by vCPUs on nodes 0 and 1"),
+        "{text}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("report.txt.json")).unwrap()).unwrap();
+    assert_eq!(json.as_array().map(Vec::len), Some(2), "{json}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

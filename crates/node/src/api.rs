@@ -29,7 +29,7 @@ const PEER_WAIT: Duration = Duration::from_secs(12);
 pub(crate) struct Pauses {
     live: LiveVm,
     /// None on a VM of one node.
-    link: Option<Arc<NodeLink>>,
+    pub(crate) link: Option<Arc<NodeLink>>,
     next_seq: AtomicU32,
     waiting: Mutex<HashMap<u32, mpsc::Sender<(u16, String)>>>,
 }
@@ -316,4 +316,25 @@ pub fn serve_single(
         },
     };
     listener.serve(Arc::new(api))
+}
+
+/// The report part of a VM of one node (`dvmm run --report` without `--nodes`).
+pub fn single_report(
+    live: &LiveVm,
+    cfg: &dvmm_vmm::vm::VmConfig,
+    wall: Duration,
+    outcome: &dvmm_vmm::control::VmOutcome,
+) -> crate::report::NodeReport {
+    crate::report::NodeReport {
+        node: 0,
+        nodes: 1,
+        vcpus: cfg.vcpus,
+        wall_s: wall.as_secs_f64(),
+        outcome: crate::describe_outcome(outcome),
+        counters: node_counters(0, live, None, None),
+        profile_top: crate::report::profile_top(
+            cfg.profile.as_ref().map(|p| p.output.as_path()),
+            10,
+        ),
+    }
 }

@@ -14,6 +14,7 @@ pub mod api;
 pub mod clock_sync;
 pub mod join;
 mod metrics;
+pub mod report;
 
 use dvmm_sync::{CondvarExt, MutexExt};
 use dvmm_vmm::guest_access::GuestAccessError;
@@ -326,6 +327,40 @@ fn home_table(shares: &[(u32, u64)]) -> Vec<(u64, u16)> {
         .collect()
 }
 
+/// How a VM ended, in a few words (for reports).
+pub fn describe_outcome(outcome: &VmOutcome) -> String {
+    match outcome {
+        VmOutcome::PowerOff => "power off".into(),
+        VmOutcome::Reset(r) => format!("reset ({r})"),
+        VmOutcome::Panic(l) if l.is_empty() => "guest panic".into(),
+        VmOutcome::Panic(l) => format!("guest panic: {l}"),
+        VmOutcome::DebugExit(v) => format!("debug exit {v}"),
+        VmOutcome::Stopped => "stopped from outside".into(),
+        VmOutcome::Failed(r) => format!("failed: {r}"),
+    }
+}
+
+/// Writes a run report; a failure is logged (the run's outcome stands).
+pub fn write_report(
+    path: &std::path::Path,
+    parts: &[report::NodeReport],
+    symbols: Option<&std::path::Path>,
+) {
+    let table = match symbols
+        .map(dvmm_vmm::profile::SymbolTable::load)
+        .transpose()
+    {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "the report names no symbols");
+            None
+        }
+    };
+    if let Err(e) = report::write(path, parts, table.as_ref()) {
+        tracing::error!(error = %e, "no run report");
+    }
+}
+
 /// Turns an outcome into the message that tells the other nodes.
 fn stop_msg(outcome: &VmOutcome) -> ControlMsg {
     let (code, reason) = match outcome {
@@ -355,13 +390,18 @@ fn outcome_of(from: u16, code: StopCode, reason: String) -> VmOutcome {
     }
 }
 
-/// Where a node serves its control API and metrics (neither by default).
+/// Where a node serves its control API and metrics and writes its run report (none of
+/// them by default).
 #[derive(Clone, Debug, Default)]
-pub struct Endpoints {
+pub struct Outputs {
     /// The control API's Unix socket (`--api-socket`).
     pub api_socket: Option<std::path::PathBuf>,
     /// The Prometheus metrics address (`--metrics-addr`).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The run report (`--report`): text here, JSON beside it.
+    pub report: Option<std::path::PathBuf>,
+    /// The guest's symbols, to name pages in the report.
+    pub symbols: Option<std::path::PathBuf>,
 }
 
 /// State the dispatcher thread needs.
@@ -580,7 +620,7 @@ pub fn run_node(
     id: usize,
     profile: Option<dvmm_vmm::profile::ProfileConfig>,
     console_out: Box<dyn std::io::Write + Send>,
-    endpoints: &Endpoints,
+    endpoints: &Outputs,
     on_console: impl FnOnce(Option<dvmm_vmm::ConsoleInput>, Arc<VmControl>),
 ) -> Result<VmOutcome, NodeError> {
     let nodes = cluster.nodes.len();
@@ -888,8 +928,23 @@ pub fn run_node(
     } else {
         link.send(0, &ControlMsg::Ready);
     }
+    let live = vm.live();
+    let started = Instant::now();
+    let profile_out = cfg.profile.as_ref().map(|p| p.output.clone());
     let outcome = vm.run()?;
     link.broadcast(&stop_msg(&outcome));
+    if let Some(path) = &endpoints.report {
+        let part = report::NodeReport {
+            node: id as u32,
+            nodes: nodes as u32,
+            vcpus: cfg.vcpus,
+            wall_s: started.elapsed().as_secs_f64(),
+            outcome: describe_outcome(&outcome),
+            counters: api::node_counters(id as u32, &live, Some(&dsm), Some(&link)),
+            profile_top: report::profile_top(profile_out.as_deref(), 10),
+        };
+        write_report(path, &[part], endpoints.symbols.as_deref());
+    }
     let stats = dsm.stats();
     tracing::info!(node = id, ?stats, "DSM statistics");
     let hot: Vec<String> = dsm
