@@ -233,9 +233,73 @@ fn load_initramfs(
     let (Some(start), Ok(len)) = (start, usize::try_from(size)) else {
         return Err(BootError::InitramfsTooLarge { size, available });
     };
-    mem.read_exact_volatile_from(GuestAddress(start), &mut file, len)
-        .map_err(|e| open_err(std::io::Error::other(e.to_string())))?;
+    let mut progress = Progress::new(
+        "the initramfs",
+        size,
+        PROGRESS_EVERY,
+        std::time::Instant::now(),
+    );
+    let mut done = 0usize;
+    while done < len {
+        let n = (len - done).min(LOAD_CHUNK);
+        mem.read_exact_volatile_from(GuestAddress(start + done as u64), &mut file, n)
+            .map_err(|e| open_err(std::io::Error::other(e.to_string())))?;
+        done += n;
+        if let Some(line) = progress.advance(n as u64, std::time::Instant::now()) {
+            tracing::info!("{line}");
+        }
+    }
     Ok(RamRange { start, len: size })
+}
+
+/// Large images are read this much at a time, so that a slow read can say how far it is.
+const LOAD_CHUNK: usize = 16 << 20;
+/// How often a long load says how far it is.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Progress of a long operation over `total` bytes: a line at most every `every`.
+pub struct Progress {
+    what: &'static str,
+    total: u64,
+    done: u64,
+    every: std::time::Duration,
+    started: std::time::Instant,
+    last: std::time::Instant,
+}
+
+impl Progress {
+    /// Nothing done yet, at `now`.
+    pub fn new(
+        what: &'static str,
+        total: u64,
+        every: std::time::Duration,
+        now: std::time::Instant,
+    ) -> Progress {
+        Progress {
+            what,
+            total,
+            done: 0,
+            every,
+            started: now,
+            last: now,
+        }
+    }
+
+    /// `n` more bytes done at `now`: the line to show, if one is due.
+    pub fn advance(&mut self, n: u64, now: std::time::Instant) -> Option<String> {
+        self.done += n;
+        if now.duration_since(self.last) < self.every {
+            return None;
+        }
+        self.last = now;
+        Some(format!(
+            "loading {}: {} of {} MiB ({} s)",
+            self.what,
+            self.done >> 20,
+            self.total >> 20,
+            now.duration_since(self.started).as_secs()
+        ))
+    }
 }
 
 /// Reads and unpacks the bzImage payload at `offset` (`len` bytes) of `file`.
@@ -1142,5 +1206,22 @@ mod tests {
         assert_eq!((s.data.base, s.data.limit, s.data.selector), (0, 0xFFFF, 0));
         assert!(!s.cs.db && !s.cs.l && s.cs.present);
         assert_eq!(s.efer, 0);
+    }
+
+    #[test]
+    fn a_long_load_says_how_far_it_is_every_interval_only() {
+        let t0 = std::time::Instant::now();
+        let s = std::time::Duration::from_secs;
+        let mut p = Progress::new("the initramfs", 64 << 20, s(2), t0);
+        assert_eq!(p.advance(16 << 20, t0 + s(1)), None, "too soon");
+        assert_eq!(
+            p.advance(16 << 20, t0 + s(2)).as_deref(),
+            Some("loading the initramfs: 32 of 64 MiB (2 s)")
+        );
+        assert_eq!(p.advance(16 << 20, t0 + s(3)), None);
+        assert!(p
+            .advance(16 << 20, t0 + s(5))
+            .unwrap()
+            .contains("64 of 64 MiB (5 s)"));
     }
 }

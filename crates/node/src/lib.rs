@@ -513,12 +513,24 @@ impl Dispatch {
 
     /// Waits until `n` Ready messages arrived (or the VM stopped). True if all arrived.
     fn wait_ready(&self, n: usize) -> bool {
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let started = Instant::now();
+        let deadline = started + READY_TIMEOUT;
+        let mut next_note = started + Duration::from_secs(5);
         let mut r = self.ready.locked();
         while *r < n && !self.control.stopping() {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let now = Instant::now();
+            let left = deadline.saturating_duration_since(now);
             if left.is_zero() {
                 return false;
+            }
+            if now >= next_note {
+                tracing::info!(
+                    "waiting for {} of {n} other node(s) to build their VM ({} s of {} s)",
+                    n - *r,
+                    now.duration_since(started).as_secs(),
+                    READY_TIMEOUT.as_secs()
+                );
+                next_note += Duration::from_secs(5);
             }
             r = self
                 .ready_cond
