@@ -13,6 +13,14 @@ use dvmm_api::{Counters, VmState};
 
 const LIMIT: Duration = Duration::from_secs(600);
 
+/// Clusters run one at a time (as in tests/cluster.rs): several at once on 2 cores
+/// starve each other's DSM threads.
+static ONE_CLUSTER: Mutex<()> = Mutex::new(());
+
+fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn socket(tag: &str) -> PathBuf {
     let p = std::env::temp_dir().join(format!("dvmm-api-test-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_file(&p);
@@ -151,6 +159,7 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
 /// `promtool check metrics` and move while the guest runs.
 #[test]
 fn pausing_a_cluster_stops_every_vcpu_and_the_guest_still_passes() {
+    let _one = exclusive();
     let path = socket("cluster");
     let p = path.to_str().unwrap();
     let port = two_free_ports();
@@ -214,6 +223,31 @@ fn pausing_a_cluster_stops_every_vcpu_and_the_guest_still_passes() {
     };
     promtool_check(&m0);
     promtool_check(&m1);
+    // Neither the API nor the metrics show the cluster secret (from the launcher's
+    // private cluster file).
+    let cluster_file = std::env::temp_dir()
+        .join(format!("dvmm-{}", child.id()))
+        .join("cluster.toml");
+    let toml = std::fs::read_to_string(&cluster_file).unwrap();
+    let secret = toml
+        .lines()
+        .find_map(|l| l.strip_prefix("secret = "))
+        .map(|v| v.trim().trim_matches('"').to_string())
+        .expect("a secret in the cluster file");
+    assert!(secret.len() >= 16);
+    let info_json = c.raw("GET", "/api/v1/vm.info", b"").unwrap().body;
+    let counters_json = c.raw("GET", "/api/v1/vm.counters", b"").unwrap().body;
+    for (what, text) in [
+        ("node 0 metrics", m0.clone()),
+        ("node 1 metrics", m1.clone()),
+        ("vm.info", String::from_utf8_lossy(&info_json).into_owned()),
+        (
+            "vm.counters",
+            String::from_utf8_lossy(&counters_json).into_owned(),
+        ),
+    ] {
+        assert!(!text.contains(&secret), "{what} shows the cluster secret");
+    }
     assert_eq!(metric(&m0, "dvmm_peer_up", &["peer=\"1\""]), 1.0, "{m0}");
     assert_eq!(metric(&m1, "dvmm_peer_up", &["peer=\"0\""]), 1.0, "{m1}");
     assert!(
@@ -381,6 +415,7 @@ fn an_api_socket_path_that_exists_is_refused() {
 /// symbols.
 #[test]
 fn top_shows_a_running_cluster_in_a_terminal() {
+    let _one = exclusive();
     if Command::new("tmux").arg("-V").output().is_err() {
         panic!("needs tmux (apt-get install tmux)");
     }
@@ -474,6 +509,7 @@ fn top_shows_a_running_cluster_in_a_terminal() {
 /// symbol they hold and called out as write-shared; the data is beside it as JSON.
 #[test]
 fn the_report_names_pages_two_nodes_write_and_says_so() {
+    let _one = exclusive();
     let dir = std::env::temp_dir().join(format!("dvmm-report-test-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
