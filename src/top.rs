@@ -252,6 +252,7 @@ mod tests {
             memory_bytes: 256 << 20,
             kernel: "k".into(),
             version: "v".into(),
+            guest_clock_ns: None,
         };
         let prev = Counters {
             nodes: vec![

@@ -268,7 +268,9 @@ fn pausing_a_cluster_stops_every_vcpu_and_the_guest_still_passes() {
     );
 
     c.pause().unwrap();
-    assert_eq!(c.info().unwrap().state, VmState::Paused);
+    let paused_info = c.info().unwrap();
+    assert_eq!(paused_info.state, VmState::Paused);
+    let clock_at_pause = paused_info.guest_clock_ns.expect("the guest clock");
     let exits_metric = |port| metric(&scrape(port), "dvmm_vcpu_exits_total", &[]);
     let paused_metrics = (exits_metric(port), exits_metric(port + 1));
     assert_eq!(metric(&scrape(port + 1), "dvmm_vm_paused", &[]), 1.0);
@@ -314,7 +316,17 @@ fn pausing_a_cluster_stops_every_vcpu_and_the_guest_still_passes() {
     }
 
     c.resume().unwrap();
-    assert_eq!(c.info().unwrap().state, VmState::Running);
+    let resumed = c.info().unwrap();
+    assert_eq!(resumed.state, VmState::Running);
+    // The guest's clock did not see the 1.5 s pause.
+    let advanced = resumed
+        .guest_clock_ns
+        .unwrap()
+        .saturating_sub(clock_at_pause);
+    assert!(
+        advanced < 700_000_000,
+        "the guest clock advanced {advanced} ns across a 1.5 s pause"
+    );
     let st = wait_exit(&mut child, LIMIT);
     let out = lines.lock().unwrap().join("\n");
     assert!(

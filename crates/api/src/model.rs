@@ -42,6 +42,9 @@ pub struct VmInfo {
     pub kernel: String,
     /// dvmm's version.
     pub version: String,
+    /// The guest's kvmclock, in ns: it does not advance while the VM is paused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_clock_ns: Option<u64>,
 }
 
 /// `GET /api/v1/vm.counters`: counters since the VM started, per node.

@@ -27,6 +27,7 @@ impl VmApi for FakeVm {
             memory_bytes: 1 << 30,
             kernel: "bzImage".into(),
             version: "test".into(),
+            guest_clock_ns: Some(5),
         })
     }
     fn pause(&self) -> Result<(), ApiFailure> {

@@ -109,6 +109,9 @@ pub enum ControlMsg {
         seq: u32,
         /// Pause (else resume).
         pause: bool,
+        /// On resume: how far to set the guest's kvmclock back (the time the whole VM
+        /// was paused, as the node that paused it measured), in ns.
+        clock_shift_ns: u64,
     },
     /// The answer to [`ControlMsg::Pause`] `seq`: done, or why not.
     Paused {
@@ -287,10 +290,15 @@ impl ControlMsg {
                 v.extend_from_slice(&bound_ns.to_le_bytes());
                 v.push(u8::from(*applied));
             }
-            ControlMsg::Pause { seq, pause } => {
+            ControlMsg::Pause {
+                seq,
+                pause,
+                clock_shift_ns,
+            } => {
                 v.push(12);
                 v.extend_from_slice(&seq.to_le_bytes());
                 v.push(u8::from(*pause));
+                v.extend_from_slice(&clock_shift_ns.to_le_bytes());
             }
             ControlMsg::Paused { seq, error } => {
                 v.push(13);
@@ -413,10 +421,11 @@ impl ControlMsg {
                 })
             }
             12 => {
-                need(b, 6)?;
+                need(b, 14)?;
                 Ok(ControlMsg::Pause {
                     seq: u32_at(b, 1),
                     pause: bool_at(5)?,
+                    clock_shift_ns: u64_at(b, 6),
                 })
             }
             13 => {
@@ -460,7 +469,8 @@ mod tests {
             ControlMsg::LevelEoi { vector: 0x61 },
             ControlMsg::Pause {
                 seq: 9,
-                pause: true,
+                pause: false,
+                clock_shift_ns: 1_500_000_000,
             },
             ControlMsg::Paused {
                 seq: 9,

@@ -32,6 +32,9 @@ pub(crate) struct Pauses {
     pub(crate) link: Option<Arc<NodeLink>>,
     next_seq: AtomicU32,
     waiting: Mutex<HashMap<u32, mpsc::Sender<(u16, String)>>>,
+    /// The current pause: which node coordinates it, and (on that node) when every
+    /// node's vCPUs were known to be stopped.
+    current: Mutex<Option<(u16, Option<Instant>)>>,
 }
 
 impl Pauses {
@@ -41,19 +44,24 @@ impl Pauses {
             link,
             next_seq: AtomicU32::new(1),
             waiting: Mutex::new(HashMap::new()),
+            current: Mutex::new(None),
         }
     }
 
-    fn local(&self, pause: bool) -> Result<(), LiveError> {
+    fn me(&self) -> u16 {
+        self.link.as_ref().map_or(0, |l| l.id)
+    }
+
+    fn local(&self, pause: bool, clock_shift: Duration) -> Result<(), LiveError> {
         if pause {
             self.live.pause()
         } else {
-            self.live.resume()
+            self.live.resume(clock_shift)
         }
     }
 
     /// Asks every other node and waits for their answers: the nodes that failed.
-    fn ask_peers(&self, pause: bool) -> Vec<(u16, String)> {
+    fn ask_peers(&self, pause: bool, clock_shift: Duration) -> Vec<(u16, String)> {
         let Some(link) = &self.link else {
             return Vec::new();
         };
@@ -64,7 +72,11 @@ impl Pauses {
         let seq = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel();
         self.waiting.locked().insert(seq, tx);
-        link.broadcast(&ControlMsg::Pause { seq, pause });
+        link.broadcast(&ControlMsg::Pause {
+            seq,
+            pause,
+            clock_shift_ns: u64::try_from(clock_shift.as_nanos()).unwrap_or(u64::MAX),
+        });
         let mut left: Vec<u16> = (0..nodes).filter(|n| *n != link.id).collect();
         let mut failed = Vec::new();
         let deadline = Instant::now() + PEER_WAIT;
@@ -89,34 +101,76 @@ impl Pauses {
         failed
     }
 
-    /// Pauses or resumes the whole VM (this node first).
-    pub(crate) fn cluster(&self, pause: bool) -> Result<(), ApiFailure> {
-        self.local(pause).map_err(|e| match e {
+    fn refused(e: LiveError) -> ApiFailure {
+        match e {
             LiveError::Stuck(_) => ApiFailure::internal(e.to_string()),
             other => ApiFailure::conflict(other.to_string()),
-        })?;
-        let failed = self.ask_peers(pause);
-        if failed.is_empty() {
-            return Ok(());
         }
+    }
+
+    /// Pauses or resumes the whole VM (this node first). The node that paused the VM
+    /// resumes it: it alone knows since when every node's vCPUs are stopped, which is
+    /// how far every node sets the guest's clock back.
+    pub(crate) fn cluster(&self, pause: bool) -> Result<(), ApiFailure> {
+        let me = self.me();
+        if pause {
+            self.local(true, Duration::ZERO).map_err(Self::refused)?;
+            *self.current.locked() = Some((me, None));
+            let failed = self.ask_peers(true, Duration::ZERO);
+            if failed.is_empty() {
+                *self.current.locked() = Some((me, Some(Instant::now())));
+                return Ok(());
+            }
+            // Leave no node paused by a pause that failed (no vCPU ran, no clock moves).
+            let _ = self.local(false, Duration::ZERO);
+            let _ = self.ask_peers(false, Duration::ZERO);
+            *self.current.locked() = None;
+            return Err(Self::failed("pause", &failed));
+        }
+        let shift = match *self.current.locked() {
+            Some((by, Some(all_stopped))) if by == me => all_stopped.elapsed(),
+            Some((by, _)) if by != me => {
+                return Err(ApiFailure::conflict(format!(
+                    "node {by} paused the VM: resume it through node {by}'s API (it knows \
+                     how long every node was paused, which the guest's clock must not see)"
+                )))
+            }
+            _ => Duration::ZERO,
+        };
+        self.local(false, shift).map_err(Self::refused)?;
+        let failed = self.ask_peers(false, shift);
+        *self.current.locked() = None;
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(Self::failed("resume", &failed))
+        }
+    }
+
+    fn failed(what: &str, failed: &[(u16, String)]) -> ApiFailure {
         let why: Vec<String> = failed
             .iter()
             .map(|(n, e)| format!("node {n}: {e}"))
             .collect();
-        if pause {
-            // Leave no node paused by a pause that failed.
-            let _ = self.local(false);
-            let _ = self.ask_peers(false);
-        }
-        Err(ApiFailure::internal(format!(
-            "{} failed on {} (every node was resumed)",
-            if pause { "pause" } else { "resume" },
-            why.join("; ")
-        )))
+        ApiFailure::internal(format!(
+            "{what} failed on {}{}",
+            why.join("; "),
+            if what == "pause" {
+                " (every node was resumed)"
+            } else {
+                ""
+            }
+        ))
     }
 
     /// A peer asks this node to pause or resume (called by the dispatcher).
-    pub(crate) fn on_request(self: &Arc<Self>, from: u16, seq: u32, pause: bool) {
+    pub(crate) fn on_request(
+        self: &Arc<Self>,
+        from: u16,
+        seq: u32,
+        pause: bool,
+        clock_shift: Duration,
+    ) {
         let Some(link) = self.link.clone() else {
             return;
         };
@@ -124,13 +178,14 @@ impl Pauses {
         let spawned = std::thread::Builder::new()
             .name("node-pause".into())
             .spawn(move || {
-                let error = match me.local(pause) {
+                let error = match me.local(pause, clock_shift) {
                     // Asked twice (two nodes' APIs at once): it is as asked.
                     Ok(()) | Err(LiveError::AlreadyPaused) | Err(LiveError::NotPaused) => {
                         String::new()
                     }
                     Err(e) => e.to_string(),
                 };
+                *me.current.locked() = pause.then_some((from, None));
                 link.send(from, &ControlMsg::Paused { seq, error });
             });
         if let Err(e) = spawned {
@@ -187,6 +242,7 @@ impl VmApi for NodeApi {
             memory_bytes: self.shape.memory_bytes,
             kernel: self.shape.kernel.display().to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            guest_clock_ns: live.guest_clock_ns(),
         })
     }
 

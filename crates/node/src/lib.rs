@@ -496,7 +496,13 @@ impl Dispatch {
             ControlMsg::Stop { code, reason } => {
                 self.control.finish(outcome_of(from, code, reason));
             }
-            ControlMsg::Pause { seq, pause } => self.pauses.on_request(from, seq, pause),
+            ControlMsg::Pause {
+                seq,
+                pause,
+                clock_shift_ns,
+            } => self
+                .pauses
+                .on_request(from, seq, pause, Duration::from_nanos(clock_shift_ns)),
             ControlMsg::Paused { seq, error } => self.pauses.on_answer(from, seq, error),
             ControlMsg::CpuOffer(_)
             | ControlMsg::CpuAgreed(_)

@@ -3,7 +3,7 @@
 //! runs and after (it then reports the VM as stopping).
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use crate::control::{VmControl, VmOutcome};
@@ -45,11 +45,26 @@ pub struct VcpuCounts {
 pub struct LiveVm {
     control: Arc<VmControl>,
     handles: Vec<Arc<VcpuHandle>>,
+    /// The KVM VM, for its clock (gone once the VM is torn down).
+    vm: Weak<kvm_ioctls::VmFd>,
 }
 
 impl LiveVm {
-    pub(crate) fn new(control: Arc<VmControl>, handles: Vec<Arc<VcpuHandle>>) -> LiveVm {
-        LiveVm { control, handles }
+    pub(crate) fn new(
+        control: Arc<VmControl>,
+        handles: Vec<Arc<VcpuHandle>>,
+        vm: Weak<kvm_ioctls::VmFd>,
+    ) -> LiveVm {
+        LiveVm {
+            control,
+            handles,
+            vm,
+        }
+    }
+
+    /// The guest's kvmclock now, in ns (None once the VM is gone).
+    pub fn guest_clock_ns(&self) -> Option<u64> {
+        self.vm.upgrade()?.get_clock().ok().map(|c| c.clock)
     }
 
     /// The local vCPUs' indices.
@@ -102,15 +117,39 @@ impl LiveVm {
         Ok(())
     }
 
-    /// Lets this node's vCPUs run again.
-    pub fn resume(&self) -> Result<(), LiveError> {
+    /// Lets this node's vCPUs run again, first setting the guest's kvmclock back by
+    /// `clock_shift`: the time the VM was paused, so that the guest's clock does not
+    /// advance across the pause (as Cloud Hypervisor does). The shift must not exceed
+    /// the time since the last vCPU stopped, or the guest would see its clock go back.
+    pub fn resume(&self, clock_shift: Duration) -> Result<(), LiveError> {
         if self.control.stopping() {
             return Err(LiveError::Stopping);
+        }
+        if !self.control.is_paused() {
+            return Err(LiveError::NotPaused);
+        }
+        let shift = u64::try_from(clock_shift.as_nanos()).unwrap_or(u64::MAX);
+        if shift > 0 {
+            if let Some(vm) = self.vm.upgrade() {
+                match vm.get_clock() {
+                    Ok(mut c) => {
+                        c.clock = c.clock.saturating_sub(shift);
+                        // KVM takes only the clock (flags 0: no host-clock pairing).
+                        c.flags = 0;
+                        if let Err(e) = vm.set_clock(&c) {
+                            tracing::warn!(error = %e, "cannot hold the guest clock across the pause");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the guest clock to hold it across the pause")
+                    }
+                }
+            }
         }
         if !self.control.set_paused(false) {
             return Err(LiveError::NotPaused);
         }
-        tracing::info!(vcpus = ?self.vcpus(), "resumed");
+        tracing::info!(vcpus = ?self.vcpus(), clock_shift = ?clock_shift, "resumed");
         Ok(())
     }
 

@@ -82,7 +82,8 @@ impl ConsoleInput {
 pub struct Vm {
     // `vcpus` and `vm` before `ram`: KVM's memory slots point into it.
     vcpus: Vec<VcpuFd>,
-    _vm: VmFd,
+    /// Shared only with `LiveVm`s, which hold it weakly (the VM's clock).
+    vm: Arc<VmFd>,
     handles: Vec<Arc<VcpuHandle>>,
     env: Arc<VcpuEnv>,
     pit: Arc<Mutex<Pit>>,
@@ -211,7 +212,7 @@ impl Parts {
         });
         Ok(Vm {
             vcpus,
-            _vm: vm,
+            vm: Arc::new(vm),
             handles,
             env,
             pit,
@@ -590,7 +591,11 @@ impl Vm {
 
     /// A handle for the control API: counters, pause, resume, stop.
     pub fn live(&self) -> crate::live::LiveVm {
-        crate::live::LiveVm::new(self.env.control.clone(), self.handles.clone())
+        crate::live::LiveVm::new(
+            self.env.control.clone(),
+            self.handles.clone(),
+            Arc::downgrade(&self.vm),
+        )
     }
 
     /// The interrupt hub (for the node runtime's dispatcher).
