@@ -200,7 +200,7 @@ fn spawn_node(file: &std::path::Path, id: usize, args: &RunArgs) -> Result<Child
         .arg(file)
         .arg("--id")
         .arg(id.to_string());
-    if let Some(addr) = args.metrics_addr {
+    if let Some(addr) = args.ops.metrics_addr {
         // Port 0 (any free port) stays 0 for every node.
         let port = match addr.port() {
             0 => 0,
@@ -211,7 +211,7 @@ fn spawn_node(file: &std::path::Path, id: usize, args: &RunArgs) -> Result<Child
         cmd.arg("--metrics-addr")
             .arg(std::net::SocketAddr::new(addr.ip(), port).to_string());
     }
-    if args.api_socket.is_some() {
+    if args.ops.api_socket.is_some() {
         if let Some(dir) = file.parent() {
             cmd.arg("--api-socket").arg(node_api_socket(dir, id));
         }
@@ -225,7 +225,7 @@ fn spawn_node(file: &std::path::Path, id: usize, args: &RunArgs) -> Result<Child
     if let Some(map) = &args.profile.system_map {
         cmd.arg("--system-map").arg(map);
     }
-    if args.report.is_some() {
+    if args.ops.report.is_some() {
         if let Some(dir) = file.parent() {
             cmd.arg("--report").arg(node_report(dir, id));
         }
@@ -260,6 +260,7 @@ fn signal(children: &Mutex<Vec<Child>>, sig: i32) {
 pub fn run_local_cluster(args: &RunArgs, set: libc::sigset_t) -> Result<u8> {
     let cluster = local_cluster(args)?;
     let api = args
+        .ops
         .api_socket
         .as_deref()
         .map(dvmm_api::server::ApiListener::bind)
@@ -357,7 +358,7 @@ pub fn run_local_cluster(args: &RunArgs, set: libc::sigset_t) -> Result<u8> {
     if let Some(out) = &args.profile.profile {
         merge_profiles(out, n);
     }
-    if let Some(out) = &args.report {
+    if let Some(out) = &args.ops.report {
         let mut parts = Vec::new();
         for i in 0..n {
             let json = dvmm_node::report::json_path(&node_report(&dir.0, i));
@@ -436,9 +437,7 @@ mod tests {
                 profile_interval: 2,
                 system_map: None,
             },
-            api_socket: None,
-            metrics_addr: None,
-            report: None,
+            ops: Default::default(),
         };
         let c = local_cluster(&args).unwrap();
         let mut ports: Vec<u16> = c.nodes.iter().map(|n| n.address.port()).collect();

@@ -90,6 +90,17 @@ struct RunArgs {
     console: ConsoleArg,
     #[command(flatten)]
     profile: ProfileArgs,
+    #[command(flatten)]
+    ops: OpsArgs,
+}
+
+/// `--console`'s value: none, or where the virtio-console goes.
+#[derive(Clone, Debug)]
+struct ConsoleArg(Option<dvmm_cluster::ConsoleSpec>);
+
+/// How a running VM is operated: its control API, metrics and end-of-run report.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct OpsArgs {
     /// Serve the control API (HTTP over a Unix socket, docs/API.md) at PATH; the path
     /// must not exist; the socket is made readable by its owner only.
     #[arg(long, value_name = "PATH")]
@@ -104,10 +115,6 @@ struct RunArgs {
     #[arg(long, value_name = "FILE")]
     report: Option<PathBuf>,
 }
-
-/// `--console`'s value: none, or where the virtio-console goes.
-#[derive(Clone, Debug)]
-struct ConsoleArg(Option<dvmm_cluster::ConsoleSpec>);
 
 /// The guest profiler's options.
 #[derive(clap::Args, Debug, Clone)]
@@ -147,19 +154,8 @@ struct NodeArgs {
     id: usize,
     #[command(flatten)]
     profile: ProfileArgs,
-    /// Serve the control API (HTTP over a Unix socket, docs/API.md) at PATH; the path
-    /// must not exist; the socket is made readable by its owner only.
-    #[arg(long, value_name = "PATH")]
-    api_socket: Option<PathBuf>,
-    /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT, or PORT alone for
-    /// 127.0.0.1:PORT; with --nodes K, node i uses PORT+i).
-    #[arg(long, value_name = "HOST:PORT", value_parser = dvmm_api::metrics::parse_addr)]
-    metrics_addr: Option<std::net::SocketAddr>,
-    /// When the VM ends, write a summary to FILE (and its data to FILE.json): time
-    /// waited on remote memory, the pages several nodes fault on, traffic per link,
-    /// exits, the profile's top entries, suggestions.
-    #[arg(long, value_name = "FILE")]
-    report: Option<PathBuf>,
+    #[command(flatten)]
+    ops: OpsArgs,
 }
 
 /// Parses a `--hide-cpuid` list.
@@ -419,6 +415,7 @@ fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
     }
     // The socket first: a path in use fails before the guest is loaded.
     let api = args
+        .ops
         .api_socket
         .as_deref()
         .map(dvmm_api::server::ApiListener::bind)
@@ -441,6 +438,7 @@ fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
         timer_pacing: dvmm_node::timer_pacing_from_env()?,
     };
     let metrics = args
+        .ops
         .metrics_addr
         .map(dvmm_api::metrics::MetricsListener::bind)
         .transpose()?;
@@ -455,7 +453,7 @@ fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
     let live = vm.live();
     let started = std::time::Instant::now();
     let outcome = vm.run()?;
-    if let Some(path) = &args.report {
+    if let Some(path) = &args.ops.report {
         let part = dvmm_node::api::single_report(&live, &cfg, started.elapsed(), &outcome);
         dvmm_node::write_report(path, &[part], args.profile.system_map.as_deref());
     }
@@ -472,9 +470,9 @@ fn node(args: NodeArgs, set: libc::sigset_t) -> Result<u8> {
         args.profile.config(),
         Box::new(ConsoleOut),
         &dvmm_node::Outputs {
-            api_socket: args.api_socket.clone(),
-            metrics_addr: args.metrics_addr,
-            report: args.report.clone(),
+            api_socket: args.ops.api_socket.clone(),
+            metrics_addr: args.ops.metrics_addr,
+            report: args.ops.report.clone(),
             symbols: args.profile.system_map.clone(),
         },
         |input, control| match attach_console(set, input, control) {

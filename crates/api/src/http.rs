@@ -89,16 +89,20 @@ fn read_body(stream: &mut impl Read, mut have: Vec<u8>, len: usize) -> Result<Ve
     Ok(have)
 }
 
+fn parsed(r: httparse::Result<usize>) -> Result<(), BadRequest> {
+    match r {
+        Ok(httparse::Status::Complete(_)) => Ok(()),
+        Ok(httparse::Status::Partial) => Err(BadRequest::Parse("incomplete head".into())),
+        Err(e) => Err(BadRequest::Parse(e.to_string())),
+    }
+}
+
 /// Reads one request.
 pub fn read_request(stream: &mut impl Read) -> Result<Request, BadRequest> {
     let (buf, head_len) = read_head(stream)?;
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut req = httparse::Request::new(&mut headers);
-    match req.parse(&buf[..head_len]) {
-        Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return Err(BadRequest::Parse("incomplete head".into())),
-        Err(e) => return Err(BadRequest::Parse(e.to_string())),
-    }
+    parsed(req.parse(&buf[..head_len]))?;
     let method = req.method.unwrap_or_default().to_string();
     let target = req.path.unwrap_or_default();
     let path = target.split('?').next().unwrap_or_default().to_string();
@@ -135,7 +139,17 @@ pub fn write_response_typed(
     content_type: &str,
     body: &[u8],
 ) -> std::io::Result<()> {
-    let mut head = format!("HTTP/1.1 {status} {}\r\nServer: dvmm\r\n", reason(status));
+    let head = format!("HTTP/1.1 {status} {}\r\nServer: dvmm\r\n", reason(status));
+    write_message(stream, head, content_type, body)
+}
+
+/// Writes `head` (the first line and fixed headers), the body's headers, the body.
+fn write_message(
+    stream: &mut impl Write,
+    mut head: String,
+    content_type: &str,
+    body: &[u8],
+) -> std::io::Result<()> {
     if !body.is_empty() {
         head.push_str(&format!("Content-Type: {content_type}\r\n"));
     }
@@ -155,18 +169,9 @@ pub fn write_request(
     path: &str,
     body: &[u8],
 ) -> std::io::Result<()> {
-    let mut head =
+    let head =
         format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nAccept: application/json\r\n");
-    if !body.is_empty() {
-        head.push_str("Content-Type: application/json\r\n");
-    }
-    head.push_str(&format!(
-        "Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    ));
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    stream.flush()
+    write_message(stream, head, "application/json", body)
 }
 
 /// A response as read by the client.
@@ -183,13 +188,29 @@ pub fn read_response(stream: &mut impl Read) -> Result<Response, BadRequest> {
     let (buf, head_len) = read_head(stream)?;
     let mut headers = [httparse::EMPTY_HEADER; 32];
     let mut resp = httparse::Response::new(&mut headers);
-    match resp.parse(&buf[..head_len]) {
-        Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return Err(BadRequest::Parse("incomplete head".into())),
-        Err(e) => return Err(BadRequest::Parse(e.to_string())),
-    }
+    parsed(resp.parse(&buf[..head_len]))?;
     let status = resp.code.unwrap_or(0);
     let len = content_length(resp.headers)?;
     let body = read_body(stream, buf[head_len..].to_vec(), len)?;
     Ok(Response { status, body })
+}
+
+/// Answers each connection of `incoming` with `serve`, one at a time, until the listener
+/// is shut down (Linux then fails `accept` with EINVAL). A failed accept is logged and
+/// retried after a pause.
+pub fn serve_each<S>(
+    incoming: impl Iterator<Item = std::io::Result<S>>,
+    what: &str,
+    mut serve: impl FnMut(S),
+) {
+    for conn in incoming {
+        match conn {
+            Ok(s) => serve(s),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "{what}: accept failed");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
+    }
 }

@@ -189,18 +189,7 @@ impl MetricsServer {
         let l = listener.clone();
         let thread = std::thread::Builder::new()
             .name("metrics".into())
-            .spawn(move || {
-                for conn in l.incoming() {
-                    match conn {
-                        Ok(s) => serve(s, &*source),
-                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
-                        Err(e) => {
-                            tracing::debug!(error = %e, "metrics: accept failed");
-                            std::thread::sleep(Duration::from_millis(100));
-                        }
-                    }
-                }
-            })
+            .spawn(move || http::serve_each(l.incoming(), "metrics", |s| serve(s, &*source)))
             .map_err(ApiError::Thread)?;
         tracing::info!(%addr, "metrics at http://{addr}/metrics");
         Ok(MetricsServer {

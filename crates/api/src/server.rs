@@ -112,17 +112,9 @@ impl ApiListener {
         let thread = std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                for conn in l.incoming() {
-                    match conn {
-                        Ok(s) => serve_connection(s, &*backend),
-                        // The listener was shut down (the server is going).
-                        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "API socket: accept failed");
-                            std::thread::sleep(Duration::from_millis(100));
-                        }
-                    }
-                }
+                http::serve_each(l.incoming(), "API socket", |s| {
+                    serve_connection(s, &*backend)
+                })
             });
         let thread = match thread {
             Ok(t) => t,
