@@ -173,7 +173,7 @@ fn pausing_a_cluster_stops_every_vcpu_and_the_guest_still_passes() {
         "--cpus",
         "2",
         "--cmdline",
-        "testos testos.iters=300 testos.watchdog=500",
+        "testos testos.iters=600 testos.watchdog=500",
         "--api-socket",
         p,
         "--metrics-addr",
@@ -197,7 +197,20 @@ fn pausing_a_cluster_stops_every_vcpu_and_the_guest_still_passes() {
             .collect::<Vec<_>>(),
         vec![0, 1]
     );
+    // Pause only once testos's timing checks are over: the guest's TSC is not held
+    // across a pause (this host ignores TSC offsets), so a check that counts timer
+    // ticks against the TSC would see 1.5 s without ticks.
     let t = Instant::now();
+    while !["cpu 0: spinlock ok", "cpu 1: spinlock ok"]
+        .iter()
+        .all(|w| lines.lock().unwrap().iter().any(|l| l.contains(w)))
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "testos never got past its timing checks"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     while total(&c.counters().unwrap()) == total(&a) {
         assert!(
             t.elapsed() < Duration::from_secs(30),
