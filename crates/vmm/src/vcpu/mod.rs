@@ -223,6 +223,12 @@ fn run_loop<V: Vcpu>(
             }
             return Ok(());
         }
+        // Parks before anything is injected: an interrupt handed to KVM and then held
+        // across a pause would meet a second injection on the next pass.
+        if env.control.is_paused() {
+            env.control.wait_while_paused(handle.quiet_flag());
+            continue;
+        }
         if mode == Mode::WaitForSipi {
             match wait_for_sipi(handle, env) {
                 Some(vector) => {
@@ -268,10 +274,6 @@ fn run_loop<V: Vcpu>(
             }
         }
 
-        if env.control.is_paused() {
-            env.control.wait_while_paused(handle.quiet_flag());
-            continue;
-        }
         env.gate.pass(handle.quiet_flag());
         let exit = vcpu.run();
         handle.count_exit();
