@@ -412,6 +412,8 @@ fn devices_round_trip(
             .contains(&format!("dvmm-init: device checks on cpu {io_cpu}")),
         "{t}"
     );
+    // The bus enumerates and the drivers bind without a warning from the kernel.
+    assert!(run.stdout.contains("dvmm-init: pci warnings=0"), "{t}");
     assert_disk_round_trip(&run, &image, &sha);
     assert!(
         run.stdout.contains("[vda] 131072 512-byte logical blocks"),

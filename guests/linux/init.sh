@@ -14,6 +14,7 @@
 # With a virtio disk (/dev/vda, ext4) it mounts it, prints the SHA-256 of /host.bin (what
 # the host wrote), writes 256 KiB of random bytes to /guest.bin, prints their SHA-256 and
 # unmounts (the host then checks the file in the image); read-only disks are only read.
+# It also counts the kernel's warnings about PCI, virtio, MSI and ACPI ("pci warnings=N").
 /bin/busybox --install -s /bin
 export PATH=/bin
 mkdir -p /proc /sys /dev /tmp
@@ -30,6 +31,12 @@ for n in /sys/devices/system/node/node*; do
   echo "dvmm-init: $(basename "$n") cpus=$(cat "$n/cpulist") $(grep -E 'MemTotal|MemFree' "$n/meminfo" | sed 's/.*\(Mem[A-Za-z]*:\)/\1/' | tr -s ' ' | tr '\n' ' ') distance=$(cat "$n/distance" | tr ' ' ,)"
 done
 echo "dvmm-init: clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+# What the kernel said about the PCI bus and its devices at warning level or worse
+# (`dmesg -r` keeps the "<level>" prefix: 0-4 are emergency .. warning).
+kwarn() { dmesg -r | grep -E '^<[0-4]>' | grep -iE 'pci|virtio|msi|acpi'; }
+echo "dvmm-init: kernel warnings=$(dmesg -r | grep -cE '^<[0-4]>')"
+echo "dvmm-init: pci warnings=$(kwarn | grep -c .)"
+kwarn | sed 's/^/dvmm-init: pci warning: /'
 iters=2000
 for w in $(cat /proc/cmdline); do
   case "$w" in dvmm.iters=*) iters=${w#dvmm.iters=} ;; esac

@@ -21,6 +21,9 @@ use crate::{HypervisorError, Result, Vcpu, VmExit};
 /// (e.g. another vCPU sends an IPI).
 pub type Action = Box<dyn FnOnce() + Send>;
 
+/// What the guest did to its own registers before an exit.
+pub type StateChange = Box<dyn FnOnce(&mut FakeState) + Send>;
+
 /// One step of a script: the exit to report and the state that goes with it.
 pub struct Step {
     exit: VmExit,
@@ -29,6 +32,7 @@ pub struct Step {
     can_inject: bool,
     cr8: Option<u64>,
     action: Option<Action>,
+    change: Option<StateChange>,
 }
 
 impl Step {
@@ -47,6 +51,7 @@ impl Step {
             can_inject: true,
             cr8: None,
             action: None,
+            change: None,
         }
     }
 
@@ -66,6 +71,12 @@ impl Step {
     pub fn interrupts(mut self, if_flag: bool, can_inject: bool) -> Step {
         self.if_flag = if_flag;
         self.can_inject = can_inject;
+        self
+    }
+
+    /// The guest changed its registers (e.g. ran to a `vmcall`) before this exit.
+    pub fn state(mut self, change: impl FnOnce(&mut FakeState) + Send + 'static) -> Step {
+        self.change = Some(Box::new(change));
         self
     }
 
@@ -242,6 +253,9 @@ impl Vcpu for FakeVcpu {
         }
         if let Some(cr8) = step.cr8 {
             self.st().cr8 = cr8;
+        }
+        if let Some(change) = step.change.take() {
+            change(&mut self.st());
         }
         let exit = step.exit.clone();
         self.current = Some(step);

@@ -179,6 +179,8 @@ pub struct Lapic {
     is_bsp: bool,
     tsc: TscMap,
     apic_base: u64,
+    /// The address bits IA32_APIC_BASE may hold (below the guest's MAXPHYADDR).
+    base_addr_mask: u64,
 
     tpr: u32,
     ldr: u32,
@@ -253,6 +255,7 @@ impl Lapic {
             is_bsp,
             tsc,
             apic_base: LAPIC_ADDR | APIC_BASE_EN,
+            base_addr_mask: APIC_BASE_ADDR_MASK,
             tpr: 0,
             ldr: 0,
             dfr: 0,
@@ -278,6 +281,13 @@ impl Lapic {
         };
         lapic.reset_registers();
         lapic
+    }
+
+    /// The guest's physical-address width (CPUID.80000008H:EAX[7:0]): IA32_APIC_BASE
+    /// address bits at or above it are reserved (a write setting one is a #GP).
+    pub fn set_phys_addr_bits(&mut self, bits: u8) {
+        let bits = bits.clamp(32, 52);
+        self.base_addr_mask = APIC_BASE_ADDR_MASK & ((1u64 << bits) - 1);
     }
 
     /// Power-on register state (everything but id, BSP flag, APIC_BASE and INIT/SIPI bookkeeping).
@@ -957,7 +967,7 @@ impl Lapic {
 
     /// Apply an IA32_APIC_BASE write; `None` means #GP.
     fn write_apic_base(&mut self, value: u64) -> Option<Option<LapicEvent>> {
-        let reserved = !(APIC_BASE_ADDR_MASK | APIC_BASE_EN | APIC_BASE_EXTD | APIC_BASE_BSP);
+        let reserved = !(self.base_addr_mask | APIC_BASE_EN | APIC_BASE_EXTD | APIC_BASE_BSP);
         if value & reserved != 0 {
             return None;
         }

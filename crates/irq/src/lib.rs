@@ -11,6 +11,7 @@ pub mod ioapic;
 pub mod lapic;
 pub mod msg;
 pub mod pit;
+pub mod pv_ipi;
 pub mod route;
 
 pub use clock::{Clock, FakeClock, MonotonicClock, TscMap};

@@ -74,6 +74,17 @@ pub const EMULATION_UNSAFE_LEAF7_EBX: u32 = 1
 pub const EMULATION_UNSAFE_LEAF7_ECX: u32 =
     (1 << 2) | (1 << 3) | (1 << 9) | (1 << 10) | (1 << 16) | (1 << 22);
 
+/// The physical-address width a CPU without CPUID leaf 0x80000008 has (SDM: 36).
+pub const DEFAULT_PHYS_ADDR_BITS: u8 = 36;
+
+/// The guest's physical-address width (CPUID.80000008H:EAX[7:0]) in `entries`.
+pub fn phys_addr_bits(entries: &[kvm_cpuid_entry2]) -> u8 {
+    entries
+        .iter()
+        .find(|e| e.function == 0x8000_0008)
+        .map_or(DEFAULT_PHYS_ADDR_BITS, |e| e.eax as u8)
+}
+
 /// The CPUID entries for vCPU `apic_id` of `vcpus`, from KVM's supported `base` table.
 /// `emulated_kernel`: the host's KVM emulates guest kernel code (see
 /// [`EMULATION_UNSAFE_LEAF1_ECX`]).

@@ -13,6 +13,7 @@ pub mod emulation;
 pub mod guest_access;
 pub mod guest_paging;
 pub mod host;
+pub mod hypercall;
 pub mod irqchip;
 pub mod kick;
 pub mod live;

@@ -263,6 +263,19 @@ fn x2apic_msrs_gp_in_xapic_mode() {
 }
 
 #[test]
+fn apic_base_address_bits_past_maxphyaddr_are_reserved() {
+    let mut l = enabled_lapic(1);
+    l.set_phys_addr_bits(40);
+    let base = l.msr_read(MSR_IA32_APIC_BASE, 0).unwrap();
+    assert_eq!(
+        l.msr_write(MSR_IA32_APIC_BASE, base | 1 << 40, 0),
+        Err(gp(0x1B))
+    );
+    assert_eq!(l.msr_write(MSR_IA32_APIC_BASE, base | 1 << 39, 0), Ok(None));
+    assert_eq!(l.base_address(), 0xFEE0_0000 | 1 << 39);
+}
+
+#[test]
 fn apic_base_transitions() {
     let mut l = enabled_lapic(1);
     l.mmio_write(REG_TPR, 0x30, 0);

@@ -236,6 +236,11 @@ impl InterruptHub {
         &self.vcpus
     }
 
+    /// How many APICs the guest has (on every node together).
+    pub fn apic_count(&self) -> u32 {
+        self.total
+    }
+
     /// The timer service (so register writes that reprogram a timer can poke it).
     pub fn timers(&self) -> &Arc<TimerService> {
         &self.timers

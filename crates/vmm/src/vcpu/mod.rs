@@ -18,6 +18,7 @@ use crate::control::{VmControl, VmOutcome};
 use crate::device_space::DeviceSpace;
 use crate::emulation::{self, InternalError};
 use crate::guest_access::GuestAccess;
+use crate::hypercall::Hypercall;
 use crate::irqchip::{Activity, InterruptHub, VcpuHandle};
 use crate::memory::GuestRam;
 use crate::stats::{ExitKind, ExitStats};
@@ -207,7 +208,11 @@ fn run_loop<V: Vcpu>(
 
     // NMIs owed to the guest (KVM queues each; it keeps at most two).
     let mut nmi = 0u8;
-    let mut stuck = emulation::StuckHypercall::default();
+    // An NMI handed to KVM may wait there for the guest's running NMI handler to
+    // return; an interrupt injected meanwhile would be delivered first, as KVM
+    // re-injects a queued interrupt before a pending NMI. Set when one was handed over.
+    let mut nmi_in_kvm = false;
+    let mut stuck = crate::hypercall::StuckHypercall::default();
     // RIP of an emulation failure that was retried and not yet followed by another exit.
     let mut gap_retried_at: Option<u64> = None;
     loop {
@@ -253,19 +258,31 @@ fn run_loop<V: Vcpu>(
                 continue;
             }
             nmi = (nmi + lapic.take_nmi()).min(2);
-            if vcpu.can_inject() {
-                if let Some(vector) = lapic.acknowledge() {
-                    drop(lapic);
-                    vcpu.inject(vector)?;
-                    lapic = handle.lock();
+            if nmi > 0 {
+                drop(lapic);
+                for _ in 0..std::mem::take(&mut nmi) {
+                    vcpu.nmi()?;
+                    nmi_in_kvm = true;
+                }
+                lapic = handle.lock();
+            }
+            if vcpu.can_inject() && lapic.pending_vector().is_some() {
+                if nmi_in_kvm {
+                    nmi_in_kvm = vcpu
+                        .events()
+                        .is_ok_and(|e| e.nmi.pending != 0 || e.nmi.injected != 0);
+                }
+                if !nmi_in_kvm {
+                    if let Some(vector) = lapic.acknowledge() {
+                        drop(lapic);
+                        vcpu.inject(vector)?;
+                        lapic = handle.lock();
+                    }
                 }
             }
             vcpu.set_interrupt_window(lapic.pending_vector().is_some());
             entry_cr8 = u64::from(lapic.tpr() >> 4);
             vcpu.set_cr8(entry_cr8);
-        }
-        for _ in 0..std::mem::take(&mut nmi) {
-            vcpu.nmi()?;
         }
         if env.syscalls.verify_due(env.clock.now_ns()) {
             if let Ok(sregs) = vcpu.sregs() {
@@ -298,7 +315,11 @@ fn run_loop<V: Vcpu>(
         match exit {
             VmExit::Interrupted => {
                 stats.count(ExitKind::Kick);
-                if env.emulated_kernel && stuck.on_kick(vcpu, &*env.guest).is_some() {
+                if env.emulated_kernel
+                    && stuck
+                        .on_kick(vcpu, &*env.guest, |call| hypercall(call, handle, env))
+                        .is_some()
+                {
                     stats.count(ExitKind::Emulation);
                 }
             }
@@ -669,13 +690,38 @@ fn handle_msr(
     result.ok()
 }
 
+/// Performs a hypercall this host's KVM left to dvmm; returns its answer for RAX.
+fn hypercall(call: &Hypercall, handle: &VcpuHandle, env: &VcpuEnv) -> i64 {
+    match call {
+        Hypercall::VapicPollIrq | Hypercall::SchedYield => 0,
+        Hypercall::SendIpi { args, long_mode } => {
+            match dvmm_irq::pv_ipi::messages(*args, *long_mode, env.hub.apic_count()) {
+                Ok(msgs) => {
+                    let n = msgs.len() as i64;
+                    for msg in &msgs {
+                        env.hub.deliver(msg, Some(handle.index));
+                    }
+                    n
+                }
+                Err(e) => e,
+            }
+        }
+        Hypercall::Other(_) => crate::hypercall::KVM_ENOSYS,
+    }
+}
+
 fn lapic_event(ev: Option<LapicEvent>, handle: &VcpuHandle, env: &VcpuEnv) {
     env.hub.lapic_written(handle);
     match ev {
         None => {}
         Some(LapicEvent::Ipi(msg)) => env.hub.deliver(&msg, Some(handle.index)),
         Some(LapicEvent::LevelEoi { vector }) => env.hub.level_eoi(vector),
-        Some(LapicEvent::TimerChanged) => env.hub.timers().poke(),
+        Some(LapicEvent::TimerChanged) => {
+            // An expiry already due (a TSC deadline in the past, a tiny count) is
+            // pending before the guest's next instruction, as with KVM's own LAPIC.
+            handle.lock().timer_tick(env.clock.now_ns());
+            env.hub.timers().poke();
+        }
     }
 }
 

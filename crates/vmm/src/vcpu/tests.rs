@@ -44,6 +44,11 @@ struct Rig {
 const SVR: u64 = 0xf0;
 
 fn rig(n: u32) -> Rig {
+    rig_on(n, false)
+}
+
+/// A rig on a host whose KVM emulates guest kernel code (`emulated_kernel`).
+fn rig_on(n: u32, emulated_kernel: bool) -> Rig {
     crate::kick::install_handler();
     let tsc = TscMap {
         tsc_khz: 1_000_000,
@@ -83,7 +88,7 @@ fn rig(n: u32) -> Rig {
             int_n_raises_ud: false,
         })),
         sampler: None,
-        emulated_kernel: false,
+        emulated_kernel,
         gate: Arc::new(crate::run_gate::RunGate::default()),
     });
     Rig {
@@ -241,6 +246,74 @@ fn an_interrupt_waits_for_the_window_then_is_injected_once() {
 }
 
 #[test]
+fn an_interrupt_waits_while_kvm_still_holds_an_nmi() {
+    let rig = rig(1);
+    let hub = rig.env.hub.clone();
+    let fake = rig.fake(vec![
+        // The guest's NMI handler runs: KVM holds the second NMI until it returns, and
+        // a device raises 0x44 (kvm-unit-tests' "multiple nmi").
+        Step::exit(io(0x80, 1, 1, false))
+            .state(|st| st.events.nmi.pending = 1)
+            .after(move || {
+                hub.deliver(&message(DeliveryMode::Nmi, 0, 0), None);
+                hub.deliver(&InterruptMessage::fixed(0x44, 0), None);
+            }),
+        // The handler returned and KVM delivered the NMI.
+        Step::exit(io(0x80, 1, 1, false)).state(|st| st.events.nmi.pending = 0),
+        Step::exit(io(0x80, 1, 1, false)),
+    ]);
+    let log = fake.log();
+    rig.run(0, fake, Some(dvmm_boot::loader::ap_sipi_state(0)));
+    let events = log.events();
+    let at = |e: &Event| events.iter().position(|x| x == e).unwrap();
+    let (nmi, inject) = (at(&Event::Nmi), at(&Event::Inject(0x44)));
+    let run = |step| at(&Event::Run { step, window: true });
+    assert!(nmi < run(1), "the NMI goes to KVM at once: {events:?}");
+    assert!(
+        run(1) < inject,
+        "0x44 waits while KVM holds the NMI: {events:?}"
+    );
+    assert!(
+        inject
+            < at(&Event::Run {
+                step: 2,
+                window: false
+            }),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn a_tsc_deadline_already_past_interrupts_before_the_next_instruction() {
+    let rig = rig(1);
+    let lvt = Step::exit(VmExit::Mmio {
+        addr: LAPIC_ADDR + 0x320,
+        len: 4,
+        write: true,
+    })
+    .data(&0x400efu32.to_le_bytes()); // TSC-deadline mode, vector 0xef
+    let fake = rig.fake(vec![
+        lvt,
+        Step::exit(VmExit::WrMsr {
+            index: dvmm_irq::lapic::MSR_IA32_TSC_DEADLINE,
+            data: 1,
+        }),
+        Step::exit(io(0x80, 1, 1, false)),
+    ]);
+    let log = fake.log();
+    rig.run(0, fake, Some(dvmm_boot::loader::ap_sipi_state(0)));
+    let events = log.events();
+    let inject = events.iter().position(|e| *e == Event::Inject(0xef));
+    let after_wrmsr = events.iter().position(|e| {
+        *e == Event::Run {
+            step: 2,
+            window: false,
+        }
+    });
+    assert!(inject.is_some() && inject < after_wrmsr, "{events:?}");
+}
+
+#[test]
 fn hlt_sleeps_until_an_interrupt_then_injects_it() {
     let rig = rig(1);
     let fake = rig.fake(vec![Step::exit(VmExit::Hlt), Step::exit(VmExit::Hlt)]);
@@ -383,6 +456,80 @@ fn an_icr_write_sends_an_ipi_to_the_other_vcpu() {
     rig.run(0, fake, Some(dvmm_boot::loader::ap_sipi_state(0)));
     assert_eq!(rig.handles[1].lock().pending_vector(), Some(0x51));
     assert_eq!(rig.handles[0].lock().pending_vector(), None);
+}
+
+/// Identity-maps the first 2 MiB with 4-level tables at 0x10000; returns CR3.
+fn identity_tables(rig: &Rig) -> u64 {
+    let entry = |at: u64, value: u64| rig.env.guest.write(at, &value.to_le_bytes()).unwrap();
+    entry(0x10000, 0x11000 | 3);
+    entry(0x11000, 0x12000 | 3);
+    entry(0x12000, 0x83); // 2 MiB page at 0, present + writable
+    0x10000
+}
+
+/// Two kicks at a `vmcall` at 0x5000 (this host's KVM never completes it) in long mode
+/// at CPL0, with the registers `regs` sets.
+fn stuck_at_vmcall(cr3: u64, regs: impl FnOnce(&mut kvm_regs) + Send + 'static) -> Vec<Step> {
+    let stuck = move |st: &mut dvmm_hypervisor::fake::FakeState| {
+        st.regs.rip = 0x5000;
+        regs(&mut st.regs);
+        st.sregs.cr3 = cr3;
+        st.sregs.cs.l = 1;
+        st.sregs.cs.dpl = 0;
+    };
+    vec![
+        Step::exit(VmExit::Interrupted).state(stuck),
+        Step::exit(VmExit::Interrupted),
+    ]
+}
+
+#[test]
+fn a_stuck_send_ipi_hypercall_reaches_its_targets_and_answers_the_count() {
+    let rig = rig_on(3, true);
+    let cr3 = identity_tables(&rig);
+    rig.env.guest.write(0x5000, &[0x0f, 0x01, 0xc1]).unwrap(); // vmcall
+                                                               // KVM_HC_SEND_IPI: bits 0 and 1 from APIC id 1, fixed vector 0x45.
+    let fake = rig.fake(stuck_at_vmcall(cr3, |r| {
+        (r.rax, r.rbx, r.rcx, r.rdx, r.rsi) = (10, 0b11, 0, 1, 0x45);
+    }));
+    let state = fake.state();
+    rig.run(0, fake, Some(dvmm_boot::loader::ap_sipi_state(0)));
+    assert_eq!(rig.handles[1].lock().pending_vector(), Some(0x45));
+    assert_eq!(rig.handles[2].lock().pending_vector(), Some(0x45));
+    assert_eq!(rig.handles[0].lock().pending_vector(), None);
+    let regs = state.lock().unwrap().regs;
+    assert_eq!(
+        (regs.rax, regs.rip),
+        (2, 0x5003),
+        "two delivered, RIP past the vmcall"
+    );
+}
+
+#[test]
+fn a_stuck_unknown_hypercall_gets_enosys_and_a_user_mode_one_is_left_alone() {
+    let rig = rig_on(1, true);
+    let cr3 = identity_tables(&rig);
+    rig.env.guest.write(0x5000, &[0x0f, 0x01, 0xd9]).unwrap(); // vmmcall
+    let fake = rig.fake(stuck_at_vmcall(cr3, |r| r.rax = 99));
+    let state = fake.state();
+    rig.run(0, fake, Some(dvmm_boot::loader::ap_sipi_state(0)));
+    let regs = state.lock().unwrap().regs;
+    assert_eq!(regs.rax as i64, crate::hypercall::KVM_ENOSYS);
+    assert_eq!(regs.rip, 0x5003);
+
+    let rig = rig_on(1, true);
+    let cr3 = identity_tables(&rig);
+    rig.env.guest.write(0x5000, &[0x0f, 0x01, 0xc1]).unwrap();
+    let mut script = stuck_at_vmcall(cr3, |r| r.rax = 10);
+    script[1] = Step::exit(VmExit::Interrupted).state(|st| st.sregs.cs.dpl = 3);
+    let fake = rig.fake(script);
+    let state = fake.state();
+    rig.run(0, fake, Some(dvmm_boot::loader::ap_sipi_state(0)));
+    assert_eq!(
+        state.lock().unwrap().regs.rip,
+        0x5000,
+        "CPL3: not a hypercall to answer"
+    );
 }
 
 #[test]

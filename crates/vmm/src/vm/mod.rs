@@ -451,6 +451,7 @@ impl Vm {
         let tsc_khz = vcpus[0]
             .get_tsc_khz()
             .map_err(kvm_err("reading the TSC frequency"))?;
+        let mut phys_addr_bits = cpuid::DEFAULT_PHYS_ADDR_BITS;
         for (i, v) in local.clone().zip(&vcpus) {
             let mut entries = cpuid::vcpu_cpuid(
                 supported.as_slice(),
@@ -460,6 +461,7 @@ impl Vm {
                 host.emulates_guest_kernel(),
             );
             cpuid::restrict_to(&mut entries, &shown);
+            phys_addr_bits = cpuid::phys_addr_bits(&entries);
             let table = cpuid::to_kvm(&entries).map_err(VmmError::CpuidTable)?;
             v.set_cpuid2(&table).map_err(kvm_err("setting CPUID"))?;
         }
@@ -524,6 +526,7 @@ impl Vm {
             .map(|i| {
                 let mut lapic = Lapic::new(i, i == 0, tsc);
                 lapic.set_timer_pacing(pacing);
+                lapic.set_phys_addr_bits(phys_addr_bits);
                 Arc::new(VcpuHandle::new(i, lapic))
             })
             .collect();

@@ -117,7 +117,7 @@ pub(super) const STALL_KICK: std::time::Duration = std::time::Duration::from_mil
 
 /// Where KVM emulates guest kernel code, some instructions (a `vmcall` at CPL0) are
 /// retried inside `KVM_RUN` forever with no exit; only a kick brings the vCPU out,
-/// where dvmm can complete them (`emulation::StuckHypercall`). A guest with timer
+/// where dvmm can complete them (`hypercall::StuckHypercall`). A guest with timer
 /// ticks exits often enough by itself; this thread kicks a running vCPU that has not
 /// exited for [`STALL_KICK`], so that one without (a test kernel in a `vmcall` loop)
 /// does not hang.
