@@ -443,18 +443,18 @@ fn run(args: RunArgs, set: libc::sigset_t) -> Result<u8> {
         .map(dvmm_api::metrics::MetricsListener::bind)
         .transpose()?;
     let vm = Vm::build(&cfg, Box::new(ConsoleOut))?;
+    let view = std::sync::Arc::new(dvmm_node::view::NodeView::single(&cfg, &vm));
     let _metrics = metrics
-        .map(|l| dvmm_node::api::serve_single_metrics(l, &vm))
+        .map(|l| dvmm_node::api::serve_metrics(l, view.clone()))
         .transpose()?;
     let _api = api
-        .map(|l| dvmm_node::api::serve_single(l, &vm, &cfg))
+        .map(|l| dvmm_node::api::serve_single(l, view.clone()))
         .transpose()?;
     let _raw = attach_console(set, vm.console_input(), vm.control())?;
-    let live = vm.live();
     let started = std::time::Instant::now();
     let outcome = vm.run()?;
     if let Some(path) = &args.ops.report {
-        let part = dvmm_node::api::single_report(&live, &cfg, started.elapsed(), &outcome);
+        let part = view.report(started.elapsed(), &outcome);
         dvmm_node::write_report(path, &[part], args.profile.system_map.as_deref());
     }
     Ok(exit_code(outcome))

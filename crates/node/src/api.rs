@@ -8,18 +8,17 @@
 //! waiting for a reply that the dispatcher must deliver.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use dvmm_api::{ApiFailure, Counters, NodeCounters, VcpuCounters, VmApi, VmInfo, VmState};
+use dvmm_api::{ApiFailure, Counters, VmApi, VmInfo, VmState};
 use dvmm_cluster::ControlMsg;
-use dvmm_dsm_uffd::DsmEngine;
 use dvmm_sync::MutexExt;
 use dvmm_vmm::live::{LiveError, LiveVm};
 
+use crate::view::NodeView;
 use crate::NodeLink;
 
 /// How long a pause waits for the other nodes' answers.
@@ -208,25 +207,15 @@ impl Pauses {
     }
 }
 
-/// What `vm.info` reports that does not change while the VM runs.
-pub(crate) struct Shape {
-    pub(crate) node: u32,
-    pub(crate) nodes: u32,
-    pub(crate) vcpus: u32,
-    pub(crate) memory_bytes: u64,
-    pub(crate) kernel: PathBuf,
-}
-
 /// The API of one node.
 pub(crate) struct NodeApi {
     pub(crate) pauses: Arc<Pauses>,
-    pub(crate) dsm: Option<Arc<DsmEngine>>,
-    pub(crate) shape: Shape,
+    pub(crate) view: Arc<NodeView>,
 }
 
 impl VmApi for NodeApi {
     fn info(&self) -> Result<VmInfo, ApiFailure> {
-        let live = &self.pauses.live;
+        let (view, live) = (&self.view, &self.view.live);
         Ok(VmInfo {
             state: if live.is_stopping() {
                 VmState::Stopping
@@ -235,12 +224,12 @@ impl VmApi for NodeApi {
             } else {
                 VmState::Running
             },
-            nodes: self.shape.nodes,
-            node: Some(self.shape.node),
-            vcpus: self.shape.vcpus,
+            nodes: view.nodes,
+            node: Some(view.node),
+            vcpus: view.vcpus,
             local_vcpus: live.vcpus(),
-            memory_bytes: self.shape.memory_bytes,
-            kernel: self.shape.kernel.display().to_string(),
+            memory_bytes: view.memory_bytes,
+            kernel: view.kernel.display().to_string(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             guest_clock_ns: live.guest_clock_ns(),
         })
@@ -255,142 +244,36 @@ impl VmApi for NodeApi {
     }
 
     fn shutdown(&self) -> Result<(), ApiFailure> {
-        if self.pauses.live.is_stopping() {
+        if self.view.live.is_stopping() {
             return Err(ApiFailure::conflict("the VM is already stopping"));
         }
         tracing::info!("shutdown asked through the control API");
         // The run loop's end tells the other nodes.
-        self.pauses.live.stop();
+        self.view.live.stop();
         Ok(())
     }
 
     fn counters(&self) -> Result<Counters, ApiFailure> {
         Ok(Counters {
-            nodes: vec![node_counters(
-                self.shape.node,
-                &self.pauses.live,
-                self.dsm.as_deref(),
-                self.pauses.link.as_deref(),
-            )],
+            nodes: vec![self.view.counters()],
         })
     }
 }
 
-/// One node's counters.
-pub(crate) fn node_counters(
-    node: u32,
-    live: &LiveVm,
-    dsm: Option<&DsmEngine>,
-    link: Option<&NodeLink>,
-) -> NodeCounters {
-    NodeCounters {
-        peers: link
-            .map(|l| {
-                (0..l.transport.nodes())
-                    .filter_map(|n| {
-                        let s = l.transport.peer_stats(n)?;
-                        Some(dvmm_api::PeerCounters {
-                            peer: u32::from(n),
-                            up: s.up,
-                            bytes_sent: s.bytes_sent,
-                            bytes_received: s.bytes_received,
-                            rtt_ns: s.rtt_ns,
-                        })
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-        node,
-        vcpus: live
-            .counters()
-            .into_iter()
-            .map(|c| VcpuCounters {
-                index: c.index,
-                exits_total: c.exits_total,
-                exits: c
-                    .exits
-                    .into_iter()
-                    .map(|(k, n)| (k.to_string(), n))
-                    .collect(),
-            })
-            .collect(),
-        dsm: dsm
-            .map(|d| {
-                d.stats()
-                    .named()
-                    .into_iter()
-                    .map(|(k, n)| (k.to_string(), n))
-                    .collect()
-            })
-            .unwrap_or_default(),
-        paused_ns: u64::try_from(live.paused_for().as_nanos()).unwrap_or(u64::MAX),
-        hot_pages: dsm
-            .map(|d| {
-                d.hot_pages(32)
-                    .into_iter()
-                    .map(|(page, r, w)| dvmm_api::HotPage {
-                        gpa: dvmm_layout::ram_offset_to_gpa(page * dvmm_layout::PAGE_SIZE),
-                        read_faults: u64::from(r),
-                        write_faults: u64::from(w),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-    }
-}
-
-/// Serves the metrics of a VM of one node (`dvmm run` without `--nodes`) on `listener`.
-pub fn serve_single_metrics(
+/// Serves `view`'s metrics on `listener`.
+pub fn serve_metrics(
     listener: dvmm_api::metrics::MetricsListener,
-    vm: &dvmm_vmm::vm::Vm,
+    view: Arc<NodeView>,
 ) -> Result<dvmm_api::metrics::MetricsServer, dvmm_api::ApiError> {
-    listener.serve(Arc::new(crate::metrics::NodeMetrics {
-        node: 0,
-        nodes: 1,
-        live: vm.live(),
-        dsm: None,
-        link: None,
-    }))
+    listener.serve(view)
 }
 
 /// Serves the control API of a VM of one node (`dvmm run` without `--nodes`) on
 /// `listener`.
 pub fn serve_single(
     listener: dvmm_api::server::ApiListener,
-    vm: &dvmm_vmm::vm::Vm,
-    cfg: &dvmm_vmm::vm::VmConfig,
+    view: Arc<NodeView>,
 ) -> Result<dvmm_api::server::ApiServer, dvmm_api::ApiError> {
-    let api = NodeApi {
-        pauses: Arc::new(Pauses::new(vm.live(), None)),
-        dsm: None,
-        shape: Shape {
-            node: 0,
-            nodes: 1,
-            vcpus: cfg.vcpus,
-            memory_bytes: cfg.memory,
-            kernel: cfg.kernel.clone(),
-        },
-    };
-    listener.serve(Arc::new(api))
-}
-
-/// The report part of a VM of one node (`dvmm run --report` without `--nodes`).
-pub fn single_report(
-    live: &LiveVm,
-    cfg: &dvmm_vmm::vm::VmConfig,
-    wall: Duration,
-    outcome: &dvmm_vmm::control::VmOutcome,
-) -> crate::report::NodeReport {
-    crate::report::NodeReport {
-        node: 0,
-        nodes: 1,
-        vcpus: cfg.vcpus,
-        wall_s: wall.as_secs_f64(),
-        outcome: crate::describe_outcome(outcome),
-        counters: node_counters(0, live, None, None),
-        profile_top: crate::report::profile_top(
-            cfg.profile.as_ref().map(|p| p.output.as_path()),
-            10,
-        ),
-    }
+    let pauses = Arc::new(Pauses::new(view.live.clone(), None));
+    listener.serve(Arc::new(NodeApi { pauses, view }))
 }

@@ -15,6 +15,7 @@ pub mod clock_sync;
 pub mod join;
 mod metrics;
 pub mod report;
+pub mod view;
 
 use dvmm_sync::{CondvarExt, MutexExt};
 use dvmm_vmm::guest_access::GuestAccessError;
@@ -891,37 +892,26 @@ pub fn run_node(
             .spawn(move || d.run(joined.early, events))
             .map_err(NodeError::Thread)?;
     }
-    let _api = match api_listener {
-        Some(listener) => Some(
-            listener
-                .serve(Arc::new(api::NodeApi {
-                    pauses,
-                    dsm: Some(dsm.clone()),
-                    shape: api::Shape {
-                        node: id as u32,
-                        nodes: nodes as u32,
-                        vcpus: cfg.vcpus,
-                        memory_bytes: cfg.memory,
-                        kernel: cfg.kernel.clone(),
-                    },
-                }))
-                .map_err(NodeError::Api)?,
-        ),
-        None => None,
-    };
-    let _metrics = match metrics_listener {
-        Some(l) => Some(
-            l.serve(Arc::new(metrics::NodeMetrics {
-                node: id as u32,
-                nodes: nodes as u32,
-                live: vm.live(),
-                dsm: Some(dsm.clone()),
-                link: Some(link.clone()),
+    let view = Arc::new(view::NodeView::new(
+        id as u32,
+        nodes as u32,
+        &cfg,
+        &vm,
+        Some((dsm.clone(), link.clone())),
+    ));
+    let _api = api_listener
+        .map(|l| {
+            l.serve(Arc::new(api::NodeApi {
+                pauses,
+                view: view.clone(),
             }))
-            .map_err(NodeError::Api)?,
-        ),
-        None => None,
-    };
+        })
+        .transpose()
+        .map_err(NodeError::Api)?;
+    let _metrics = metrics_listener
+        .map(|l| api::serve_metrics(l, view.clone()))
+        .transpose()
+        .map_err(NodeError::Api)?;
     on_console(vm.console_input(), control.clone());
     {
         // Once the VM is ending, stop the DSM first: vCPUs blocked on a page that a lost
@@ -946,21 +936,11 @@ pub fn run_node(
     } else {
         link.send(0, &ControlMsg::Ready);
     }
-    let live = vm.live();
     let started = Instant::now();
-    let profile_out = cfg.profile.as_ref().map(|p| p.output.clone());
     let outcome = vm.run()?;
     link.broadcast(&stop_msg(&outcome));
     if let Some(path) = &endpoints.report {
-        let part = report::NodeReport {
-            node: id as u32,
-            nodes: nodes as u32,
-            vcpus: cfg.vcpus,
-            wall_s: started.elapsed().as_secs_f64(),
-            outcome: describe_outcome(&outcome),
-            counters: api::node_counters(id as u32, &live, Some(&dsm), Some(&link)),
-            profile_top: report::profile_top(profile_out.as_deref(), 10),
-        };
+        let part = view.report(started.elapsed(), &outcome);
         write_report(path, &[part], endpoints.symbols.as_deref());
     }
     let stats = dsm.stats();

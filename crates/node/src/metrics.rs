@@ -3,26 +3,16 @@
 //! `_total` counters, base units (`_seconds`, `_bytes`).
 
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use dvmm_api::metrics::{Exposition, Kind, MetricsSource};
 use dvmm_dsm_uffd::{DsmEngine, FAULT_WAIT_BOUNDS_NS};
-use dvmm_vmm::live::LiveVm;
 
+use crate::view::NodeView;
 use crate::NodeLink;
-
-/// The metrics of one node.
-pub(crate) struct NodeMetrics {
-    pub(crate) node: u32,
-    pub(crate) nodes: u32,
-    pub(crate) live: LiveVm,
-    pub(crate) dsm: Option<Arc<DsmEngine>>,
-    pub(crate) link: Option<Arc<NodeLink>>,
-}
 
 const NS: f64 = 1e-9;
 
-impl MetricsSource for NodeMetrics {
+impl MetricsSource for NodeView {
     fn collect(&self, e: &mut Exposition) {
         let node = self.node.to_string();
         let nodes = self.nodes.to_string();
