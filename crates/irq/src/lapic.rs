@@ -283,7 +283,7 @@ impl Lapic {
         lapic
     }
 
-    /// The guest's physical-address width (CPUID.80000008H:EAX[7:0]): IA32_APIC_BASE
+    /// The guest's physical-address width (CPUID.80000008H:EAX bits 7:0): IA32_APIC_BASE
     /// address bits at or above it are reserved (a write setting one is a #GP).
     pub fn set_phys_addr_bits(&mut self, bits: u8) {
         let bits = bits.clamp(32, 52);

@@ -77,7 +77,7 @@ pub const EMULATION_UNSAFE_LEAF7_ECX: u32 =
 /// The physical-address width a CPU without CPUID leaf 0x80000008 has (SDM: 36).
 pub const DEFAULT_PHYS_ADDR_BITS: u8 = 36;
 
-/// The guest's physical-address width (CPUID.80000008H:EAX[7:0]) in `entries`.
+/// The guest's physical-address width (CPUID.80000008H:EAX bits 7:0) in `entries`.
 pub fn phys_addr_bits(entries: &[kvm_cpuid_entry2]) -> u8 {
     entries
         .iter()
