@@ -251,6 +251,10 @@ fn pci_host_bridge(body: &mut Vec<u8>) {
                     &Name::new(Path::new("_SEG"), &ZERO),
                     &Name::new(Path::new("_UID"), &ZERO),
                     &Name::new(Path::new("_BBN"), &ZERO),
+                    // The bridge's proximity domain: without one a NUMA guest warns
+                    // "Unknown NUMA node; performance will be reduced". Node 0 answers
+                    // its configuration space.
+                    &Name::new(Path::new("_PXM"), &ZERO),
                     &Name::new(
                         Path::new("_CRS"),
                         &ResourceTemplate::new(vec![
