@@ -358,13 +358,13 @@ pub fn lsl_limit(selector: u16, descriptor: u64, cpl: u8) -> Option<u32> {
     Some(if granular { (raw << 12) | 0xfff } else { raw })
 }
 
-/// Reads the descriptor `selector` names from the GDT or LDT, as `lsl` would (`None`:
-/// a null selector or one past the table's limit).
+/// Reads the descriptor `selector` names from the GDT or LDT, through `read` (reads of
+/// guest-linear memory). `Ok(None)`: a null selector or one past the table's limit;
+/// `Err`: the descriptor could not be read.
 fn read_descriptor(
-    vcpu: &dyn Vcpu,
-    mem: &dyn GuestAccess,
     sregs: &kvm_bindings::kvm_sregs,
     selector: u16,
+    read: impl Fn(u64, &mut [u8]) -> bool,
 ) -> Result<Option<u64>, ()> {
     let (base, limit) = if selector & 4 != 0 {
         if sregs.ldt.unusable != 0 {
@@ -381,14 +381,10 @@ fn read_descriptor(
     if offset + 7 > limit {
         return Ok(None);
     }
-    let linear = base.wrapping_add(offset);
-    let gpa = vcpu.translate(linear).map_err(|_| ())?;
-    // Descriptors are 8-byte aligned in every table Linux builds, so one never spans pages.
-    let Some(gpa) = gpa.filter(|_| linear & 7 == 0) else {
-        return Err(());
-    };
     let mut d = [0u8; 8];
-    mem.read(gpa, &mut d).map_err(|_| ())?;
+    if !read(base.wrapping_add(offset), &mut d) {
+        return Err(());
+    }
     Ok(Some(u64::from_le_bytes(d)))
 }
 
@@ -590,15 +586,11 @@ pub fn gate_fault(
         // In the LDT: rare enough at CPL0 to leave to KVM.
         return None;
     }
-    let at = u64::from(selector & 0xfff8);
-    if at + 7 > u64::from(sregs.gdt.limit) {
-        return fault(GP, code);
-    }
-    let mut desc = [0u8; 8];
-    if !read(sregs.gdt.base.wrapping_add(at), &mut desc) {
-        return None;
-    }
-    let access = desc[5];
+    let access = match read_descriptor(sregs, selector, &read) {
+        Ok(Some(desc)) => desc.to_le_bytes()[5],
+        Ok(None) => return fault(GP, code),
+        Err(()) => return None,
+    };
     // S (code or data) and the executable bit.
     if access & 0x18 != 0x18 {
         return fault(GP, code);
@@ -726,7 +718,13 @@ pub fn recover(
         }
         Some(fix @ Fixup::Lsl { src, .. }) => {
             let selector = (*reg_mut(&mut regs, src) & 0xffff) as u16;
-            let limit = read_descriptor(vcpu, mem, &sregs, selector)
+            let read = |linear: u64, buf: &mut [u8]| {
+                // Descriptors are 8-byte aligned in every table Linux builds, so one
+                // never spans pages.
+                linear & 7 == 0
+                    && matches!(vcpu.translate(linear), Ok(Some(gpa)) if mem.read(gpa, buf).is_ok())
+            };
+            let limit = read_descriptor(&sregs, selector, read)
                 .map_err(|()| failure())?
                 .and_then(|d| lsl_limit(selector, d, cpl));
             apply_lsl(&mut regs, fix, limit);
