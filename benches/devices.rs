@@ -13,7 +13,7 @@
 //! times both directions.
 //!
 //! Run (root; iproute2, gcc): `cargo bench --bench devices` (`-- --mib N --seconds S
-//! --net-mib M`). It builds the small kernel on a cache miss, as the tests do.
+//! --net-mib M`, and `--nodes 1` or `--nodes 2` for only those guest rows). It builds the small kernel on a cache miss, as the tests do.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -191,12 +191,14 @@ fn main() {
     let mut mib = 64u64;
     let mut seconds = 5u64;
     let mut net_mib = 16usize;
+    let mut only_nodes: Option<u32> = None;
     let args: Vec<String> = std::env::args().collect();
     for w in args.windows(2) {
         match w[0].as_str() {
             "--mib" => mib = w[1].parse().expect("--mib N"),
             "--seconds" => seconds = w[1].parse().expect("--seconds S"),
             "--net-mib" => net_mib = w[1].parse().expect("--net-mib M"),
+            "--nodes" => only_nodes = Some(w[1].parse().expect("--nodes 1|2")),
             _ => {}
         }
     }
@@ -283,6 +285,9 @@ fn main() {
     };
     rows.iter().for_each(print);
     for placement in [(1, 0, 0), (2, 0, 1), (2, 1, 0)] {
+        if only_nodes.is_some_and(|n| n != placement.0) {
+            continue;
+        }
         let start = Instant::now();
         print(&guest_run(
             &kernel,

@@ -2,7 +2,7 @@
 # Fetches Debian's stock kernel and builds dvmm's Linux test initramfs, from the package
 # registry only: the package linux-image-amd64 depends on (apt-get download, unpacked,
 # its bzImage used as is, with its System.map for the profiler) and busybox-static, plus
-# guests/linux/{init.sh,smp-check.c,io-bench.c}. Prints three paths: kernel, initramfs, System.map.
+# guests/linux/{init.sh,smp-check.c,io-bench.c,tcp-xfer.c}. Prints three paths: kernel, initramfs, System.map.
 #   scripts/linux-guest.sh [outdir]      (default: ${XDG_CACHE_HOME:-~/.cache}/dvmm/debian)
 #   scripts/linux-guest.sh --initramfs-only [outdir]   (prints the initramfs path)
 #   DVMM_DEBIAN_SYMBOLS=1 scripts/linux-guest.sh   (the real System.map, from the -dbg package)
@@ -47,7 +47,8 @@ fi
 
 initrd="$out/initramfs.cpio"
 if [ ! -f "$initrd" ] || [ guests/linux/init.sh -nt "$initrd" ] || [ guests/linux/smp-check.c -nt "$initrd" ] \
-   || [ guests/linux/io-bench.c -nt "$initrd" ] || [ "$0" -nt "$initrd" ]; then
+   || [ guests/linux/io-bench.c -nt "$initrd" ] || [ guests/linux/tcp-xfer.c -nt "$initrd" ] \
+   || [ "$0" -nt "$initrd" ]; then
   command -v cpio >/dev/null || { apt_ready; apt-get install -y -qq cpio >&2; }
   if [ -x /bin/busybox ] && file -L /bin/busybox 2>/dev/null | grep -q static; then
     mkdir -p "$work/bb/bin" && cp /bin/busybox "$work/bb/bin/busybox"
@@ -62,6 +63,7 @@ if [ ! -f "$initrd" ] || [ guests/linux/init.sh -nt "$initrd" ] || [ guests/linu
   install -m 755 guests/linux/init.sh "$root/init"
   gcc -O2 -static -pthread -o "$root/bin/smp-check" guests/linux/smp-check.c
   gcc -O2 -static -o "$root/bin/io-bench" guests/linux/io-bench.c
+  gcc -O2 -static -o "$root/bin/tcp-xfer" guests/linux/tcp-xfer.c
   (cd "$root" && find . | cpio -o -H newc --quiet) > "$initrd.tmp"
   mv "$initrd.tmp" "$initrd"
 fi

@@ -1,12 +1,13 @@
 #!/bin/busybox sh
-# /init of dvmm's Linux test initramfs (busybox + this script + smp-check). Prints what
+# /init of dvmm's Linux test initramfs (busybox + this script + smp-check, io-bench,
+# tcp-xfer). Prints what
 # the tests look for, then powers off. Kernel command-line words it reads:
 #   dvmm.iters=N   iterations of smp-check's tests (default 2000)
 #   dvmm.shell     start an interactive shell on the console before powering off
 #   dvmm.io_cpu=N  do the device checks below (disk, rng, hvc0, net) pinned to CPU N
 #   dvmm.hvc_read  after the greeting on /dev/hvc0, read one line from it and print it
 #   dvmm.net=GUEST_IP,PEER_IP:PORT,BYTES  configure eth0 as GUEST_IP/24, send BYTES (at
-#                  most ~4 MiB) of this initramfs's programs to PEER_IP:PORT over TCP, keep what the peer sends back
+#                  most ~6 MiB) of this initramfs's programs to PEER_IP:PORT over TCP, keep what the peer sends back
 #   dvmm.bench=MIB,SECONDS  instead of the disk check: io-bench on /dev/vda (a scratch
 #                  disk: it is overwritten), MIB MiB sequential, SECONDS of 4 KiB reads
 #   dvmm.netbench=GUEST_IP,PEER_IP:PORT,MIB  send MIB MiB of zeros to the peer, then
@@ -108,12 +109,12 @@ if [ -n "$net" ]; then
   echo "dvmm-init: net eth0 mac=$(cat /sys/class/net/eth0/address 2>/dev/null)"
   ifconfig eth0 "$ip" netmask 255.255.255.0 up
   # Varied bytes without the emulated kernel's urandom: the programs in this initramfs.
-  cat /bin/busybox /bin/smp-check /bin/io-bench /bin/busybox | head -c "$bytes" > /tmp/tx
+  cat /bin/busybox /bin/smp-check /bin/io-bench /bin/tcp-xfer /bin/busybox | head -c "$bytes" > /tmp/tx
   echo "dvmm-init: net sending $(wc -c < /tmp/tx) bytes sha256=$(sha256sum /tmp/tx | cut -d' ' -f1)"
-  if nc "${peer%:*}" "${peer#*:}" < /tmp/tx > /tmp/rx; then
+  if tcp-xfer "${peer%:*}" "${peer#*:}" < /tmp/tx > /tmp/rx; then
     echo "dvmm-init: net received $(wc -c < /tmp/rx) bytes sha256=$(sha256sum /tmp/rx | cut -d' ' -f1)"
   else
-    echo "dvmm-init: net nc FAILED"
+    echo "dvmm-init: net tcp-xfer FAILED"
     # What the host's and the guest's sides need to tell a lost frame from a lost
     # interrupt: the card's counters, its interrupts per CPU, the neighbour table.
     grep eth0 /proc/net/dev
@@ -124,8 +125,8 @@ fi
 if [ -n "$netbench" ]; then
   ip=${netbench%%,*}; rest=${netbench#*,}; peer=${rest%%,*}; mib=${rest#*,}
   ifconfig eth0 "$ip" netmask 255.255.255.0 up
-  dd if=/dev/zero bs=65536 count=$((mib * 16)) 2>/dev/null | nc "${peer%:*}" "${peer#*:}"
-  nc "${peer%:*}" "${peer#*:}" > /dev/null
+  tcp-xfer "${peer%:*}" "${peer#*:}" $((mib << 20)) > /dev/null
+  tcp-xfer "${peer%:*}" "${peer#*:}" < /dev/null > /dev/null
   echo "dvmm-init: netbench done"
 fi
 if grep -qw dvmm.shell /proc/cmdline; then

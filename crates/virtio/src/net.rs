@@ -1,13 +1,19 @@
 //! virtio-net (virtio 1.x, 5.1) on a host TAP device: queue 0 receives, queue 1
-//! transmits; the MAC address is offered (`VIRTIO_NET_F_MAC`), no offloads.
+//! transmits; the MAC address is offered (`VIRTIO_NET_F_MAC`), and the checksum and
+//! TCP segmentation offloads both ways.
 //!
 //! The TAP is opened with `IFF_VNET_HDR` and a 12-byte header, the size of virtio 1's
 //! `virtio_net_hdr_v1`, so frames pass between the queues and the TAP with their header
-//! as they are; its offloads are switched off (`TUNSETOFFLOAD` 0), so the host stack
-//! hands over whole frames with their checksums done, which is all a driver that
-//! negotiated no offloads may get. A reader thread takes frames from the TAP and
-//! serves queue 0 through the transport's [`Waker`]; transmitted frames are written to
-//! the TAP on the thread that notified.
+//! as they are: the header's checksum and segmentation fields mean the same to the
+//! host's TUN driver as to the guest's virtio driver. What the TAP may hand over
+//! follows what the driver accepted (`TUNSETOFFLOAD` at DRIVER_OK): a driver that took
+//! no offloads gets whole frames with their checksums done, one that took
+//! `GUEST_TSO4` gets TCP segments of up to 64 KiB with the checksum left partial.
+//! Offloads matter most where the guest's kernel is slow (emulated, as on PVM hosts):
+//! its TCP stack then handles one 64 KiB segment where it would handle 45 frames, and
+//! checksums no byte. A reader thread takes frames from the TAP and serves queue 0
+//! through the transport's [`Waker`]; transmitted frames are written to the TAP on the
+//! thread that notified.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -19,7 +25,11 @@ use std::time::Duration;
 
 use dvmm_devices::GuestAccess;
 use dvmm_sync::MutexExt;
-use virtio_bindings::virtio_net::VIRTIO_NET_F_MAC;
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MAC,
+};
 
 use crate::pci::Waker;
 use crate::queue::{Queue, QueueError};
@@ -31,9 +41,9 @@ const TX: usize = 1;
 /// `virtio_net_hdr_v1`: flags, gso_type, hdr_len, gso_size, csum_start, csum_offset,
 /// num_buffers.
 pub const HEADER: usize = 12;
-/// Largest frame with its header (64 KiB IP packets cannot come without offloads, but
-/// a TAP may be given a larger MTU).
-const FRAME_MAX: usize = 65_536 + HEADER;
+/// Largest frame with its header: an IP packet's largest (a TSO segment, or a frame on
+/// a TAP with a 64 KiB MTU) behind an Ethernet header with a VLAN tag.
+const FRAME_MAX: usize = HEADER + 18 + 65_535;
 /// Frames held for the guest before the reader waits for it to post buffers.
 const RX_FRAMES_MAX: usize = 256;
 /// How often the reader looks whether the device is gone.
@@ -45,6 +55,42 @@ const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+const TUN_F_CSUM: u32 = 0x01;
+const TUN_F_TSO4: u32 = 0x02;
+const TUN_F_TSO6: u32 = 0x04;
+const TUN_F_TSO_ECN: u32 = 0x08;
+
+/// The offloads offered: checksums and TCP segmentation, both ways.
+const OFFERED: u64 = 1 << VIRTIO_NET_F_MAC
+    | 1 << VIRTIO_NET_F_CSUM
+    | 1 << VIRTIO_NET_F_GUEST_CSUM
+    | 1 << VIRTIO_NET_F_GUEST_TSO4
+    | 1 << VIRTIO_NET_F_GUEST_TSO6
+    | 1 << VIRTIO_NET_F_GUEST_ECN
+    | 1 << VIRTIO_NET_F_HOST_TSO4
+    | 1 << VIRTIO_NET_F_HOST_TSO6
+    | 1 << VIRTIO_NET_F_HOST_ECN;
+
+/// What the TAP may hand the guest (`TUNSETOFFLOAD`'s flags) once its driver accepted
+/// `features`: a receive offload without the checksum offload it rests on (which the
+/// spec forbids a driver to take) counts for nothing, as the TUN driver would refuse it.
+fn tap_offloads(features: u64) -> u32 {
+    let has = |bit: u32| features & (1 << bit) != 0;
+    if !has(VIRTIO_NET_F_GUEST_CSUM) {
+        return 0;
+    }
+    let mut flags = TUN_F_CSUM;
+    if has(VIRTIO_NET_F_GUEST_TSO4) {
+        flags |= TUN_F_TSO4;
+    }
+    if has(VIRTIO_NET_F_GUEST_TSO6) {
+        flags |= TUN_F_TSO6;
+    }
+    if flags & (TUN_F_TSO4 | TUN_F_TSO6) != 0 && has(VIRTIO_NET_F_GUEST_ECN) {
+        flags |= TUN_F_TSO_ECN;
+    }
+    flags
+}
 
 /// Why the network device cannot be made.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +124,14 @@ pub struct NetCounters {
     pub rx_frames: u64,
     /// Frames the guest sent.
     pub tx_frames: u64,
+    /// Of those to the guest, segments the host left whole (TSO, `gso_type` set).
+    pub rx_segments: u64,
+    /// Of those from the guest, segments it left to the host to cut (TSO).
+    pub tx_segments: u64,
+    /// Bytes to the guest and from it, headers included.
+    pub rx_bytes: u64,
+    /// Bytes from the guest.
+    pub tx_bytes: u64,
     /// Frames dropped: larger than the guest's buffer, or the TAP refused them.
     pub dropped: u64,
 }
@@ -94,6 +148,8 @@ pub struct Net {
     tap: Arc<File>,
     name: String,
     mac: [u8; 6],
+    /// `TUNSETOFFLOAD` flags in force.
+    offloads: u32,
     state: Arc<Mutex<State>>,
 }
 
@@ -115,6 +171,11 @@ fn tap_ioctl(fd: &File, request: libc::c_ulong, arg: *mut libc::c_void) -> std::
     } else {
         Ok(())
     }
+}
+
+/// `TUNSETOFFLOAD`, which takes its flags by value.
+fn set_tap_offloads(tap: &File, flags: u32) -> std::io::Result<()> {
+    tap_ioctl(tap, TUNSETOFFLOAD, flags as usize as *mut libc::c_void)
 }
 
 impl Net {
@@ -151,12 +212,13 @@ impl Net {
             (&mut size as *mut libc::c_int).cast(),
         )
         .map_err(open_err("TUNSETVNETHDRSZ"))?;
-        // TUNSETOFFLOAD takes its flags by value.
-        tap_ioctl(&tap, TUNSETOFFLOAD, std::ptr::null_mut()).map_err(open_err("TUNSETOFFLOAD"))?;
+        // Until a driver says what it takes: whole frames, checksums done.
+        set_tap_offloads(&tap, 0).map_err(open_err("TUNSETOFFLOAD"))?;
         Ok(Net {
             tap: Arc::new(tap),
             name: name.to_string(),
             mac,
+            offloads: 0,
             state: Arc::new(Mutex::new(State::default())),
         })
     }
@@ -237,7 +299,30 @@ impl VirtioDevice for Net {
     }
 
     fn features(&self) -> u64 {
-        1 << VIRTIO_NET_F_MAC
+        OFFERED
+    }
+
+    fn activate(&mut self, features: u64) {
+        let flags = tap_offloads(features);
+        tracing::debug!(
+            tap = %self.name,
+            features = format_args!("{features:#x}"),
+            flags,
+            "virtio-net: driver ready"
+        );
+        if flags == self.offloads {
+            return;
+        }
+        match set_tap_offloads(&self.tap, flags) {
+            Ok(()) => self.offloads = flags,
+            // The TAP keeps handing over whole frames, which every driver takes.
+            Err(e) => tracing::warn!(
+                tap = %self.name,
+                flags,
+                error = %e,
+                "virtio-net: the TAP refused the receive offloads; it sends whole frames"
+            ),
+        }
     }
 
     fn queue_sizes(&self) -> Vec<u16> {
@@ -266,15 +351,26 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) {
         self.state.locked().rx.clear();
+        // The next driver may take fewer offloads. Frames the TAP queued before this
+        // may still carry them; a driver that took fewer drops those few as malformed,
+        // as after any NIC reset.
+        if self.offloads != 0 && set_tap_offloads(&self.tap, 0).is_ok() {
+            self.offloads = 0;
+        }
     }
 
     fn summary(&self) -> Option<String> {
         let st = self.state.locked();
         let c = st.counters;
         Some(format!(
-            "{} frames to the guest, {} from it, {} dropped, {} waiting for a buffer",
+            "{} frames to the guest ({} TSO, {} bytes), {} from it ({} TSO, {} bytes), \
+             {} dropped, {} waiting for a buffer",
             c.rx_frames,
+            c.rx_segments,
+            c.rx_bytes,
             c.tx_frames,
+            c.tx_segments,
+            c.tx_bytes,
             c.dropped,
             st.rx.len()
         ))
@@ -307,8 +403,11 @@ impl VirtioDevice for Net {
                     continue;
                 }
                 let n = chain.write_all(mem, frame)?;
+                let segment = frame[1] != 0;
                 st.rx.pop_front();
                 st.counters.rx_frames += 1;
+                st.counters.rx_bytes += n as u64;
+                st.counters.rx_segments += u64::from(segment);
                 drop(st);
                 queue.push_used(mem, chain.head, u32::try_from(n).unwrap_or(0))?;
                 used = true;
@@ -320,6 +419,8 @@ impl VirtioDevice for Net {
                     let mut st = self.state.locked();
                     if sent {
                         st.counters.tx_frames += 1;
+                        st.counters.tx_bytes += frame.len() as u64;
+                        st.counters.tx_segments += u64::from(frame[1] != 0);
                     } else {
                         st.counters.dropped += 1;
                     }
@@ -337,6 +438,32 @@ impl VirtioDevice for Net {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_tap_hands_over_only_what_the_driver_took() {
+        let bit = |b: u32| 1u64 << b;
+        assert_eq!(tap_offloads(0), 0);
+        assert_eq!(
+            tap_offloads(bit(VIRTIO_NET_F_MAC) | bit(VIRTIO_NET_F_CSUM)),
+            0
+        );
+        // Segments without the checksum offload they rest on: nothing.
+        assert_eq!(tap_offloads(bit(VIRTIO_NET_F_GUEST_TSO4)), 0);
+        assert_eq!(tap_offloads(bit(VIRTIO_NET_F_GUEST_CSUM)), TUN_F_CSUM);
+        assert_eq!(
+            tap_offloads(bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_TSO4)),
+            TUN_F_CSUM | TUN_F_TSO4
+        );
+        // ECN only with a segmentation offload.
+        assert_eq!(
+            tap_offloads(bit(VIRTIO_NET_F_GUEST_CSUM) | bit(VIRTIO_NET_F_GUEST_ECN)),
+            TUN_F_CSUM
+        );
+        assert_eq!(
+            tap_offloads(OFFERED),
+            TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN
+        );
+    }
 
     #[test]
     fn a_missing_tap_or_a_bad_name_is_named() {
