@@ -36,6 +36,21 @@ static int write_all(int fd, const char *p, size_t n) {
   return 0;
 }
 
+/* Copies `from` to `to` until end of file; 0, or -1 with a message naming `what`. */
+static int copy(int from, int to, const char *what) {
+  for (;;) {
+    ssize_t n = read(from, buf, CHUNK);
+    if (n < 0 && errno == EINTR)
+      continue;
+    if (n == 0)
+      return 0;
+    if (n < 0 || write_all(to, buf, (size_t)n) < 0) {
+      perror(what);
+      return -1;
+    }
+  }
+}
+
 int main(int argc, char **argv) {
   if (argc != 3 && argc != 4) {
     fprintf(stderr, "usage: tcp-xfer HOST PORT [BYTES]\n");
@@ -61,38 +76,9 @@ int main(int argc, char **argv) {
       }
       left -= n;
     }
-  } else {
-    for (;;) {
-      ssize_t n = read(0, buf, CHUNK);
-      if (n < 0 && errno == EINTR)
-        continue;
-      if (n < 0) {
-        perror("tcp-xfer: stdin");
-        return 1;
-      }
-      if (n == 0)
-        break;
-      if (write_all(s, buf, (size_t)n) < 0) {
-        perror("tcp-xfer: send");
-        return 1;
-      }
-    }
+  } else if (copy(0, s, "tcp-xfer: sending standard input") < 0) {
+    return 1;
   }
   shutdown(s, SHUT_WR);
-  for (;;) {
-    ssize_t n = read(s, buf, CHUNK);
-    if (n < 0 && errno == EINTR)
-      continue;
-    if (n < 0) {
-      perror("tcp-xfer: receive");
-      return 1;
-    }
-    if (n == 0)
-      break;
-    if (write_all(1, buf, (size_t)n) < 0) {
-      perror("tcp-xfer: stdout");
-      return 1;
-    }
-  }
-  return 0;
+  return copy(s, 1, "tcp-xfer: receiving") < 0 ? 1 : 0;
 }
