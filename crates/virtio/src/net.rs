@@ -134,6 +134,12 @@ pub struct NetCounters {
     pub tx_bytes: u64,
     /// Frames dropped: larger than the guest's buffer, or the TAP refused them.
     pub dropped: u64,
+    /// Frames read from the TAP (given to the guest, waiting, or discarded at a reset):
+    /// beside `rx_frames`, it tells a host that sent nothing from a guest that took
+    /// nothing.
+    pub tap_frames: u64,
+    /// Frames read from the TAP that a device reset discarded before the guest had them.
+    pub discarded_at_reset: u64,
 }
 
 #[derive(Default)]
@@ -276,7 +282,10 @@ fn reader(tap: Arc<File>, state: Arc<Mutex<State>>, waker: Waker) {
                 let mut frame = buf[..n].to_vec();
                 // Without VIRTIO_NET_F_MRG_RXBUF every frame takes one buffer.
                 frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-                state.locked().rx.push_back(frame);
+                let mut st = state.locked();
+                st.rx.push_back(frame);
+                st.counters.tap_frames += 1;
+                drop(st);
                 if !waker.wake(RX) {
                     return;
                 }
@@ -350,7 +359,10 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
-        self.state.locked().rx.clear();
+        let mut st = self.state.locked();
+        st.counters.discarded_at_reset += st.rx.len() as u64;
+        st.rx.clear();
+        drop(st);
         // The next driver may take fewer offloads. Frames the TAP queued before this
         // may still carry them; a driver that took fewer drops those few as malformed,
         // as after any NIC reset.
@@ -364,7 +376,7 @@ impl VirtioDevice for Net {
         let c = st.counters;
         Some(format!(
             "{} frames to the guest ({} TSO, {} bytes), {} from it ({} TSO, {} bytes), \
-             {} dropped, {} waiting for a buffer",
+             {} dropped, {} waiting for a buffer; {} read from the TAP, {} discarded at a reset",
             c.rx_frames,
             c.rx_segments,
             c.rx_bytes,
@@ -372,7 +384,9 @@ impl VirtioDevice for Net {
             c.tx_segments,
             c.tx_bytes,
             c.dropped,
-            st.rx.len()
+            st.rx.len(),
+            c.tap_frames,
+            c.discarded_at_reset
         ))
     }
 
