@@ -446,7 +446,7 @@ fn devices_round_trip(
     let tso = |after: &str| -> u64 {
         run.stderr
             .lines()
-            .find(|l| l.contains("virtio-net0 ("))
+            .find(|l| l.contains("virtio-net0 (") && l.contains(" frames to the guest ("))
             .and_then(|l| l.split(after).nth(1))
             .and_then(|r| r.trim_start_matches(" (").split(' ').next())
             .and_then(|n| n.parse().ok())
