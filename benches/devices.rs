@@ -13,7 +13,8 @@
 //! times both directions.
 //!
 //! Run (root; iproute2, gcc): `cargo bench --bench devices` (`-- --mib N --seconds S
-//! --net-mib M`, and `--nodes 1` or `--nodes 2` for only those guest rows). It builds the small kernel on a cache miss, as the tests do.
+//! --net-mib M`, and `--nodes 1` or `--nodes 2` for only those guest rows). It builds
+//! the small kernel on a cache miss, as the tests do.
 
 #[path = "../tests/common/mod.rs"]
 mod common;

@@ -128,9 +128,9 @@ pub struct NetCounters {
     pub rx_segments: u64,
     /// Of those from the guest, segments it left to the host to cut (TSO).
     pub tx_segments: u64,
-    /// Bytes to the guest and from it, headers included.
+    /// Bytes to the guest, headers included.
     pub rx_bytes: u64,
-    /// Bytes from the guest.
+    /// Bytes from the guest, headers included.
     pub tx_bytes: u64,
     /// Frames dropped: larger than the guest's buffer, or the TAP refused them.
     pub dropped: u64,
